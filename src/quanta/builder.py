@@ -1,0 +1,99 @@
+"""'Building' an engine: find the checkpoint, load the model, size the KV cache, wire the runner.
+
+Resolves the LLM arguments once into a frozen EngineConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quanta.config import EngineConfig
+from quanta.engine.engine import LLMEngine
+from quanta.llmapi.llm_args import LlmArgs, resolve_dtype
+from quanta.models.loader import build_model, load_hf_config, resolve_model_path
+from quanta.worker.memory import kv_bytes_per_token, num_kv_blocks
+from quanta.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("quanta")
+
+
+@dataclass
+class Built:
+    engine: LLMEngine
+    hf_config: object
+    model_path: Path | None
+    dtype: torch.dtype
+    device: torch.device
+    config: EngineConfig
+
+
+def load_config_only(model, revision, trust_remote_code):
+    """A config.json file (for dummy weights) or a model folder / Hub id."""
+    p = Path(str(model)).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        from transformers import AutoConfig, PretrainedConfig
+
+        data = json.loads(p.read_text())
+        model_type = data.get("model_type")
+        cfg = AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"}) \
+            if model_type else PretrainedConfig(**data)
+        return cfg, None
+    path = resolve_model_path(model, revision)
+    return load_hf_config(path, trust_remote_code), path
+
+
+def build(model, args: LlmArgs, dtype, revision, trust_remote_code, tokenizer) -> Built:
+    hf_config, path = load_config_only(model, revision, trust_remote_code)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, hf_config, device)
+    config = _engine_config(args, hf_config)
+    net = build_model(hf_config, path, torch_dtype, device, args.load_format, args.allow_pickle_weights)
+    backend = args.attn_backend or ("triton" if device.type == "cuda" else "torch_ref")
+    runner = ModelRunner(net, device, torch_dtype, config.tokens_per_block, config.max_num_tokens,
+                         config.max_batch_size, config.max_seq_len, backend)
+    runner.profile_peak_bytes()
+    attn = net.attention_layers()[0]
+    per_token = kv_bytes_per_token(len(net.attention_layers()), attn.num_kv_heads, attn.head_dim, torch_dtype)
+    blocks = num_kv_blocks(args.kv_cache_config, device, per_token, config.tokens_per_block,
+                           config.max_batch_size * config.max_seq_len)
+    runner.allocate_kv_cache(blocks)
+    from dataclasses import replace
+
+    config = replace(config, num_kv_blocks=blocks)
+    kv_tokens = blocks * config.tokens_per_block
+    logger.info("quanta: %s on %s (%s); KV cache %d tokens (%d blocks), max concurrency %.1f at max_seq_len",
+                getattr(hf_config, "architectures", ["?"])[0], device, torch_dtype, kv_tokens, blocks,
+                kv_tokens / config.max_seq_len)
+    if hasattr(runner, "capture_cuda_graphs") and device.type == "cuda" and not args.enforce_eager:
+        runner.capture_cuda_graphs()
+    engine = LLMEngine(config, runner, tokenizer)
+    return Built(engine, hf_config, path, torch_dtype, device, config)
+
+
+def _engine_config(args: LlmArgs, hf_config) -> EngineConfig:
+    bc = args.build_config
+    model_max = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    max_seq_len = bc.max_seq_len or model_max
+    if max_seq_len > model_max:
+        raise ValueError(f"max_seq_len={max_seq_len} is larger than the model's max_position_embeddings={model_max}")
+    max_input_len = bc.max_input_len or max_seq_len
+    if max_input_len > max_seq_len:
+        raise ValueError(f"max_input_len={max_input_len} is larger than max_seq_len={max_seq_len}")
+    return EngineConfig(
+        max_batch_size=bc.max_batch_size,
+        max_num_tokens=bc.max_num_tokens,
+        max_seq_len=max_seq_len,
+        max_input_len=max_input_len,
+        max_beam_width=bc.max_beam_width,
+        tokens_per_block=args.kv_cache_config.tokens_per_block,
+        num_kv_blocks=0,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        scheduler_policy=args.scheduler_config.capacity_scheduler_policy,
+        gather_context_logits=bc.gather_context_logits,
+        gather_generation_logits=bc.gather_generation_logits,
+    )

@@ -1,0 +1,124 @@
+"""The engine: one loop, three verbs. step() = schedule -> execute -> update (+ output deltas)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+from quanta.config import EngineConfig
+from quanta.engine.detokenizer import IncrementalDetokenizer
+from quanta.engine.kv_cache import KVCacheManager
+from quanta.engine.output import RequestDelta
+from quanta.engine.output_processor import OutputProcessor
+from quanta.engine.request import Request, Sequence
+from quanta.engine.scheduler import Scheduler
+from quanta.sampling.sampler import make_generator
+
+
+class RequestFailure(Exception):
+    """An error that belongs to one request (its logits processor, its tokenizer ...): only it fails."""
+
+    def __init__(self, request_id: int, cause: BaseException):
+        super().__init__(f"request {request_id} failed: {type(cause).__name__}: {cause}")
+        self.request_id = request_id
+        self.cause = cause
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner, tokenizer):
+        self.config = config
+        self.kv = KVCacheManager(config.num_kv_blocks, config.tokens_per_block)
+        self.scheduler = Scheduler(config, self.kv)
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.requests: dict[int, Request] = {}
+        self.outputs = OutputProcessor(self.scheduler)
+        self._seq_ids = itertools.count()
+        self.stats: deque[dict] = deque(maxlen=1000)
+        self.iteration = 0
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, req: Request, streaming: bool = False) -> None:
+        p = req.params
+        num_seqs = p.best_of or p.n
+        need = self.kv.num_blocks_for(min(len(req.prompt_token_ids) + p.max_tokens, req.max_seq_len))
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"request needs {need * self.kv.block_size} tokens of KV cache but the cache holds "
+                f"{self.kv.num_blocks * self.kv.block_size}; lower max_tokens or raise KvCacheConfig.max_tokens"
+            )
+        req.extra["streaming"] = streaming
+        for i in range(num_seqs):
+            seed = None if p.seed is None else p.seed + i
+            seq = Sequence(
+                seq_id=next(self._seq_ids), request=req, index=i, token_ids=list(req.prompt_token_ids),
+                num_prompt_tokens=len(req.prompt_token_ids),
+                generator=make_generator(seed, self.runner.device),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, p),
+            )
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[req.request_id] = req
+
+    def abort_request(self, request_id: int, reason: str = "cancelled") -> RequestDelta | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            self.scheduler.finish(seq, reason)
+        return self.outputs.final_delta(req)
+
+    def fail_request(self, request_id: int, error: BaseException) -> RequestDelta | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.error = error
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
+        return RequestDelta(request_id, [], finished=True, error=error)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the loop body --------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        try:
+            runner_out = self.runner.execute(out)
+        except RequestFailure as e:  # nothing was committed: the others simply run again next step
+            delta = self.fail_request(e.request_id, e.cause)
+            return [delta] if delta else []
+        self.scheduler.update(out)
+        deltas = self.outputs.process(out, runner_out, self.requests)
+        for d in deltas:
+            if d.finished:
+                self.requests.pop(d.request_id, None)
+        self._record_stats(out, time.perf_counter() - t0)
+        return deltas
+
+    def _record_stats(self, out, step_time: float) -> None:
+        self.iteration += 1
+        num_prefill = sum(1 for s in out.scheduled if not s.do_sample or s.num_new_tokens > 1)
+        self.stats.append({
+            "iter": self.iteration,
+            "timestamp": time.time(),
+            "iter_latency_ms": step_time * 1e3,
+            "num_scheduled_tokens": out.num_tokens,
+            "num_scheduled_seqs": len(out.scheduled),
+            "num_context_requests": num_prefill,
+            "num_generation_requests": len(out.scheduled) - num_prefill,
+            "num_active_requests": len(self.scheduler.running),
+            "num_queued_requests": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_cache_stats": {
+                "max_num_blocks": self.kv.num_blocks,
+                "used_num_blocks": self.kv.num_used_blocks,
+                "free_num_blocks": self.kv.num_free_blocks,
+                "tokens_per_block": self.kv.block_size,
+            },
+        })

@@ -1,0 +1,116 @@
+"""After a step: append sampled tokens, detokenize, apply stop conditions, build per-request deltas."""
+
+from __future__ import annotations
+
+import time
+
+from quanta.engine.output import RequestDelta, SeqDelta
+from quanta.engine.request import Request, Sequence
+from quanta.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class OutputProcessor:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def process(self, out: SchedulerOutput, runner_out, requests: dict[int, Request]) -> list[RequestDelta]:
+        touched: dict[int, Request] = {}
+        for seq_id, entries in runner_out.prompt_logprobs.items():
+            req = self._req_of(out, seq_id)
+            req.prompt_logprobs.extend(entries)
+        for seq_id, logits in runner_out.context_logits.items():
+            self._req_of(out, seq_id).context_logits.append(logits)
+        rows = zip(runner_out.sampled_seqs, runner_out.sampled_token_ids, runner_out.sampled_logprobs,
+                   runner_out.logprobs, runner_out.generation_logits)
+        for seq, tok, lp, lp_dict, gen in rows:
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            self._append(seq, tok, lp, lp_dict, gen)
+            touched[seq.request.request_id] = seq.request
+        return [d for req in touched.values() if (d := self._delta(req)) is not None]
+
+    @staticmethod
+    def _req_of(out: SchedulerOutput, seq_id: int) -> Request:
+        return next(s.seq.request for s in out.scheduled if s.seq.seq_id == seq_id)
+
+    def _append(self, seq: Sequence, tok: int, lp: float, lp_dict, gen) -> None:
+        req, p = seq.request, seq.request.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        seq.token_ids.append(tok)
+        seq.cumulative_logprob += lp
+        if lp_dict is not None:
+            seq.logprobs.append(lp_dict)
+        if gen is not None:
+            seq.generation_logits.append(gen)
+        n_out = seq.num_output_tokens
+        can_stop = p.min_tokens is None or n_out >= p.min_tokens
+        is_stop_token = can_stop and tok in req.stop_token_ids
+        if not (is_stop_token and not p.include_stop_str_in_output):
+            matched = seq.detokenizer.add_tokens([tok])
+        else:
+            matched = None
+        if matched is not None and can_stop:
+            self.scheduler.finish(seq, "stop", matched)
+        elif is_stop_token:
+            self.scheduler.finish(seq, "stop", tok)
+        elif can_stop and not p.ignore_eos and tok in req.eos_token_ids:
+            self.scheduler.finish(seq, "stop", None)
+        elif n_out >= p.max_tokens or seq.num_tokens >= req.max_seq_len:
+            self.scheduler.finish(seq, "length")
+
+    def _delta(self, req: Request) -> RequestDelta | None:
+        finished = req.is_finished
+        if not req.extra.get("streaming") and not finished:
+            return None
+        if finished:
+            return self.final_delta(req)
+        return RequestDelta(req.request_id, [self._seq_delta(s) for s in req.seqs], finished=False,
+                            prompt_logprobs=self._prompt_lp_once(req))
+
+    def final_delta(self, req: Request) -> RequestDelta:
+        p = req.params
+        seqs = req.seqs
+        replace = len(seqs) > p.n
+        if replace:  # best_of > n: top n by cumulative logprob
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: p.n]
+        deltas = [self._seq_delta(s, finished=True, full=replace) for s in seqs]
+        if replace:
+            for i, d in enumerate(deltas):
+                d.index = i
+        ctx = None
+        if req.context_logits:
+            import torch
+
+            ctx = torch.cat(req.context_logits, dim=0)
+        return RequestDelta(req.request_id, deltas, finished=True, prompt_logprobs=self._prompt_lp_once(req),
+                            context_logits=ctx, final_replace=replace)
+
+    @staticmethod
+    def _prompt_lp_once(req: Request):
+        if req.params.prompt_logprobs is None or req.extra.get("prompt_lp_sent"):
+            return None
+        if len(req.prompt_logprobs) < len(req.prompt_token_ids):
+            return None
+        req.extra["prompt_lp_sent"] = True
+        return req.prompt_logprobs
+
+    @staticmethod
+    def _seq_delta(seq: Sequence, finished: bool = False, full: bool = False) -> SeqDelta:
+        sent = seq.sent_offsets  # tokens, text chars, logprobs, generation logits already sent
+        if full:
+            sent[:] = [0, 0, 0, 0]
+        out_ids = seq.output_token_ids
+        text = seq.detokenizer.visible_text(finished or seq.is_finished)
+        d = SeqDelta(
+            index=seq.index,
+            token_ids=out_ids[sent[0] :],
+            text=text[sent[1] :],
+            logprobs=seq.logprobs[sent[2] :],
+            cumulative_logprob=seq.cumulative_logprob if seq.request.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            generation_logits=seq.generation_logits[sent[3] :],
+        )
+        sent[:] = [len(out_ids), len(text), len(seq.logprobs), len(seq.generation_logits)]
+        return d

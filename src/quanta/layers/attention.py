@@ -1,0 +1,26 @@
+"""Attention layer: holds this layer's KV cache views and calls the step's backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quanta.attention.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # Set by the model runner when it allocates the cache: [num_blocks, block_size, kv_heads, head_dim]
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KH, D] -> [T, H * D]
+        ctx = get_forward_context()
+        out = ctx.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx.meta, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

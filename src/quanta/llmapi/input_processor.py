@@ -1,0 +1,94 @@
+"""Prompts in, validated Requests out: tokenize, check ids and limits, resolve end ids and bad words."""
+
+from __future__ import annotations
+
+from quanta.config import EngineConfig
+from quanta.engine.request import Request
+from quanta.sampling_params import SamplingParams
+
+
+def is_single_prompt(inputs) -> bool:
+    if isinstance(inputs, (str, dict)):
+        return True
+    return isinstance(inputs, list) and len(inputs) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in inputs)
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, config: EngineConfig, vocab_size: int, default_eos: list[int]):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.vocab_size = vocab_size
+        self.default_eos = default_eos
+
+    def tokenize(self, inputs, params: SamplingParams, skip_tokenizer_init: bool) -> tuple[str | None, list[int]]:
+        if isinstance(inputs, dict):
+            if "prompt_token_ids" in inputs:
+                inputs = inputs["prompt_token_ids"]
+            elif "prompt" in inputs:
+                inputs = inputs["prompt"]
+            else:
+                raise ValueError("a dict prompt needs a 'prompt' or 'prompt_token_ids' key, "
+                                 f"got keys {sorted(inputs)}")
+        if isinstance(inputs, str):
+            if skip_tokenizer_init or self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer, but skip_tokenizer_init=True: pass token ids")
+            prompt, ids = inputs, self.tokenizer.encode(inputs, add_special_tokens=params.add_special_tokens)
+        elif isinstance(inputs, (list, tuple)):
+            prompt, ids = None, list(inputs)
+        else:
+            raise ValueError(f"a prompt must be a str, a list of token ids or a dict, got {type(inputs).__name__}")
+        self._check_ids(ids)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens :]
+        return prompt, ids
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"prompt token ids must be ints, got {t!r} ({type(t).__name__})")
+            if t < 0 or t >= self.vocab_size:
+                raise ValueError(f"prompt token id {t} is out of range [0, {self.vocab_size})")
+
+    def check_limits(self, ids: list[int], params: SamplingParams) -> None:
+        c, n = self.config, len(ids)
+        if n > c.max_input_len:
+            raise ValueError(f"prompt has {n} tokens, more than max_input_len={c.max_input_len}")
+        if n + params.max_tokens > c.max_seq_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_seq_len={c.max_seq_len}; lower max_tokens or shorten the prompt")
+        if n > c.max_num_tokens and not c.enable_chunked_prefill:
+            raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={c.max_num_tokens}; "
+                             "raise max_num_tokens or set enable_chunked_prefill=True")
+        width = params.effective_beam_width
+        if width > 1:
+            raise ValueError(f"SamplingParams beam width {width} > max_beam_width={c.max_beam_width}"
+                             if width > c.max_beam_width else "beam search is not supported yet in quanta")
+        if params.guided_decoding is not None:
+            raise ValueError("SamplingParams.guided_decoding is not supported yet in quanta")
+        if (params.stop or params.bad) and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop / bad strings need a tokenizer (skip_tokenizer_init=True)")
+        for name in ("stop_token_ids", "bad_token_ids"):
+            for t in getattr(params, name) or []:
+                if t >= self.vocab_size:
+                    raise ValueError(f"SamplingParams.{name} has id {t}, out of range [0, {self.vocab_size})")
+        if params.end_id is not None and not 0 <= params.end_id < self.vocab_size:
+            raise ValueError(f"SamplingParams.end_id {params.end_id} is out of range [0, {self.vocab_size})")
+
+    def make_request(self, request_id: int, prompt: str | None, ids: list[int], params: SamplingParams) -> Request:
+        self.check_limits(ids, params)
+        eos = [params.end_id] if params.end_id is not None else list(self.default_eos)
+        bad = [[t] for t in params.bad_token_ids or []]
+        for word in params.bad or []:
+            for variant in (word, " " + word):
+                tok = self.tokenizer.encode(variant, add_special_tokens=False)
+                if tok and tok not in bad:
+                    bad.append(tok)
+        return Request(
+            request_id=request_id, prompt=prompt, prompt_token_ids=ids, params=params,
+            max_seq_len=self.config.max_seq_len, eos_token_ids=eos,
+            stop_token_ids=list(params.stop_token_ids or []), bad_words_ids=bad,
+        )

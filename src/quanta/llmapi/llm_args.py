@@ -1,0 +1,124 @@
+"""LLM(...) keyword arguments: the allowed names, the did-you-mean error, and the merge into BuildConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from quanta.config import (
+    BuildConfig,
+    CalibConfig,
+    KvCacheConfig,
+    PeftCacheConfig,
+    QuantConfig,
+    SchedulerConfig,
+    unknown_field_error,
+)
+
+_BUILD_FIELDS = ("max_batch_size", "max_num_tokens", "max_input_len", "max_seq_len", "max_beam_width")
+
+
+@dataclass
+class LlmArgs:
+    build_config: BuildConfig = field(default_factory=BuildConfig)
+    quant_config: QuantConfig = field(default_factory=QuantConfig)
+    calib_config: CalibConfig = field(default_factory=CalibConfig)
+    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    peft_cache_config: PeftCacheConfig | None = None
+    enable_lora: bool = False
+    lora_config: Any = None
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_beam_width: int | None = None
+    enable_chunked_prefill: bool = False
+    generation_config: str = "trtllm"
+    enable_tqdm: bool = False
+    return_perf_metrics: bool = False
+    # quanta's own
+    load_format: str = "auto"  # 'auto' (checkpoint) | 'dummy' (random weights of the config's shape)
+    device: str | None = None  # default: cuda when available, else cpu
+    attn_backend: str | None = None  # default: 'triton' on cuda, 'torch_ref' on cpu
+    enforce_eager: bool = False  # no CUDA graphs
+    allow_pickle_weights: bool = False
+    seed: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> LlmArgs:
+        unknown_field_error("LLM", kwargs, set(cls.__dataclass_fields__))
+        args = cls(**kwargs)
+        args._check_types()
+        args._merge_build_config()
+        return args
+
+    def _check_types(self) -> None:
+        expected = {
+            "build_config": BuildConfig, "quant_config": QuantConfig, "calib_config": CalibConfig,
+            "kv_cache_config": KvCacheConfig, "scheduler_config": SchedulerConfig,
+        }
+        for name, typ in expected.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, typ.from_dict(value))
+            elif not isinstance(value, typ):
+                raise ValueError(f"LLM {name} must be a {typ.__name__} (or a dict), got {type(value).__name__}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"LLM load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+
+    def _merge_build_config(self) -> None:
+        """Explicit LLM kwargs win over build_config; the result is validated like a BuildConfig."""
+        bc = BuildConfig(**self.build_config.to_dict())
+        for name in _BUILD_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(bc, name, value)
+        bc.__post_init__()
+        self.build_config = bc
+
+    def check_supported(self, tensor_parallel_size: int) -> None:
+        """Arguments whose feature has not landed yet: a clear error, never silently ignored."""
+        todo = []
+        if tensor_parallel_size != 1:
+            todo.append(f"tensor_parallel_size={tensor_parallel_size}")
+        if self.quant_config.requested:
+            todo.append(f"quant_config={self.quant_config.quant_algo or self.quant_config.kv_cache_quant_algo}")
+        if self.enable_lora or self.lora_config is not None or self.peft_cache_config is not None:
+            todo.append("LoRA (enable_lora / lora_config / peft_cache_config)")
+        if self.build_config.max_beam_width > 1:
+            todo.append(f"max_beam_width={self.build_config.max_beam_width} (beam search)")
+        if self.build_config.max_draft_len:
+            todo.append("max_draft_len (speculative decoding)")
+        kv = self.kv_cache_config
+        if kv.dtype != "auto":
+            todo.append(f"KvCacheConfig.dtype={kv.dtype!r}")
+        if kv.host_cache_size:
+            todo.append("KvCacheConfig.host_cache_size")
+        if kv.max_attention_window is not None:
+            todo.append("KvCacheConfig.max_attention_window")
+        if todo:
+            raise ValueError(f"not supported yet in quanta: {', '.join(todo)}")
+
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.bfloat16
+        cfg = _DTYPES.get(cfg, cfg) if isinstance(cfg, str) else cfg
+        return cfg if cfg in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"LLM dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]

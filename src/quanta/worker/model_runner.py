@@ -1,0 +1,142 @@
+"""The data plane: one flattened forward over every scheduled token, then sampling.
+
+Prefill chunks and decode tokens of many sequences run together in ONE forward; logits are computed only
+for the rows that need them. At most one device-to-host transfer point per step (`_to_host`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from quanta.attention.backend import get_backend
+from quanta.attention.forward_context import forward_context
+from quanta.engine.request import Sequence
+from quanta.engine.scheduler import SchedulerOutput
+from quanta.sampling.sampler import Sampler
+from quanta.sampling.types import SamplingRow
+from quanta.worker.input_batch import ForwardBatch, InputBuffers
+from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
+
+
+@dataclass
+class RunnerOutput:
+    sampled_seqs: list[Sequence] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+    logprobs: list[dict | None] = field(default_factory=list)  # per sampled row, when asked
+    generation_logits: list = field(default_factory=list)  # per sampled row: [vocab] cpu tensor or None
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)  # seq_id -> entries for this chunk
+    context_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> [n, vocab] cpu
+    failed: dict[int, BaseException] = field(default_factory=dict)  # request_id -> error
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int,
+                 max_num_tokens: int, max_batch_size: int, max_seq_len: int, backend: str):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.max_num_tokens = max_num_tokens
+        self.backend = get_backend(backend)
+        self.buffers = InputBuffers(max_num_tokens, max_batch_size, -(-max_seq_len // block_size), device)
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_caches.append((attn.k_cache, attn.v_cache))
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self) -> int:
+        """Run a forward at max_num_tokens (no cache) to measure activation memory on a GPU."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        n = self.max_num_tokens
+        ids = torch.randint(0, self.model.config.vocab_size, (n,), device=self.device)
+        hidden = self.model.model.embed_tokens(ids)
+        for layer in self.model.model.layers:  # MLP dominates; attention uses the cache later
+            hidden = layer.mlp(hidden)
+        self.model.compute_logits(hidden[-min(n, 256) :])
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        batch = self.buffers.build(out, self.block_size)
+        with forward_context(batch.meta, self.backend):
+            hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
+        result = RunnerOutput()
+        self._prompt_extras(out, batch, hidden, result)
+        if not batch.sample_rows:
+            return result
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
+        seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        rows = [self._row(seq) for seq in seqs]
+        sampled = self.sampler(logits, rows)
+        self._collect(seqs, rows, logits, sampled, result)
+        return result
+
+    def _row(self, seq: Sequence) -> SamplingRow:
+        req = seq.request
+        return SamplingRow(
+            request_id=req.request_id,
+            params=req.params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            eos_token_ids=req.eos_token_ids,
+            stop_token_ids=req.stop_token_ids,
+            bad_words_ids=req.bad_words_ids,
+            generator=seq.generator,
+            state=seq.sampler_state,
+        )
+
+    def _collect(self, seqs, rows, logits, sampled, result: RunnerOutput) -> None:
+        tensors = [sampled.token_ids, sampled.sampled_logprobs]
+        has_topk = sampled.topk_ids is not None
+        if has_topk:
+            tensors += [sampled.topk_ids, sampled.topk_logprobs, sampled.sampled_ranks]
+        host = _to_host(tensors)
+        token_ids, lps = host[0].tolist(), host[1].tolist()
+        topk = topk_to_dicts(rows, token_ids, lps, *host[2:]) if has_topk else [None] * len(rows)
+        want_gen = [r.params.return_generation_logits for r in rows]
+        gen_logits = logits.to("cpu") if any(want_gen) else None
+        result.sampled_seqs = seqs
+        result.sampled_token_ids = token_ids
+        result.sampled_logprobs = lps
+        result.logprobs = topk
+        result.generation_logits = [gen_logits[i] if w else None for i, w in enumerate(want_gen)]
+
+    def _prompt_extras(self, out: SchedulerOutput, batch: ForwardBatch, hidden, result: RunnerOutput) -> None:
+        """prompt_logprobs / context logits for sequences whose prompt is (partly) in this step (rare)."""
+        for i, s in enumerate(out.scheduled):
+            req = s.seq.request
+            if not req.needs_prompt_logits or s.seq.index != 0:
+                continue
+            start = s.seq.num_computed_tokens
+            n = min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - start))
+            if n <= 0:
+                continue
+            off = batch.token_offsets[i]
+            logits = self.model.compute_logits(hidden[off : off + n]).to("cpu")  # [n, vocab]
+            lp, ctx = prompt_logits_outputs(req, s.seq, start, logits)
+            if lp is not None:
+                result.prompt_logprobs[s.seq.seq_id] = lp
+            if ctx is not None:
+                result.context_logits[s.seq.seq_id] = ctx
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The step's one device->host synchronization point."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return tensors
+    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream().synchronize()
+    return host
