@@ -52,6 +52,9 @@ def build(model, args: LlmArgs, dtype, revision, trust_remote_code, tokenizer) -
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, hf_config, device)
     config = _engine_config(args, hf_config)
+    from quanta.layers import fast_ops
+
+    fast_ops.set_use_kernels(device.type == "cuda" and not args.disable_kernels)
     net = build_model(hf_config, path, torch_dtype, device, args.load_format, args.allow_pickle_weights)
     backend = args.attn_backend or ("triton" if device.type == "cuda" else "torch_ref")
     runner = ModelRunner(net, device, torch_dtype, config.tokens_per_block, config.max_num_tokens,
@@ -69,8 +72,8 @@ def build(model, args: LlmArgs, dtype, revision, trust_remote_code, tokenizer) -
     logger.info("quanta: %s on %s (%s); KV cache %d tokens (%d blocks), max concurrency %.1f at max_seq_len",
                 getattr(hf_config, "architectures", ["?"])[0], device, torch_dtype, kv_tokens, blocks,
                 kv_tokens / config.max_seq_len)
-    if hasattr(runner, "capture_cuda_graphs") and device.type == "cuda" and not args.enforce_eager:
-        runner.capture_cuda_graphs()
+    if device.type == "cuda" and not args.enforce_eager:
+        runner.capture_cuda_graphs(config.max_batch_size)
     engine = LLMEngine(config, runner, tokenizer)
     return Built(engine, hf_config, path, torch_dtype, device, config)
 

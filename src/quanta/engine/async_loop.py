@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 
@@ -18,7 +19,15 @@ logger = logging.getLogger("quanta")
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine loop is gone (it died, or the LLM was shut down): no request can be served."""
+
+
+class EngineStallError(RuntimeError):
+    """The scheduler made no progress for a while with requests pending (a bug, reported, not a hang)."""
+
+
+# With requests pending, steps that schedule nothing for this long fail those requests instead of hanging.
+STALL_TIMEOUT_S = 2.0
 
 
 class EngineLoop:
@@ -39,8 +48,8 @@ class EngineLoop:
                 raise EngineDeadError(f"the engine loop died: {self.dead!r}")
             if self._stop:
                 raise EngineDeadError("the LLM was shut down")
+            self._ensure_thread()  # first, so a failed start leaves nothing queued
             self._inbox.append(("add", request, handle, streaming))
-            self._ensure_thread()
             self._cond.notify_all()
 
     def abort(self, request_id: int) -> None:
@@ -62,11 +71,13 @@ class EngineLoop:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="quanta-engine", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="quanta-engine", daemon=True)
+            thread.start()  # may raise (e.g. at interpreter shutdown): then no thread is recorded
+            self._thread = thread
 
     # --- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        stalled_since: float | None = None
         try:
             while True:
                 with self._cond:
@@ -74,10 +85,21 @@ class EngineLoop:
                         self._cond.wait()  # idle: sleep, no spinning
                     if self._stop:
                         break
+                    if stalled_since is not None and not self._inbox:
+                        self._cond.wait(0.05)  # no progress last step: back off, wake on new input
                     inbox, self._inbox = self._inbox, deque()
                 self._drain(inbox)
-                for delta in self.engine.step():
+                iteration = self.engine.iteration
+                deltas = self.engine.step()
+                for delta in deltas:
                     self._dispatch(delta)
+                if deltas or self.engine.iteration != iteration or not self.engine.has_unfinished():
+                    stalled_since = None
+                elif stalled_since is None:
+                    stalled_since = time.monotonic()
+                elif time.monotonic() - stalled_since > STALL_TIMEOUT_S:
+                    self._fail_stalled()
+                    stalled_since = None
         except BaseException as e:  # the loop died: every waiting request gets the error
             logger.exception("quanta engine loop died")
             self.dead = e
@@ -98,6 +120,19 @@ class EngineLoop:
                 delta = self.engine.abort_request(item[1])
                 if delta is not None:
                     self._dispatch(delta)
+
+    def _fail_stalled(self) -> None:
+        sched = self.engine.scheduler
+        error = EngineStallError(
+            f"the scheduler made no progress for {STALL_TIMEOUT_S} s with {len(sched.waiting)} waiting and "
+            f"{len(sched.running)} running sequences ({self.engine.kv.num_free_blocks} free KV blocks); "
+            "the pending requests are failed instead of hanging"
+        )
+        logger.error("quanta: %s", error)
+        for request_id in list(self.engine.requests):
+            delta = self.engine.fail_request(request_id, error)
+            if delta is not None:
+                self._dispatch(delta)
 
     def _dispatch(self, delta) -> None:
         handle = self._handles.get(delta.request_id)

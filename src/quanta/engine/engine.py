@@ -12,17 +12,9 @@ from quanta.engine.kv_cache import KVCacheManager
 from quanta.engine.output import RequestDelta
 from quanta.engine.output_processor import OutputProcessor
 from quanta.engine.request import Request, Sequence
+from quanta.errors import RequestFailure
 from quanta.engine.scheduler import Scheduler
 from quanta.sampling.sampler import make_generator
-
-
-class RequestFailure(Exception):
-    """An error that belongs to one request (its logits processor, its tokenizer ...): only it fails."""
-
-    def __init__(self, request_id: int, cause: BaseException):
-        super().__init__(f"request {request_id} failed: {type(cause).__name__}: {cause}")
-        self.request_id = request_id
-        self.cause = cause
 
 
 class LLMEngine:

@@ -37,6 +37,8 @@ class OutputProcessor:
         req, p = seq.request, seq.request.params
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
+        if not p.exclude_input_from_output and seq.num_output_tokens == 0:
+            seq.detokenizer.prime(seq.token_ids)  # the output (and its text) starts with the prompt
         seq.token_ids.append(tok)
         seq.cumulative_logprob += lp
         if lp_dict is not None:
@@ -47,10 +49,10 @@ class OutputProcessor:
         can_stop = p.min_tokens is None or n_out >= p.min_tokens
         is_stop_token = can_stop and tok in req.stop_token_ids
         if not (is_stop_token and not p.include_stop_str_in_output):
-            matched = seq.detokenizer.add_tokens([tok])
+            matched = seq.detokenizer.add_tokens([tok], check_stop=can_stop)
         else:
             matched = None
-        if matched is not None and can_stop:
+        if matched is not None:
             self.scheduler.finish(seq, "stop", matched)
         elif is_stop_token:
             self.scheduler.finish(seq, "stop", tok)
@@ -100,7 +102,8 @@ class OutputProcessor:
         sent = seq.sent_offsets  # tokens, text chars, logprobs, generation logits already sent
         if full:
             sent[:] = [0, 0, 0, 0]
-        out_ids = seq.output_token_ids
+        # exclude_input_from_output=False: token_ids (and text) hold prompt + generated, as in TensorRT-LLM
+        out_ids = seq.output_token_ids if seq.request.params.exclude_input_from_output else seq.token_ids
         text = seq.detokenizer.visible_text(finished or seq.is_finished)
         d = SeqDelta(
             index=seq.index,

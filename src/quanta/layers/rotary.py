@@ -70,9 +70,9 @@ class RotaryEmbedding(nn.Module):
         from quanta.layers import fast_ops
 
         if fast_ops.use_kernels() and q.is_cuda:
-            from quanta.kernels.rotary import apply_rotary
+            from quanta.kernels.rotary import apply_rotary_emb
 
-            return apply_rotary(q, k, positions, self.cos_cache, self.sin_cache)
+            return apply_rotary_emb(q, k, positions, self.cos_cache, self.sin_cache)
         return apply_rotary_ref(q, k, positions, self.cos_cache, self.sin_cache)
 
 

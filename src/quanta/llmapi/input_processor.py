@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import numbers
+
 from quanta.config import EngineConfig
 from quanta.engine.request import Request
 from quanta.sampling_params import SamplingParams
 
 
+def _is_token_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
 def is_single_prompt(inputs) -> bool:
-    if isinstance(inputs, (str, dict)):
+    """One prompt (str, dict, list/tuple of token ids) vs a batch (list/tuple of prompts).
+
+    Anything that is not a list or tuple counts as one prompt, so that a wrong type (None, an int ...)
+    gets `tokenize`'s clear error instead of a TypeError. An empty list is an (empty, rejected) prompt.
+    """
+    if not isinstance(inputs, (list, tuple)):
         return True
-    return isinstance(inputs, list) and len(inputs) > 0 and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in inputs)
+    return len(inputs) == 0 or all(_is_token_id(t) for t in inputs)
 
 
 class InputProcessor:
@@ -33,24 +43,28 @@ class InputProcessor:
         if isinstance(inputs, str):
             if skip_tokenizer_init or self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer, but skip_tokenizer_init=True: pass token ids")
+            if not inputs:
+                raise ValueError("the prompt is empty: give a non-empty str or at least one token id")
             prompt, ids = inputs, self.tokenizer.encode(inputs, add_special_tokens=params.add_special_tokens)
         elif isinstance(inputs, (list, tuple)):
             prompt, ids = None, list(inputs)
         else:
-            raise ValueError(f"a prompt must be a str, a list of token ids or a dict, got {type(inputs).__name__}")
-        self._check_ids(ids)
+            raise ValueError("a prompt must be a str, a list of token ids (int) or a dict, "
+                             f"got {type(inputs).__name__}: {inputs!r:.80}")
+        ids = self._check_ids(ids)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens :]
         return prompt, ids
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def _check_ids(self, ids: list) -> list[int]:
         if not ids:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise ValueError("the prompt is empty: give a non-empty str or at least one token id")
         for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool):
+            if not _is_token_id(t):
                 raise ValueError(f"prompt token ids must be ints, got {t!r} ({type(t).__name__})")
             if t < 0 or t >= self.vocab_size:
                 raise ValueError(f"prompt token id {t} is out of range [0, {self.vocab_size})")
+        return [int(t) for t in ids]  # numpy / torch integers become plain ints
 
     def check_limits(self, ids: list[int], params: SamplingParams) -> None:
         c, n = self.config, len(ids)
@@ -65,8 +79,11 @@ class InputProcessor:
                              "raise max_num_tokens or set enable_chunked_prefill=True")
         width = params.effective_beam_width
         if width > 1:
-            raise ValueError(f"SamplingParams beam width {width} > max_beam_width={c.max_beam_width}"
-                             if width > c.max_beam_width else "beam search is not supported yet in quanta")
+            field = "beam_width" if params.beam_width > 1 else "use_beam_search with best_of/n"
+            raise ValueError(
+                f"SamplingParams.{field}: beam width {width} > max_beam_width={c.max_beam_width} "
+                "(beam search is not supported yet in quanta)" if width > c.max_beam_width
+                else f"SamplingParams.{field}: beam search is not supported yet in quanta")
         if params.guided_decoding is not None:
             raise ValueError("SamplingParams.guided_decoding is not supported yet in quanta")
         if (params.stop or params.bad) and self.tokenizer is None:
@@ -77,6 +94,15 @@ class InputProcessor:
                     raise ValueError(f"SamplingParams.{name} has id {t}, out of range [0, {self.vocab_size})")
         if params.end_id is not None and not 0 <= params.end_id < self.vocab_size:
             raise ValueError(f"SamplingParams.end_id {params.end_id} is out of range [0, {self.vocab_size})")
+        ids = params.top_p_reset_ids
+        for t in [ids] if isinstance(ids, int) else ids or []:
+            if t >= self.vocab_size:
+                raise ValueError(f"SamplingParams.top_p_reset_ids has id {t}, out of range [0, {self.vocab_size})")
+        bias = params.embedding_bias
+        if bias is not None and bias.numel() > self.vocab_size:
+            # NOTE: checked here, before the engine thread: the sampler would fail mid-step.
+            raise ValueError(f"SamplingParams.embedding_bias has {bias.numel()} entries, more than the "
+                             f"model's vocab size {self.vocab_size}")
 
     def make_request(self, request_id: int, prompt: str | None, ids: list[int], params: SamplingParams) -> Request:
         self.check_limits(ids, params)

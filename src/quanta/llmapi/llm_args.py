@@ -44,6 +44,7 @@ class LlmArgs:
     device: str | None = None  # default: cuda when available, else cpu
     attn_backend: str | None = None  # default: 'triton' on cuda, 'torch_ref' on cpu
     enforce_eager: bool = False  # no CUDA graphs
+    disable_kernels: bool = False  # PyTorch reference ops instead of the fused Triton ones (GPU)
     allow_pickle_weights: bool = False
     seed: int | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
 
 class RequestError(RuntimeError):
     """Raised by result()/iteration when the request failed (its own error, or the engine died)."""
+
+
+# Blocking waits wake up this often, so that Ctrl-C (a signal the main thread handles only between
+# bytecodes, and which does not interrupt a lock wait when it lands on another thread) is acted on.
+_WAIT_SLICE_S = 0.1
 
 
 class RequestOutput:
@@ -31,6 +37,7 @@ class RequestOutput:
         self._loop = loop
         self._pending: deque[RequestDelta] = deque()
         self._cond = threading.Condition()
+        self._apply_lock = threading.RLock()  # consumers (result, iteration) in several threads
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._error: BaseException | None = None
         self._aborted = False
@@ -98,14 +105,37 @@ class RequestOutput:
             raise RequestError(f"request {self.request_id} failed: {self._error}") from self._error
 
     def _apply_all(self) -> None:
-        while (d := self._take()) is not None:
-            self._apply(d)
+        with self._apply_lock:
+            while (d := self._take()) is not None:
+                self._apply(d)
+
+    def _apply_next(self) -> RequestDelta | None:
+        with self._apply_lock:
+            d = self._take()
+            if d is not None:
+                self._apply(d)
+            return d
+
+    def _wait(self, predicate, timeout: float | None) -> bool:
+        """Block until predicate() (checked under the lock) or timeout; in short slices (see above)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                if deadline is None:
+                    wait = _WAIT_SLICE_S
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        return False
+                    wait = min(wait, _WAIT_SLICE_S)
+                self._cond.wait(wait)
+        return True
 
     # --- sync API -------------------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> RequestOutput:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._done, timeout=timeout):
-                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        """Block until the request finishes; TimeoutError after `timeout` s (the request goes on)."""
+        if not self._wait(lambda: self._done, timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
         self._apply_all()
         self._raise_if_error()
         return self
@@ -114,18 +144,24 @@ class RequestOutput:
         return self._done
 
     def __iter__(self):
+        """The request's successive states until it finishes. Leaving the loop early aborts it."""
         if self.finished and not self._pending:
             yield self
             return
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._pending))
-            d = self._take()
-            self._apply(d)
-            self._raise_if_error()
-            yield self
-            if d.finished:
-                return
+        finished = False
+        try:
+            while not finished:
+                self._wait(lambda: bool(self._pending) or self._done, None)
+                d = self._apply_next()
+                if d is None:  # another consumer took it
+                    finished = self.finished
+                    continue
+                finished = d.finished
+                self._raise_if_error()
+                yield self
+        finally:  # closed early (break, exception, Ctrl-C): stop the request
+            if not finished:
+                self.abort()
 
     # --- async API ------------------------------------------------------------------------------
     async def _wait_async(self, predicate) -> None:
@@ -169,11 +205,13 @@ class RequestOutput:
         finished = False
         try:
             while not finished:
-                await self._wait_async(lambda: bool(self._pending))
-                d = self._take()
-                self._apply(d)
-                self._raise_if_error()
+                await self._wait_async(lambda: bool(self._pending) or self._done)
+                d = self._apply_next()
+                if d is None:  # another consumer took it
+                    finished = self.finished
+                    continue
                 finished = d.finished
+                self._raise_if_error()
                 yield self
         finally:  # task cancelled or iterator closed early: stop the request
             if not finished:

@@ -43,7 +43,8 @@ class InputBuffers:
         self.h_qsl, self.query_start_loc = pair(b + 1, torch.int32)
         self.h_logits_idx, self.logits_indices = pair(b, torch.int64)
 
-    def build(self, out: SchedulerOutput, block_size: int) -> ForwardBatch:
+    def build(self, out: SchedulerOutput, block_size: int, pad_to: int = 0) -> ForwardBatch:
+        """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows."""
         num_seqs, num_tokens = len(out.scheduled), out.num_tokens
         ids = self.h_ids.numpy()
         pos = self.h_pos.numpy()
@@ -72,6 +73,13 @@ class InputBuffers:
             if s.do_sample:
                 lidx[len(sample_rows)] = cursor - 1
                 sample_rows.append(i)
+        if pad_to > num_seqs:  # one token each, writes nothing (slot -1), attends to one key
+            ids[num_tokens:pad_to] = 0
+            pos[num_tokens:pad_to] = 0
+            slots[num_tokens:pad_to] = -1
+            seq_lens[num_seqs:pad_to] = 1
+            qsl[num_seqs + 1 : pad_to + 1] = np.arange(num_tokens + 1, pad_to + 1)
+            num_tokens = num_seqs = pad_to
         return self._upload(num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows)
 
     def _upload(self, num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows) -> ForwardBatch:

@@ -44,6 +44,25 @@ class ModelRunner:
         self.buffers = InputBuffers(max_num_tokens, max_batch_size, -(-max_seq_len // block_size), device)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.max_seq_len = max_seq_len
+        self.graphs = None  # CudaGraphRunner once captured
+
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        from quanta.worker.cuda_graph import CudaGraphRunner, graph_batch_sizes
+
+        sizes = graph_batch_sizes(min(max_batch_size, self.max_num_tokens))
+        self.graphs = CudaGraphRunner(self.model, self.buffers, self.backend, self.max_seq_len, sizes)
+        self.graphs.capture()
+
+    def _graph_bucket(self, out: SchedulerOutput) -> int:
+        """The graph batch size for a pure-decode step that a captured graph can run, else 0."""
+        g = self.graphs
+        if g is None or len(out.scheduled) > g.max_batch_size:
+            return 0
+        for s in out.scheduled:
+            if s.num_new_tokens != 1 or not s.do_sample or s.seq.request.needs_prompt_logits:
+                return 0
+        return g.bucket(len(out.scheduled))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         for attn in self.model.attention_layers():
@@ -70,14 +89,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        batch = self.buffers.build(out, self.block_size)
-        with forward_context(batch.meta, self.backend):
-            hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
+        graph_bs = self._graph_bucket(out)
+        batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
         result = RunnerOutput()
-        self._prompt_extras(out, batch, hidden, result)
-        if not batch.sample_rows:
-            return result
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
+        if graph_bs:
+            logits = self.graphs.replay(graph_bs)[: len(out.scheduled)]  # [R, vocab] float32
+        else:
+            with forward_context(batch.meta, self.backend):
+                hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
+            self._prompt_extras(out, batch, hidden, result)
+            if not batch.sample_rows:
+                return result
+            logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
         seqs = [out.scheduled[i].seq for i in batch.sample_rows]
         rows = [self._row(seq) for seq in seqs]
         sampled = self.sampler(logits, rows)

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): latency, throughput, roofline and a transformers peer, printing tables + JSON."""

@@ -1,0 +1,83 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, captured at start, replayed with padding.
+
+A decode step's kernels read every step-dependent value (ids, positions, slots, block tables, lengths)
+from the persistent input buffers, so replaying a graph only needs those buffers refreshed. The eager
+path (`enforce_eager=True`) is the twin that checks it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from quanta.attention.forward_context import forward_context
+from quanta.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger("quanta")
+
+
+def graph_batch_sizes(max_batch_size: int, limit: int = 512) -> list[int]:
+    top = min(max_batch_size, limit)
+    sizes = [b for b in (1, 2, 4, 8) if b <= top]
+    sizes += list(range(16, min(top, 256) + 1, 16)) + list(range(288, top + 1, 32))
+    if sizes[-1] != top:
+        sizes.append(top)
+    return sorted(set(sizes))
+
+
+class CudaGraphRunner:
+    def __init__(self, model, buffers, backend, max_seq_len: int, batch_sizes: list[int]):
+        self.model = model
+        self.buffers = buffers
+        self.backend = backend
+        self.max_seq_len = max_seq_len
+        self.batch_sizes = batch_sizes
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] float32
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1] if self.batch_sizes else 0
+
+    def bucket(self, num_seqs: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        b = self.buffers
+        return AttentionMetadata(
+            slot_mapping=b.slot_mapping[:bs], block_tables=b.block_tables[:bs], seq_lens=b.seq_lens[:bs],
+            query_start_loc=b.query_start_loc[: bs + 1], max_query_len=1, max_seq_len=self.max_seq_len,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        b = self.buffers
+        with forward_context(self._meta(bs), self.backend):
+            hidden = self.model(b.input_ids[:bs], b.positions[:bs])
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        b = self.buffers
+        n = self.max_batch_size
+        b.input_ids[:n].zero_()
+        b.positions[:n].zero_()
+        b.slot_mapping[:n].fill_(-1)
+        b.block_tables[:n].zero_()
+        b.seq_lens[:n].fill_(1)
+        b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, dtype=torch.int32))
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.batch_sizes):
+            self._forward(bs)  # warm up: Triton compiles, cuBLAS picks its kernels
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info("quanta: captured %d CUDA graphs for decode batch sizes up to %d", len(self.graphs), n)
+
+    def replay(self, bs: int) -> torch.Tensor:
+        self.graphs[bs].replay()
+        return self.logits[bs]
