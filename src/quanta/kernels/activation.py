@@ -1,0 +1,44 @@
+"""SiLU-and-mul (the SwiGLU MLP's gate): out = silu(x[:, :I]) * x[:, I:], Hugging Face order."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+
+
+# fmt: off
+@triton.jit
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr,
+    stride_x, stride_out, inter,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    y = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [..., 2 * inter] -> [..., inter]
+    require_triton()
+    inter = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * inter)
+    assert x2.stride(-1) == 1
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    if x2.shape[0] > 0:
+        block = min(next_pow2(inter), 1024)
+        grid = (x2.shape[0], triton.cdiv(inter, block))
+        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], inter)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    inter = x.shape[-1] // 2
+    xf = x.float()
+    return (F.silu(xf[..., :inter]) * xf[..., inter:]).to(x.dtype)

@@ -1,0 +1,94 @@
+"""RMSNorm and fused residual-add + RMSNorm with Hugging Face LlamaRMSNorm numerics.
+
+HF: variance in float32, `hidden * rsqrt(var + eps)` in float32, then `weight * hidden.to(input_dtype)`.
+The kernels multiply by the weight in float32 and round once: for weight.dtype == input dtype that is the
+same number (a product of two fp16/bf16 values is exact in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+
+
+# fmt: off
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    stride_x, stride_res, stride_out, stride_res_out,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_res_out + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    h = (xf * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = w.to(tl.float32) * h.to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    require_triton()
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    assert x2.stride(-1) == 1 and weight.is_contiguous()
+    out = torch.empty_like(x2)
+    res2 = residual.reshape(-1, hidden) if residual is not None else x2
+    res_out = torch.empty_like(x2) if residual is not None else out
+    num_rows = x2.shape[0]
+    if num_rows > 0:
+        block_n = next_pow2(hidden)
+        # fmt: off
+        _rms_norm_kernel[(num_rows,)](
+            x2, res2, weight, out, res_out,
+            x2.stride(0), res2.stride(0), out.stride(0), res_out.stride(0),
+            hidden, eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=block_n,
+            num_warps=min(max(block_n // 512, 1), 16),
+        )
+        # fmt: on
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:  # [..., hidden], x.dtype
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [..., hidden]
+    residual: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new_residual = x + residual), both x.dtype
+    return _launch(x, residual, weight, eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return (weight * h.to(dtype)).to(dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(new_residual, weight, eps), new_residual

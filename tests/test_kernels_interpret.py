@@ -1,0 +1,179 @@
+"""Every Triton kernel vs its *_ref twin on the CPU, through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, so the checks run in one child process
+(`python tests/test_kernels_interpret.py` prints a JSON dict {check: relative error or error text});
+the pytest side only launches it once and asserts on each entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+TOL = 1e-3
+
+# (name, seqs as (cached prefix, new tokens), num_heads, num_kv_heads, head_dim, block_size, pad_tokens)
+ATTENTION_CASES = [
+    ("mixed_gqa2_d32_bs16", [(0, 7), (5, 1), (20, 9), (33, 1), (16, 16)], 4, 2, 32, 16, 3),
+    ("mixed_gqa3_d40_bs32", [(0, 12), (40, 1), (3, 30), (0, 1)], 6, 2, 40, 32, 2),
+    ("prefill_mha_d8_bs16", [(0, 21), (0, 3)], 4, 4, 8, 16, 0),
+    ("chunk_gqa8_d64_bs64", [(70, 9), (0, 64)], 8, 1, 64, 64, 0),
+]
+# (name, seqs, num_heads, num_kv_heads, head_dim, block_size, num_splits)
+DECODE_CASES = [
+    ("decode_gqa2_split1", [(0, 1), (16, 1), (49, 1), (129, 1), (0, 0)], 4, 2, 32, 16, 1),
+    ("decode_gqa2_split3", [(0, 1), (16, 1), (49, 1), (129, 1), (0, 0)], 4, 2, 32, 16, 3),
+    ("decode_gqa4_split8_bs32", [(200, 1), (7, 1)], 8, 2, 16, 32, 8),
+    ("decode_gqa3_d80_split2", [(95, 1), (31, 1)], 6, 2, 80, 16, 2),
+]
+OTHER_CHECKS = [
+    "kv_cache_write_k",
+    "kv_cache_write_v",
+    "rms_norm",
+    "fused_add_rms_norm_out",
+    "fused_add_rms_norm_res",
+    "rotary_q",
+    "rotary_k",
+    "rotary_partial_q",
+    "silu_and_mul",
+    "backend_mixed",
+    "backend_decode",
+]
+CHECK_NAMES = OTHER_CHECKS + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES]
+
+
+# ---------------------------------------------------------------- child side (TRITON_INTERPRET=1)
+def _attention_checks(results: dict) -> None:
+    from kernel_cases import make_paged_batch, rel_err
+
+    from quanta.kernels.kv_cache_write import kv_cache_write_ref
+    from quanta.kernels.paged_attention import (
+        paged_attention_decode,
+        paged_attention_prefill,
+        paged_attention_ref,
+    )
+
+    for name, seqs, h, kh, d, bs, pad in ATTENTION_CASES:
+        b = make_paged_batch(seqs, h, kh, d, bs, pad_tokens=pad, seed=len(name))
+        m, scale = b.meta, d**-0.5
+        kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping)
+        args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
+        n = b.num_real_tokens
+        out = paged_attention_prefill(*args, m.max_query_len, scale)
+        results[name] = rel_err(out[:n], paged_attention_ref(*args, scale)[:n])
+    for name, seqs, h, kh, d, bs, splits in DECODE_CASES:
+        b = make_paged_batch(seqs, h, kh, d, bs, seed=len(name))
+        m, scale = b.meta, d**-0.5
+        kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping)
+        args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
+        out = paged_attention_decode(*args, m.max_seq_len, scale, num_splits=splits)
+        results[name] = rel_err(out, paged_attention_ref(*args, scale))
+
+
+def _backend_checks(results: dict) -> None:
+    import torch
+    from kernel_cases import make_paged_batch, rel_err
+
+    from quanta.attention.backend import get_backend
+
+    for name, seqs in [("backend_mixed", [(0, 5), (9, 1), (17, 6)]), ("backend_decode", [(30, 1), (3, 1)])]:
+        b = make_paged_batch(seqs, 4, 2, 16, 16, pad_tokens=2, seed=7)
+        ref_caches = (b.k_cache.clone(), b.v_cache.clone())
+        out = get_backend("triton").forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, 0.25)
+        ref = get_backend("torch_ref").forward(b.q, b.k, b.v, *ref_caches, b.meta, 0.25)
+        n = b.num_real_tokens
+        caches_equal = torch.equal(b.k_cache, ref_caches[0]) and torch.equal(b.v_cache, ref_caches[1])
+        results[name] = rel_err(out[:n], ref[:n]) if caches_equal else "caches differ"
+
+
+def _small_op_checks(results: dict) -> None:
+    import torch
+    from kernel_cases import make_paged_batch, rel_err
+
+    from quanta.kernels.activation import silu_and_mul, silu_and_mul_ref
+    from quanta.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref
+    from quanta.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+    from quanta.kernels.rotary import apply_rotary_emb, apply_rotary_emb_ref
+
+    g = torch.Generator().manual_seed(0)
+    b = make_paged_batch([(3, 5), (0, 2), (17, 1)], 4, 2, 16, 16, pad_tokens=4)
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    kv_cache_write(b.k, b.v, kc, vc, b.meta.slot_mapping)
+    kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping)  # padding slots (-1) untouched
+    results["kv_cache_write_k"] = rel_err(kc, b.k_cache)
+    results["kv_cache_write_v"] = rel_err(vc, b.v_cache)
+
+    x, res = torch.randn(5, 48, generator=g), torch.randn(5, 48, generator=g)
+    w = torch.randn(48, generator=g)
+    results["rms_norm"] = rel_err(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    out, new_res = fused_add_rms_norm(x, res, w, 1e-5)
+    out_ref, new_res_ref = fused_add_rms_norm_ref(x, res, w, 1e-5)
+    results["fused_add_rms_norm_out"] = rel_err(out, out_ref)
+    results["fused_add_rms_norm_res"] = rel_err(new_res, new_res_ref)
+
+    num_tokens, h, kh, d = 6, 4, 2, 32
+    qkv = torch.randn(num_tokens, (h + 2 * kh) * d, generator=g)  # q, k are strided views of a fused qkv
+    q = qkv[:, : h * d].view(num_tokens, h, d)
+    k = qkv[:, h * d : (h + kh) * d].view(num_tokens, kh, d)
+    pos = torch.tensor([0, 5, 9, 1, 30, 2])
+    angles = torch.arange(40)[:, None].float() * torch.rand(d // 2, generator=g)[None, :]
+    q_ref, k_ref = apply_rotary_emb_ref(q, k, pos, angles.cos(), angles.sin(), inplace=False)
+    apply_rotary_emb(q, k, pos, angles.cos(), angles.sin(), inplace=True)
+    results["rotary_q"] = rel_err(q, q_ref)
+    results["rotary_k"] = rel_err(k, k_ref)
+    part = angles[:, : d // 4]  # rotary_dim = d / 2: the second half of each head stays as it is
+    q2, _ = apply_rotary_emb(q, k, pos, part.cos(), part.sin(), inplace=False)
+    q2_ref, _ = apply_rotary_emb_ref(q, k, pos, part.cos(), part.sin(), inplace=False)
+    results["rotary_partial_q"] = rel_err(q2, q2_ref) + float(not torch.equal(q2[..., d // 2 :], q[..., d // 2 :]))
+
+    x = torch.randn(7, 2 * 40, generator=g)
+    results["silu_and_mul"] = rel_err(silu_and_mul(x), silu_and_mul_ref(x))
+
+
+def _run_all() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    sys.path.insert(0, str(HERE))
+    results: dict = {}
+    for group in (_small_op_checks, _attention_checks, _backend_checks):
+        try:
+            group(results)
+        except Exception as e:  # report instead of dying: the parent shows it per check
+            import traceback
+
+            results[f"{group.__name__} crashed"] = traceback.format_exc(limit=4)
+            results.setdefault("_error", f"{type(e).__name__}: {e}")
+    return results
+
+
+# ---------------------------------------------------------------- parent side (pytest)
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", CHECK_NAMES)
+def test_kernel_matches_ref(interpreted: dict, name: str) -> None:
+    crashed = {k: v for k, v in interpreted.items() if k.endswith("crashed")}
+    err = interpreted.get(name, crashed or "missing")
+    assert isinstance(err, float), err
+    assert err < TOL, f"{name}: relative error {err:.2e}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_all()))
