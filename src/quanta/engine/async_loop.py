@@ -38,6 +38,7 @@ class EngineLoop:
         self._handles: dict[int, object] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closing = False  # the LLM is gone: finish what is in flight, then stop
         self.dead: BaseException | None = None
         _LIVE_LOOPS.add(self)
 
@@ -46,7 +47,7 @@ class EngineLoop:
         with self._cond:
             if self.dead is not None:
                 raise EngineDeadError(f"the engine loop died: {self.dead!r}")
-            if self._stop:
+            if self._stop or self._closing:
                 raise EngineDeadError("the LLM was shut down")
             self._ensure_thread()  # first, so a failed start leaves nothing queued
             self._inbox.append(("add", request, handle, streaming))
@@ -65,9 +66,20 @@ class EngineLoop:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def close_when_idle(self) -> None:
+        """No new request will come (the LLM was garbage-collected): requests already submitted still
+        finish (their RequestOutputs may be awaited after the LLM object is gone), then the thread exits.
+        Does not block."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def in_engine_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
     @property
     def is_alive(self) -> bool:
-        return self.dead is None and not self._stop
+        return self.dead is None and not self._stop and not self._closing
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
@@ -82,8 +94,10 @@ class EngineLoop:
             while True:
                 with self._cond:
                     while not self._stop and not self._inbox and not self.engine.has_unfinished():
+                        if self._closing:
+                            break
                         self._cond.wait()  # idle: sleep, no spinning
-                    if self._stop:
+                    if self._stop or (self._closing and not self._inbox and not self.engine.has_unfinished()):
                         break
                     if stalled_since is not None and not self._inbox:
                         self._cond.wait(0.05)  # no progress last step: back off, wake on new input

@@ -15,11 +15,7 @@ class OutputProcessor:
 
     def process(self, out: SchedulerOutput, runner_out, requests: dict[int, Request]) -> list[RequestDelta]:
         touched: dict[int, Request] = {}
-        for seq_id, entries in runner_out.prompt_logprobs.items():
-            req = self._req_of(out, seq_id)
-            req.prompt_logprobs.extend(entries)
-        for seq_id, logits in runner_out.context_logits.items():
-            self._req_of(out, seq_id).context_logits.append(logits)
+        self._add_prompt_extras(out, runner_out)
         rows = zip(runner_out.sampled_seqs, runner_out.sampled_token_ids, runner_out.sampled_logprobs,
                    runner_out.logprobs, runner_out.generation_logits)
         for seq, tok, lp, lp_dict, gen in rows:
@@ -30,8 +26,25 @@ class OutputProcessor:
         return [d for req in touched.values() if (d := self._delta(req)) is not None]
 
     @staticmethod
-    def _req_of(out: SchedulerOutput, seq_id: int) -> Request:
-        return next(s.seq.request for s in out.scheduled if s.seq.seq_id == seq_id)
+    def _add_prompt_extras(out: SchedulerOutput, runner_out) -> None:
+        """Prompt logprobs / context logits of this step's prompt chunks, each prompt position once.
+
+        A sequence preempted by recompute prefills its prompt again: positions already held are skipped.
+        """
+        if not runner_out.prompt_logprobs and not runner_out.context_logits:
+            return
+        for s in out.scheduled:
+            seq_id, req = s.seq.seq_id, s.seq.request
+            start = s.seq.num_computed_tokens - s.num_new_tokens  # update() has already advanced it
+            entries = runner_out.prompt_logprobs.get(seq_id)
+            if entries is not None:  # entries cover list indexes from (start + 1), or from 0 with its None
+                first = 0 if start == 0 else start + 1
+                req.prompt_logprobs.extend(entries[max(0, len(req.prompt_logprobs) - first) :])
+            logits = runner_out.context_logits.get(seq_id)  # [n, vocab]: prompt positions start .. start+n-1
+            if logits is not None:
+                held = sum(t.shape[0] for t in req.context_logits)
+                if held < start + logits.shape[0]:
+                    req.context_logits.append(logits[max(0, held - start) :])
 
     def _append(self, seq: Sequence, tok: int, lp: float, lp_dict, gen) -> None:
         req, p = seq.request, seq.request.params
@@ -63,7 +76,9 @@ class OutputProcessor:
 
     def _delta(self, req: Request) -> RequestDelta | None:
         finished = req.is_finished
-        if not req.extra.get("streaming") and not finished:
+        # NOTE: best_of > n streams nothing until the end: which n sequences are returned is known only
+        # then, and streamed deltas must add up to the final text.
+        if not finished and (not req.extra.get("streaming") or len(req.seqs) > req.params.n):
             return None
         if finished:
             return self.final_delta(req)

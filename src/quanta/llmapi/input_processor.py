@@ -77,6 +77,12 @@ class InputProcessor:
         if n > c.max_num_tokens and not c.enable_chunked_prefill:
             raise ValueError(f"prompt has {n} tokens, more than max_num_tokens={c.max_num_tokens}; "
                              "raise max_num_tokens or set enable_chunked_prefill=True")
+        kv_tokens = c.num_kv_blocks * c.tokens_per_block
+        need = -(-min(n + params.max_tokens, c.max_seq_len) // c.tokens_per_block) * c.tokens_per_block
+        if c.num_kv_blocks and need > kv_tokens:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {need} tokens of KV cache but the "
+                f"cache holds {kv_tokens}; lower max_tokens or raise KvCacheConfig.max_tokens")
         width = params.effective_beam_width
         if width > 1:
             field = "beam_width" if params.beam_width > 1 else "use_beam_search with best_of/n"
@@ -92,8 +98,9 @@ class InputProcessor:
             for t in getattr(params, name) or []:
                 if t >= self.vocab_size:
                     raise ValueError(f"SamplingParams.{name} has id {t}, out of range [0, {self.vocab_size})")
-        if params.end_id is not None and not 0 <= params.end_id < self.vocab_size:
-            raise ValueError(f"SamplingParams.end_id {params.end_id} is out of range [0, {self.vocab_size})")
+        if params.end_id is not None and not -1 <= params.end_id < self.vocab_size:
+            raise ValueError(f"SamplingParams.end_id {params.end_id} is out of range [0, {self.vocab_size}) "
+                             "(or -1: no end token)")
         ids = params.top_p_reset_ids
         for t in [ids] if isinstance(ids, int) else ids or []:
             if t >= self.vocab_size:
@@ -106,7 +113,8 @@ class InputProcessor:
 
     def make_request(self, request_id: int, prompt: str | None, ids: list[int], params: SamplingParams) -> Request:
         self.check_limits(ids, params)
-        eos = [params.end_id] if params.end_id is not None else list(self.default_eos)
+        # end_id=-1: no end token at all (TensorRT-LLM's spelling of ignore_eos)
+        eos = list(self.default_eos) if params.end_id is None else [] if params.end_id == -1 else [params.end_id]
         bad = [[t] for t in params.bad_token_ids or []]
         for word in params.bad or []:
             for variant in (word, " " + word):

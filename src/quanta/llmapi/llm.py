@@ -10,7 +10,7 @@ from typing import Any
 
 from quanta.engine.async_loop import EngineLoop
 from quanta.llmapi.input_processor import InputProcessor, is_single_prompt
-from quanta.llmapi.llm_args import LlmArgs
+from quanta.llmapi.llm_args import LlmArgs, check_llm_arguments
 from quanta.llmapi.request_output import RequestOutput
 from quanta.sampling_params import SamplingParams
 
@@ -25,6 +25,8 @@ class LLM:
     def __init__(self, model, tokenizer=None, tokenizer_mode: str = "auto", skip_tokenizer_init: bool = False,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, dtype: str = "auto",
                  revision: str | None = None, tokenizer_revision: str | None = None, **kwargs: Any):
+        check_llm_arguments(model, tokenizer, skip_tokenizer_init, trust_remote_code, tensor_parallel_size,
+                            revision, tokenizer_revision)
         self.args = LlmArgs.from_kwargs(kwargs)
         self.args.check_supported(tensor_parallel_size)
         if tokenizer_mode not in ("auto", "slow"):
@@ -164,8 +166,11 @@ class LLM:
         self.shutdown()
 
     def __del__(self) -> None:
+        # Not shutdown(): a RequestOutput may outlive its LLM (`LLM(m).generate_async(p).result()`), so
+        # the loop finishes what was submitted, then its thread exits. Does not block the collector.
         try:
-            self.shutdown()
+            if self._loop is not None:
+                self._loop.close_when_idle()
         except Exception:
             pass
 

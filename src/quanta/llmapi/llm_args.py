@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,25 @@ class LlmArgs:
                 raise ValueError(f"LLM {name} must be a {typ.__name__} (or a dict), got {type(value).__name__}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"LLM load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        for name in ("enable_lora", "enable_chunked_prefill", "enable_tqdm", "return_perf_metrics", "enforce_eager",
+                     "disable_kernels", "allow_pickle_weights"):
+            _check_bool(f"LLM {name}", getattr(self, name, False))
+        for name in ("device", "attn_backend", "generation_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"LLM {name} must be a str, got {type(value).__name__}: {value!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"LLM device must be a torch device string such as 'cpu' or 'cuda:0', "
+                                 f"got {self.device!r}") from None
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"LLM seed must be None or an int, got {self.seed!r}")
+        kv = self.kv_cache_config
+        if kv.max_tokens is not None and kv.max_tokens < kv.tokens_per_block:
+            raise ValueError(f"KvCacheConfig.max_tokens={kv.max_tokens} is less than one block "
+                             f"(tokens_per_block={kv.tokens_per_block})")
 
     def _merge_build_config(self) -> None:
         """Explicit LLM kwargs win over build_config; the result is validated like a BuildConfig."""
@@ -102,6 +122,30 @@ class LlmArgs:
             todo.append("KvCacheConfig.max_attention_window")
         if todo:
             raise ValueError(f"not supported yet in quanta: {', '.join(todo)}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+
+
+def check_llm_arguments(model, tokenizer, skip_tokenizer_init, trust_remote_code, tensor_parallel_size,
+                        revision, tokenizer_revision) -> None:
+    """Types of LLM's named arguments (the kwargs are checked by LlmArgs)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"LLM model must be a folder path or a Hugging Face Hub id (str), "
+                         f"got {type(model).__name__}: {model!r:.80}")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not (
+            callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
+        raise ValueError("LLM tokenizer must be None, a folder path / Hub id, or an object with encode() and "
+                         f"decode(), got {type(tokenizer).__name__}: {tokenizer!r:.80}")
+    _check_bool("LLM skip_tokenizer_init", skip_tokenizer_init)
+    _check_bool("LLM trust_remote_code", trust_remote_code)
+    if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
+        raise ValueError(f"LLM tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+    for name, value in (("revision", revision), ("tokenizer_revision", tokenizer_revision)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"LLM {name} must be None or a str, got {type(value).__name__}: {value!r}")
 
 
 _DTYPES = {

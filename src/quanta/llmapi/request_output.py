@@ -120,6 +120,9 @@ class RequestOutput:
         """Block until predicate() (checked under the lock) or timeout; in short slices (see above)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if not predicate() and self._loop is not None and self._loop.in_engine_thread():
+                raise RuntimeError(f"request {self.request_id}: waiting for a result inside the engine loop "
+                                   "(e.g. from a logits processor) would deadlock")
             while not predicate():
                 if deadline is None:
                     wait = _WAIT_SLICE_S

@@ -44,7 +44,24 @@ def load_hf_config(path: Path, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(f"could not read {path / 'config.json'}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{_unsupported_hint(path)}could not read {path / 'config.json'}: {reason}") from e
+
+
+def _unsupported_hint(path: Path) -> str:
+    """'unsupported architecture ...; supported: ...; ' when config.json names none quanta knows."""
+    from quanta.models.registry import supported_architectures
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except Exception:
+        return ""
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    if isinstance(archs, list) and set(archs) & set(supported_architectures()):
+        return ""
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    return (f"unsupported architecture {archs or '(config.architectures missing)'} (model_type "
+            f"{model_type!r}); supported: {', '.join(supported_architectures())}; ")
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
@@ -87,14 +104,15 @@ def iter_weights(path: Path, allow_pickle: bool = False) -> Iterator[tuple[str, 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    stacked = getattr(model, "stacked_params", [])
+    loaded: set[tuple[str, str | None]] = set()  # (our parameter, shard id) pairs
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
             continue
         target, shard = name, None
-        for ckpt_frag, our_frag, shard_id in getattr(model, "stacked_params", []):
+        for ckpt_frag, our_frag, shard_id in stacked:
             if ckpt_frag in name:
                 target, shard = name.replace(ckpt_frag, our_frag), shard_id
                 break
@@ -103,16 +121,35 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
         loader = getattr(param, "weight_loader", None)
         tensor = tensor.to(param.dtype)
-        if loader is not None:
-            loader(param, tensor, shard) if shard else loader(param, tensor)
-        elif param.shape != tensor.shape:
-            raise ModelLoadError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-        else:
-            param.data.copy_(tensor)
-        loaded.add(target)
-    missing = [n for n in params if n not in loaded and not (n == "lm_head.weight" and model.tie_word_embeddings)]
+        try:
+            if loader is not None:
+                loader(param, tensor, shard) if shard else loader(param, tensor)
+            elif param.shape != tensor.shape:
+                raise ValueError(f"shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+            else:
+                param.data.copy_(tensor)
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"checkpoint tensor {name!r}: {e}") from e
+        loaded.add((target, shard))
+    missing = _missing_weights(model, params, stacked, loaded)
     if missing:
         raise ModelLoadError(f"weights missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _missing_weights(model, params: dict, stacked: list, loaded: set) -> list[str]:
+    """Checkpoint names never loaded; a stacked parameter (qkv, gate_up) needs every one of its shards."""
+    missing = []
+    for n in params:
+        if n == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
+            continue
+        shards = [(ckpt, shard) for ckpt, ours, shard in stacked if ours in n]
+        if not shards:
+            if (n, None) not in loaded:
+                missing.append(n)
+            continue
+        our_frag = next(ours for _, ours, _ in stacked if ours in n)
+        missing += [n.replace(our_frag, ckpt) for ckpt, shard in shards if (n, shard) not in loaded]
+    return missing
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
