@@ -65,10 +65,13 @@ class ModelRunner:
         return g.bucket(len(out.scheduled))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        # NOTE: on a CPU, empty() maps pages lazily, so a cache sized from free RAM costs nothing until
+        # used; the reference attention reads only written slots. On a GPU, zeros keep padded reads finite.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = alloc(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = alloc(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
     @torch.inference_mode()

@@ -1,0 +1,101 @@
+"""Where a step's time goes: engine phases (host timers) and the top GPU kernels (torch.profiler).
+
+    python benchmarks/profile_step.py CONFIG_OR_MODEL --batch 1 --steps 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from quanta import LLM, SamplingParams
+
+
+def _wrap(obj, name, acc, sync):
+    fn = getattr(obj, name)
+
+    def timed(*a, **k):
+        if sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = fn(*a, **k)
+        if sync:
+            torch.cuda.synchronize()
+        acc[name] += time.perf_counter() - t
+        return r
+
+    setattr(obj, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels show in the trace)")
+    a = ap.parse_args()
+    dummy = a.model.endswith(".json")
+    llm = LLM(a.model, load_format="dummy" if dummy else "auto", skip_tokenizer_init=dummy,
+              max_batch_size=max(a.batch, 8), enforce_eager=a.eager)
+    llm.shutdown()  # drive the engine synchronously from here
+    eng = llm.engine
+    vocab = llm._built.hf_config.vocab_size
+    params = SamplingParams(max_tokens=3 * a.steps + 64, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(a.batch):
+        ids = torch.randint(10, vocab - 10, (a.input_len,), generator=g).tolist()
+        eng.add_request(llm._input.make_request(10_000 + i, None, ids, params))
+    # prefill until every sequence decodes, then a few warm decode steps
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in eng.scheduler.waiting) or \
+            any(s.num_computed_tokens < s.num_tokens - 1 for s in eng.scheduler.running) or eng.iteration < 4:
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        eng.step()
+    torch.cuda.synchronize()
+    step = (time.perf_counter() - t) / a.steps
+    print(f"batch {a.batch}: {step * 1e3:.3f} ms/step, {a.batch / step:.0f} tok/s (no phase timers)")
+    acc: dict[str, float] = defaultdict(float)
+    runner = eng.runner
+    _wrap(eng.scheduler, "schedule", acc, True)
+    _wrap(runner.buffers, "build", acc, True)
+    _wrap(runner, "_collect", acc, True)
+    _wrap(eng.outputs, "process", acc, True)
+    if runner.graphs is not None:
+        _wrap(runner.graphs, "replay", acc, True)
+    samp = runner.sampler
+    runner.sampler = lambda logits, rows, _s=samp: _timed_call(_s, logits, rows, acc)
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        eng.step()
+    total = (time.perf_counter() - t) / a.steps
+    print(f"with synced phase timers: {total * 1e3:.3f} ms/step")
+    for k, v in sorted(acc.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:12s} {v / a.steps * 1e3:8.3f} ms")
+    if a.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                eng.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
+def _timed_call(sampler, logits, rows, acc):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    r = sampler(logits, rows)
+    torch.cuda.synchronize()
+    acc["sampler"] += time.perf_counter() - t
+    return r
+
+
+if __name__ == "__main__":
+    main()
