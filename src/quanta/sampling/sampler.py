@@ -111,3 +111,29 @@ class Sampler:
             apply_bans(x, rows, batch.ban_rows)
         if batch.penalty_rows:
             apply_penalties(x, rows, batch.penalty_rows)
+
+
+def is_plain_greedy(params) -> bool:
+    """Argmax with nothing else to do: such rows can skip the sampler (and run inside a CUDA graph)."""
+    return (
+        params.is_greedy
+        and params.logits_processor is None
+        and params.embedding_bias is None
+        and not params.bad
+        and not params.bad_token_ids
+        and params.no_repeat_ngram_size is None
+        and not params.min_tokens
+        and params.repetition_penalty in (None, 1.0)
+        and params.presence_penalty in (None, 0.0)
+        and params.frequency_penalty in (None, 0.0)
+        and params.logprobs is None
+        and not params.return_generation_logits
+        and params.effective_beam_width == 1
+    )
+
+
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, vocab] -> (argmax ids [R] int64, their raw logprobs [R] float32)."""
+    ids = logits.argmax(dim=-1)
+    lps = logits.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return ids, lps

@@ -14,14 +14,16 @@ import torch
 
 from quanta.attention.forward_context import forward_context
 from quanta.attention.metadata import AttentionMetadata
+from quanta.sampling.sampler import greedy_sample
 
 logger = logging.getLogger("quanta")
 
 
-def graph_batch_sizes(max_batch_size: int, limit: int = 512) -> list[int]:
+def graph_batch_sizes(max_batch_size: int, limit: int = 1024) -> list[int]:
     top = min(max_batch_size, limit)
     sizes = [b for b in (1, 2, 4, 8) if b <= top]
-    sizes += list(range(16, min(top, 256) + 1, 16)) + list(range(288, top + 1, 32))
+    sizes += list(range(16, min(top, 256) + 1, 16)) + list(range(288, min(top, 512) + 1, 32))
+    sizes += list(range(576, top + 1, 64))
     if sizes[-1] != top:
         sizes.append(top)
     return sorted(set(sizes))
@@ -36,6 +38,7 @@ class CudaGraphRunner:
         self.batch_sizes = batch_sizes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] float32
+        self.greedy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # argmax ids, their logprobs [bs]
 
     @property
     def max_batch_size(self) -> int:
@@ -74,10 +77,13 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[bs] = self._forward(bs)
+                # NOTE: argmax in the graph saves plain-greedy steps the sampler's launches
+                self.greedy[bs] = greedy_sample(self.logits[bs])
             self.graphs[bs] = graph
         torch.cuda.synchronize()
         logger.info("quanta: captured %d CUDA graphs for decode batch sizes up to %d", len(self.graphs), n)
 
-    def replay(self, bs: int) -> torch.Tensor:
+    def replay(self, bs: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the graph; returns (logits [bs, vocab], (argmax ids [bs], their logprobs [bs]))."""
         self.graphs[bs].replay()
-        return self.logits[bs]
+        return self.logits[bs], self.greedy[bs]

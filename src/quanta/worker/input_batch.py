@@ -44,42 +44,56 @@ class InputBuffers:
         self.h_logits_idx, self.logits_indices = pair(b, torch.int64)
 
     def build(self, out: SchedulerOutput, block_size: int, pad_to: int = 0) -> ForwardBatch:
-        """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows."""
+        """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows.
+
+        NOTE: decode rows (one token) take a pure-Python path: per-row numpy calls cost more than
+        the arithmetic at batch sizes in the hundreds.
+        """
         num_seqs, num_tokens = len(out.scheduled), out.num_tokens
-        ids = self.h_ids.numpy()
-        pos = self.h_pos.numpy()
-        slots = self.h_slots.numpy()
         tables = self.h_tables.numpy()
-        seq_lens, qsl, lidx = self.h_seq_lens.numpy(), self.h_qsl.numpy(), self.h_logits_idx.numpy()
-        max_blocks = max(len(s.seq.block_ids) for s in out.scheduled)
-        offsets, sample_rows = [], []
-        cursor, max_q, max_s = 0, 0, 0
-        qsl[0] = 0
+        ids_l: list[int] = []
+        pos_l: list[int] = []
+        slot_l: list[int] = []
+        lens_l: list[int] = []
+        qsl_l: list[int] = [0]
+        offsets, sample_rows, logits_idx = [], [], []
+        max_q = max_s = max_blocks = 0
         for i, s in enumerate(out.scheduled):
             seq, n = s.seq, s.num_new_tokens
-            start = seq.num_computed_tokens
-            offsets.append(cursor)
-            p = np.arange(start, start + n)
-            blocks = np.asarray(seq.block_ids, dtype=np.int64)
-            ids[cursor : cursor + n] = seq.token_ids[start : start + n]
-            pos[cursor : cursor + n] = p
-            slots[cursor : cursor + n] = blocks[p // block_size] * block_size + p % block_size
-            tables[i, : len(blocks)] = blocks
-            tables[i, len(blocks) : max_blocks] = 0
-            seq_lens[i] = start + n
-            cursor += n
-            qsl[i + 1] = cursor
-            max_q, max_s = max(max_q, n), max(max_s, start + n)
+            start, blocks = seq.num_computed_tokens, seq.block_ids
+            offsets.append(len(ids_l))
+            if n == 1:
+                ids_l.append(seq.token_ids[start])
+                pos_l.append(start)
+                slot_l.append(blocks[start // block_size] * block_size + start % block_size)
+            else:
+                p = np.arange(start, start + n)
+                ids_l.extend(seq.token_ids[start : start + n])
+                pos_l.extend(range(start, start + n))
+                b = np.asarray(blocks, dtype=np.int64)
+                slot_l.extend((b[p // block_size] * block_size + p % block_size).tolist())
+            nb = len(blocks)
+            tables[i, :nb] = blocks
+            lens_l.append(start + n)
+            qsl_l.append(len(ids_l))
+            max_q, max_s, max_blocks = max(max_q, n), max(max_s, start + n), max(max_blocks, nb)
             if s.do_sample:
-                lidx[len(sample_rows)] = cursor - 1
+                logits_idx.append(len(ids_l) - 1)
                 sample_rows.append(i)
         if pad_to > num_seqs:  # one token each, writes nothing (slot -1), attends to one key
-            ids[num_tokens:pad_to] = 0
-            pos[num_tokens:pad_to] = 0
-            slots[num_tokens:pad_to] = -1
-            seq_lens[num_seqs:pad_to] = 1
-            qsl[num_seqs + 1 : pad_to + 1] = np.arange(num_tokens + 1, pad_to + 1)
+            extra = pad_to - num_seqs
+            ids_l += [0] * extra
+            pos_l += [0] * extra
+            slot_l += [-1] * extra
+            lens_l += [1] * extra
+            qsl_l += range(num_tokens + 1, pad_to + 1)
             num_tokens = num_seqs = pad_to
+        self.h_ids.numpy()[:num_tokens] = ids_l
+        self.h_pos.numpy()[:num_tokens] = pos_l
+        self.h_slots.numpy()[:num_tokens] = slot_l
+        self.h_seq_lens.numpy()[:num_seqs] = lens_l
+        self.h_qsl.numpy()[: num_seqs + 1] = qsl_l
+        self.h_logits_idx.numpy()[: len(logits_idx)] = logits_idx
         return self._upload(num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows)
 
     def _upload(self, num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows) -> ForwardBatch:

@@ -14,7 +14,7 @@ from quanta.attention.backend import get_backend
 from quanta.attention.forward_context import forward_context
 from quanta.engine.request import Sequence
 from quanta.engine.scheduler import SchedulerOutput
-from quanta.sampling.sampler import Sampler
+from quanta.sampling.sampler import Sampler, greedy_sample, is_plain_greedy
 from quanta.sampling.types import SamplingRow
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
 from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
@@ -95,8 +95,10 @@ class ModelRunner:
         graph_bs = self._graph_bucket(out)
         batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
         result = RunnerOutput()
+        greedy = None
         if graph_bs:
-            logits = self.graphs.replay(graph_bs)[: len(out.scheduled)]  # [R, vocab] float32
+            logits, greedy = self.graphs.replay(graph_bs)
+            logits = logits[: len(out.scheduled)]  # [R, vocab] float32
         else:
             with forward_context(batch.meta, self.backend):
                 hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
@@ -105,6 +107,13 @@ class ModelRunner:
                 return result
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
         seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        if all(_plain_greedy(seq) for seq in seqs):  # argmax only: skip the sampler
+            n = len(seqs)
+            ids, lps = (greedy[0][:n], greedy[1][:n]) if greedy is not None else greedy_sample(logits)
+            token_ids, lps = (t.tolist() for t in _to_host([ids, lps]))
+            result.sampled_seqs, result.sampled_token_ids, result.sampled_logprobs = seqs, token_ids, lps
+            result.logprobs, result.generation_logits = [None] * n, [None] * n
+            return result
         rows = [self._row(seq) for seq in seqs]
         sampled = self.sampler(logits, rows)
         self._collect(seqs, rows, logits, sampled, result)
@@ -157,6 +166,14 @@ class ModelRunner:
                 result.prompt_logprobs[s.seq.seq_id] = lp
             if ctx is not None:
                 result.context_logits[s.seq.seq_id] = ctx
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    extra = seq.request.extra
+    plain = extra.get("plain_greedy")
+    if plain is None:
+        plain = extra["plain_greedy"] = is_plain_greedy(seq.request.params)
+    return plain
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
