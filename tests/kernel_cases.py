@@ -96,8 +96,9 @@ def make_paged_batch(
     )
 
 
-def dense_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
-    """Causal attention computed directly from each sequence's full K/V (no paging), float32."""
+def dense_attention(batch: PagedBatch, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention computed directly from each sequence's full K/V (no paging), float32; with a
+    window, a query at position p sees keys p-window+1..p only."""
     out = torch.zeros(batch.num_real_tokens, *batch.q.shape[1:], dtype=torch.float32, device=batch.q.device)
     qsl = batch.meta.query_start_loc.tolist()
     group = batch.q.shape[1] // batch.full_k[0].shape[1] if batch.full_k else 1
@@ -109,6 +110,8 @@ def dense_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        if window is not None:
+            visible &= torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None] - window
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         out[qsl[s] : qsl[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v)
     return out

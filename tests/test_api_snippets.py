@@ -1,7 +1,7 @@
 """API.md's seed snippets, run as written with `tensorrt_llm` swapped for `quanta`.
 
-Beam search and quantization have their own issues: until they land, their snippets must raise a clear
-"not supported yet" ValueError (never be silently ignored).
+Quantization has its own issue: until it lands, its snippet must raise a clear "not supported yet"
+ValueError (never be silently ignored).
 """
 
 from __future__ import annotations
@@ -64,22 +64,30 @@ def test_quantization_snippet_is_not_supported_yet(model_dir):
         llm = LLM(model_dir, quant_config=QuantConfig(quant_algo=QuantAlgo.W4A16_AWQ))  # noqa: F841
 
 
-def test_beam_search_snippets_are_not_supported_yet(model_dir, stories_llm):
+def test_beam_search_snippets(model_dir, capsys):
     build_config = BuildConfig()
     build_config.max_beam_width = 4  # a mutable dataclass
     assert build_config.max_beam_width == 4
-    with pytest.raises(ValueError, match=r"not supported yet.*max_beam_width=4"):
-        llm = LLM(model_dir, build_config=build_config)
-    with pytest.raises(ValueError, match=r"not supported yet.*max_beam_width=4"):
-        llm = LLM(model_dir, build_config=BuildConfig(max_num_tokens=4096, max_batch_size=128, max_beam_width=4))
-    llm = stories_llm
+    llm = LLM(model_dir, build_config=build_config)
     prompt = PROMPT
-    with pytest.raises(ValueError, match=r"beam_width.*not supported yet"):
-        for output in llm.generate(prompt, sampling_params=SamplingParams(beam_width=4)):
-            print(output)
-    with pytest.raises(ValueError, match=r"use_beam_search.*not supported yet"):
-        llm.generate(prompt, SamplingParams(use_beam_search=True, n=2), use_tqdm=False)
-    assert llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False).finished  # still serving
+    states = []
+    for output in llm.generate(prompt, sampling_params=SamplingParams(beam_width=4)):  # iterating one result
+        print(output)
+        states.append(output)
+    assert states and states[-1].finished and len(states[-1].outputs) == 1  # n=1: the best beam
+    best = states[-1].outputs[0]
+    assert best.token_ids and best.text and best.cumulative_logprob < 0 and "RequestOutput(" in capsys.readouterr().out
+    # any width up to max_beam_width (TensorRT-LLM wants equality), n beams back, best first
+    two = llm.generate(prompt, SamplingParams(use_beam_search=True, n=2, max_tokens=8), use_tqdm=False)
+    assert len(two.outputs) == 2 and two.outputs[0].cumulative_logprob is not None
+    with pytest.raises(ValueError, match=r"beam_width.*beam width 8 > max_beam_width=4"):
+        llm.generate(prompt, SamplingParams(beam_width=8), use_tqdm=False)
+    llm.shutdown()
+    llm = LLM(model_dir, build_config=BuildConfig(max_num_tokens=4096, max_batch_size=128, max_beam_width=4))
+    assert llm.engine_config.max_beam_width == 4
+    again = llm.generate(prompt, SamplingParams(beam_width=4), use_tqdm=False)
+    assert again.outputs[0].token_ids == best.token_ids
+    llm.shutdown()
 
 
 # --- engine configuration -----------------------------------------------------------------------------

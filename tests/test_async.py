@@ -379,6 +379,7 @@ def test_async_iterator_closed_early(llm):
 @pytest.mark.timeout(60)
 def test_get_stats_and_get_stats_async(llm):
     llm.get_stats(timeout=0)  # drain what earlier tests left
+    reused_before = llm.engine.kv.stats.reused_tokens  # the engine is idle: a plain read
     outs = llm.generate(PROMPTS, greedy(8), use_tqdm=False)
     assert all(o.finished for o in outs)
     stats = llm.get_stats(timeout=2)
@@ -389,9 +390,11 @@ def test_get_stats_and_get_stats_async(llm):
         assert s["num_active_requests"] >= 0 and s["num_queued_requests"] >= 0
         kv = s["kv_cache_stats"]
         assert kv["used_num_blocks"] + kv["free_num_blocks"] == kv["max_num_blocks"] == llm.engine.kv.num_blocks
-    # token counts reconcile: every prompt token once, every generated token but the last fed back once
+    # token counts reconcile: every prompt token once (computed, or found in the prefix cache), every
+    # generated token but the last fed back once
     expected = sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
-    assert sum(s["num_scheduled_tokens"] for s in stats) == expected
+    reused = stats[-1]["num_reused_tokens"] - reused_before
+    assert sum(s["num_scheduled_tokens"] for s in stats) + reused == expected
     assert max(s["kv_cache_stats"]["used_num_blocks"] for s in stats) >= len(PROMPTS)
     iters = [s["iter"] for s in stats]
     assert iters == sorted(iters)

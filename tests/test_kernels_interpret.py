@@ -34,6 +34,13 @@ DECODE_CASES = [
     ("decode_gqa4_split8_bs32", [(200, 1), (7, 1)], 8, 2, 16, 32, 8),
     ("decode_gqa3_d80_split2", [(95, 1), (31, 1)], 6, 2, 80, 16, 2),
 ]
+# (name, seqs, num_heads, num_kv_heads, head_dim, block_size, window, decode num_splits or None = prefill)
+WINDOW_CASES = [
+    ("window_prefill_w5_bs16", [(0, 21), (30, 9), (70, 1), (5, 1)], 4, 2, 16, 16, 5, None),
+    ("window_prefill_w70_bs8", [(0, 90), (100, 20), (3, 40)], 4, 4, 16, 8, 70, None),
+    ("window_decode_w20_split1", [(129, 1), (7, 1), (0, 0), (40, 1)], 4, 2, 16, 16, 20, 1),
+    ("window_decode_w100_split3", [(300, 1), (64, 1), (99, 1)], 4, 2, 16, 16, 100, 3),
+]
 OTHER_CHECKS = [
     "kv_cache_write_k",
     "kv_cache_write_v",
@@ -47,7 +54,7 @@ OTHER_CHECKS = [
     "backend_mixed",
     "backend_decode",
 ]
-CHECK_NAMES = OTHER_CHECKS + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES]
+CHECK_NAMES = OTHER_CHECKS + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES] + [c[0] for c in WINDOW_CASES]
 
 
 # ---------------------------------------------------------------- child side (TRITON_INTERPRET=1)
@@ -76,6 +83,17 @@ def _attention_checks(results: dict) -> None:
         args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
         out = paged_attention_decode(*args, m.max_seq_len, scale, num_splits=splits)
         results[name] = rel_err(out, paged_attention_ref(*args, scale))
+    for name, seqs, h, kh, d, bs, window, splits in WINDOW_CASES:
+        b = make_paged_batch(seqs, h, kh, d, bs, seed=len(name))
+        m, scale = b.meta, d**-0.5
+        kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping)
+        args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
+        if splits is None:
+            out = paged_attention_prefill(*args, m.max_query_len, scale, window=window)
+        else:
+            out = paged_attention_decode(*args, m.max_seq_len, scale, num_splits=splits, window=window)
+        n = b.num_real_tokens
+        results[name] = rel_err(out[:n], paged_attention_ref(*args, scale, window=window)[:n])
 
 
 def _backend_checks(results: dict) -> None:

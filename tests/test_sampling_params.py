@@ -144,7 +144,7 @@ INVALID = [
     ("beam_width", 2.0),
     ("use_beam_search", "no"),
     ("length_penalty", math.nan),
-    ("early_stopping", "never"),
+    ("early_stopping", "always"),
     ("beam_search_diversity_rate", -0.5),
     ("beam_width_array", [2, 0]),
     ("logprobs", -1),
@@ -223,6 +223,7 @@ def test_valid_edge_values():
     SamplingParams(logprobs=100, prompt_logprobs=0, truncate_prompt_tokens=1)
     SamplingParams(embedding_bias=torch.zeros(8), logits_processor=[lambda *a: None])
     SamplingParams(early_stopping=True, beam_width_array=[2, 4], length_penalty=-1.0)
+    SamplingParams(early_stopping="never", beam_width=2)  # Hugging Face's spelling is accepted too
 
 
 def test_is_greedy():

@@ -64,7 +64,7 @@ def _optional_commands() -> list[Callable]:
     import importlib
 
     found = []
-    for module in ("quanta.bench.cli",):
+    for module in ("quanta.bench.cli", "quanta.serve.cli", "quanta.quantization.cli"):
         try:
             found.append(importlib.import_module(module).register)
         except ImportError:

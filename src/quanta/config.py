@@ -130,6 +130,13 @@ class KvCacheConfig(_DictMixin):
         _check_positive_int(o, "max_gpu_total_bytes", self.max_gpu_total_bytes, optional=False, minimum=0)
         _check_positive_int(o, "tokens_per_block", self.tokens_per_block, optional=False)
         _check(self.dtype in ("auto", "fp8", "int8"), o, "dtype", self.dtype, "one of 'auto', 'fp8', 'int8'")
+        for name in ("enable_block_reuse", "enable_partial_reuse"):
+            _check(isinstance(getattr(self, name), bool), o, name, getattr(self, name), "a bool")
+        _check_positive_int(o, "host_cache_size", self.host_cache_size, minimum=0)
+        w = self.max_attention_window
+        windows = w if isinstance(w, (list, tuple)) else [w]
+        _check(w is None or (len(windows) > 0 and all(_is_int(x) and x >= 1 for x in windows)), o,
+               "max_attention_window", w, "None, an int >= 1, or a non-empty list of them (one per layer, repeated)")
 
 
 @dataclass
@@ -222,4 +229,8 @@ class EngineConfig:
     scheduler_policy: CapacitySchedulerPolicy
     gather_context_logits: bool = False
     gather_generation_logits: bool = False
+    context_chunking_policy: ContextChunkingPolicy | None = None  # None = FIRST_COME_FIRST_SERVED
+    enable_block_reuse: bool = False
+    enable_partial_reuse: bool = False
+    num_host_kv_blocks: int = 0  # host-tier blocks for evicted reusable blocks (KvCacheConfig.host_cache_size)
     extra: dict = field(default_factory=dict)

@@ -124,6 +124,19 @@ class SamplingParams:
     ignored head) and generated tokens. `logprobs=0` returns the sampled token's logprob only, K > 0
     also the top K. Lifted TensorRT-LLM limits: `top_p_reset_ids` may be a list of ids, and
     n > 1 / best_of > 1 with greedy decoding is allowed.
+
+    Beam search (`beam_width=k`, or `use_beam_search=True` with `best_of`/`n`; `beam_width_array` alone
+    too) returns the best `n` beams as outputs 0..n-1, each with its cumulative_logprob. Any width up to
+    the LLM's `max_beam_width` is allowed (TensorRT-LLM requires equality). Semantics are Hugging Face's
+    `generate(num_beams=k)`: beams are ranked by cumulative (processed) logprob, a finished beam is scored
+    cumulative_logprob / num_generated_tokens ** length_penalty (None: 1.0, HF's default), and
+    `early_stopping` maps TensorRT-LLM's integers onto HF's values: 1 (or True) -> True (stop once k beams
+    are finished), 0 (or False) and None -> False (stop when no live beam can do better at its current
+    length), any other int (or "never") -> "never" (the same bound at the longest possible length when
+    length_penalty > 0). `beam_search_diversity_rate` adds rate * (rank of the source beam) to each
+    candidate's ranking key, as TensorRT-LLM does; `beam_width_array` gives the width of each step, the
+    last one holding for the rest. Penalties, bans, min_tokens, temperature and logits processors shape
+    each beam's logprobs; top_k / top_p / min_p / seed do not apply.
     """
 
     max_tokens: int = 32
@@ -266,8 +279,9 @@ class SamplingParams:
             if self.n > self.beam_width:
                 raise _fail("n", f"<= beam_width={self.beam_width}", self.n)
         self.length_penalty = _check_float("length_penalty", self.length_penalty, "None or finite", lambda v: True)
-        if self.early_stopping is not None and not isinstance(self.early_stopping, numbers.Integral):
-            raise _fail("early_stopping", "None, a bool or an int", self.early_stopping)
+        es = self.early_stopping
+        if es is not None and es != "never" and not isinstance(es, numbers.Integral):
+            raise _fail("early_stopping", "None, a bool, an int or 'never'", es)
         self.beam_search_diversity_rate = _check_float(
             "beam_search_diversity_rate",
             self.beam_search_diversity_rate,
@@ -279,6 +293,9 @@ class SamplingParams:
             if not isinstance(widths, (list, tuple)) or not all(_is_int(w) and w >= 1 for w in widths):
                 raise _fail("beam_width_array", "None or a list of ints >= 1", widths)
             self.beam_width_array = [int(w) for w in widths]
+            if not widths or self.n > max(widths):
+                raise _fail("beam_width_array", f"None or a non-empty list of ints >= 1, the largest >= n={self.n}",
+                            widths)
 
     def _validate_outputs(self) -> None:
         self.logprobs = _check_logprobs("logprobs", self.logprobs)
@@ -313,12 +330,15 @@ class SamplingParams:
 
     @property
     def effective_beam_width(self) -> int:
-        """Beam width: beam_width if > 1, else best_of (or n) under use_beam_search, else 1."""
+        """Beam width: beam_width if > 1, else best_of (or n) under use_beam_search, else 1; with
+        beam_width_array, the largest of that and the array (the width the request needs at its widest)."""
         if self.beam_width > 1:
-            return self.beam_width
-        if self.use_beam_search:
-            return self.best_of_or_n
-        return 1
+            width = self.beam_width
+        elif self.use_beam_search:
+            width = self.best_of_or_n
+        else:
+            width = 1
+        return max(width, *self.beam_width_array) if self.beam_width_array else width
 
     @property
     def logprobs_k(self) -> int | None:

@@ -13,7 +13,8 @@ class AttentionMetadata:
 
     Tokens are flattened sequence by sequence. Query token j of sequence s (0-based within its new tokens,
     q_len_s = query_start_loc[s+1] - query_start_loc[s]) sits at absolute position
-    `seq_lens[s] - q_len_s + j` and attends causally to the keys at positions 0..that position.
+    `seq_lens[s] - q_len_s + j` and attends causally to the keys at positions 0..that position (with a
+    sliding `window`, to the last `window` of them). Attention layers with a window set it per layer.
     All tensors live on the model's device; the two ints are host values (no device sync to read them).
     """
 
@@ -23,6 +24,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cu_seqlens of the new (query) tokens
     max_query_len: int  # host int; 1 for pure decode (lets the backend pick its decode kernel)
     max_seq_len: int  # host int; upper bound of seq_lens (under CUDA graphs: the bound used at capture)
+    window: int | None = None  # sliding window: a query at position p sees keys p-window+1..p only
 
     @property
     def num_seqs(self) -> int:

@@ -28,5 +28,5 @@ class TritonBackend:
         kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc)
         if meta.max_query_len <= 1:
-            return paged_attention_decode(*args, meta.max_seq_len, scale)
-        return paged_attention_prefill(*args, meta.max_query_len, scale)
+            return paged_attention_decode(*args, meta.max_seq_len, scale, window=meta.window)
+        return paged_attention_prefill(*args, meta.max_query_len, scale, window=meta.window)

@@ -7,6 +7,7 @@ import time
 from collections import deque
 
 from quanta.config import EngineConfig
+from quanta.engine.beam_search import BeamSearch, BeamState
 from quanta.engine.detokenizer import IncrementalDetokenizer
 from quanta.engine.kv_cache import KVCacheManager
 from quanta.engine.output import RequestDelta
@@ -20,13 +21,15 @@ from quanta.sampling.sampler import make_generator
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner, tokenizer):
         self.config = config
-        self.kv = KVCacheManager(config.num_kv_blocks, config.tokens_per_block)
+        self.kv = KVCacheManager(config.num_kv_blocks, config.tokens_per_block, config.enable_block_reuse,
+                                 config.enable_partial_reuse, config.num_host_kv_blocks)
         self.scheduler = Scheduler(config, self.kv)
         self.runner = runner
         self.tokenizer = tokenizer
         self.requests: dict[int, Request] = {}
-        self.outputs = OutputProcessor(self.scheduler)
         self._seq_ids = itertools.count()
+        self.beams = BeamSearch(self.scheduler, lambda: next(self._seq_ids))
+        self.outputs = OutputProcessor(self.scheduler, self.beams)
         self.stats: deque[dict] = deque(maxlen=1000)
         self.iteration = 0
 
@@ -35,10 +38,15 @@ class LLMEngine:
         p = req.params
         num_seqs = p.best_of or p.n
         need = self.kv.num_blocks_for(min(len(req.prompt_token_ids) + p.max_tokens, req.max_seq_len))
+        if p.effective_beam_width > 1:  # beam search: one sequence prefills, then forks into the beams
+            req.beam = BeamState.from_request(req, self.kv.block_size)
+            num_seqs, need = 1, beam_blocks(req, self.kv.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(
                 f"request needs {need * self.kv.block_size} tokens of KV cache but the cache holds "
-                f"{self.kv.num_blocks * self.kv.block_size}; lower max_tokens or raise KvCacheConfig.max_tokens"
+                f"{self.kv.num_blocks * self.kv.block_size}"
+                + (f" ({p.effective_beam_width} beams)" if req.beam is not None else "")
+                + "; lower max_tokens or raise KvCacheConfig.max_tokens"
             )
         req.extra["streaming"] = streaming
         for i in range(num_seqs):
@@ -78,6 +86,8 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        if out.is_empty and self.beams.release_idle():  # beams waiting for a preempted sibling held the blocks
+            out = self.scheduler.schedule()
         if out.is_empty:
             return []
         try:
@@ -85,6 +95,9 @@ class LLMEngine:
         except RequestFailure as e:  # nothing was committed: the others simply run again next step
             delta = self.fail_request(e.request_id, e.cause)
             return [delta] if delta else []
+        # NOTE: the step's block copies have run: release their sources now, not at the next step (which
+        # may never come: a finished beam request would otherwise hold its last copy sources while idle).
+        self.kv.begin_step()
         self.scheduler.update(out)
         deltas = self.outputs.process(out, runner_out, self.requests)
         for d in deltas:
@@ -96,6 +109,7 @@ class LLMEngine:
     def _record_stats(self, out, step_time: float) -> None:
         self.iteration += 1
         num_prefill = sum(1 for s in out.scheduled if not s.do_sample or s.num_new_tokens > 1)
+        cs = self.kv.stats
         self.stats.append({
             "iter": self.iteration,
             "timestamp": time.time(),
@@ -106,11 +120,31 @@ class LLMEngine:
             "num_generation_requests": len(out.scheduled) - num_prefill,
             "num_active_requests": len(self.scheduler.running),
             "num_queued_requests": len(self.scheduler.waiting),
-            "num_preemptions": self.scheduler.num_preemptions,
+            "num_preemptions": self.scheduler.num_preemptions,  # cumulative, as the cache counters below
+            "num_reused_tokens": cs.reused_tokens,
+            "cache_hit_rate": cs.hit_rate,
             "kv_cache_stats": {
                 "max_num_blocks": self.kv.num_blocks,
                 "used_num_blocks": self.kv.num_used_blocks,
                 "free_num_blocks": self.kv.num_free_blocks,
                 "tokens_per_block": self.kv.block_size,
+                "cached_num_blocks": self.kv.num_cached_blocks,  # reusable blocks on the device (ref 0 or not)
+                "reused_blocks": cs.reused_blocks,
+                "missed_blocks": cs.missed_blocks,
+                "cache_hit_rate": cs.hit_rate,  # reused / (reused + missed) blocks of admitted sequences
+                "reused_tokens": cs.reused_tokens,
+                "partial_reuses": cs.partial_reuses,
+                "evicted_blocks": cs.evicted_blocks,
+                "host_max_num_blocks": self.kv.num_host_blocks,
+                "host_cached_num_blocks": self.kv.num_host_cached_blocks,
+                "offloaded_blocks": cs.offloaded_blocks,
+                "onboarded_blocks": cs.onboarded_blocks,
             },
         })
+
+
+def beam_blocks(req: Request, block_size: int) -> int:
+    """KV blocks a beam request needs at its widest: the full prompt blocks once, the rest per beam."""
+    total = min(len(req.prompt_token_ids) + req.params.max_tokens, req.max_seq_len)
+    shared = len(req.prompt_token_ids) // block_size
+    return shared + req.params.effective_beam_width * (-(-total // block_size) - shared)

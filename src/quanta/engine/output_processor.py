@@ -10,8 +10,9 @@ from quanta.engine.scheduler import Scheduler, SchedulerOutput
 
 
 class OutputProcessor:
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, beams=None):
         self.scheduler = scheduler
+        self.beams = beams  # BeamSearch (engine/beam_search.py): beam rows carry candidates, not tokens
 
     def process(self, out: SchedulerOutput, runner_out, requests: dict[int, Request]) -> list[RequestDelta]:
         touched: dict[int, Request] = {}
@@ -23,6 +24,9 @@ class OutputProcessor:
                 continue
             self._append(seq, tok, lp, lp_dict, gen)
             touched[seq.request.request_id] = seq.request
+        if self.beams is not None:
+            for req in self.beams.process(getattr(runner_out, "beam_rows", None)):
+                touched[req.request_id] = req
         return [d for req in touched.values() if (d := self._delta(req)) is not None]
 
     @staticmethod
@@ -76,6 +80,11 @@ class OutputProcessor:
 
     def _delta(self, req: Request) -> RequestDelta | None:
         finished = req.is_finished
+        if req.beam is not None and not finished:  # each update carries the current best beams, whole
+            if not req.extra.get("streaming"):
+                return None
+            return RequestDelta(req.request_id, self.beams.seq_deltas(req), finished=False,
+                                prompt_logprobs=self._prompt_lp_once(req), final_replace=True)
         # NOTE: best_of > n streams nothing until the end: which n sequences are returned is known only
         # then, and streamed deltas must add up to the final text.
         if not finished and (not req.extra.get("streaming") or len(req.seqs) > req.params.n):
@@ -88,10 +97,13 @@ class OutputProcessor:
     def final_delta(self, req: Request) -> RequestDelta:
         p = req.params
         seqs = req.seqs
-        replace = len(seqs) > p.n
-        if replace:  # best_of > n: top n by cumulative logprob
-            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: p.n]
-        deltas = [self._seq_delta(s, finished=True, full=replace) for s in seqs]
+        replace = len(seqs) > p.n or req.beam is not None
+        if req.beam is not None:  # beam search: the best n hypotheses (engine/beam_search.py)
+            deltas = self.beams.seq_deltas(req)
+        else:
+            if replace:  # best_of > n: top n by cumulative logprob
+                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: p.n]
+            deltas = [self._seq_delta(s, finished=True, full=replace) for s in seqs]
         if replace:
             for i, d in enumerate(deltas):
                 d.index = i

@@ -40,6 +40,9 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     num_preemptions: int = 0
     sent_offsets: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # what deltas already carried
+    # Chain hashes of the full blocks of token_ids (prefix reuse), memoized by KVCacheManager.chain_hashes.
+    # NOTE: whoever rewrites token_ids in place (rather than appending) must reset this list.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,19 @@ class Sequence:
         """Upper bound of this sequence's length (what GUARANTEED_NO_EVICT reserves)."""
         return min(self.num_prompt_tokens + self.request.params.max_tokens, self.request.max_seq_len)
 
+    @property
+    def num_reserved_fork_blocks(self) -> int:
+        """KV blocks that beams still to be forked from this one will claim (GUARANTEED_NO_EVICT reserves them)."""
+        beam = getattr(self.request, "beam", None)
+        return 0 if beam is None else beam.reserved_fork_blocks(self)
+
+    @property
+    def num_batch_slots(self) -> int:
+        """Batch slots (of max_batch_size) this sequence stands for: 1, plus, on a beam request's first live
+        beam, the beams still to be forked from it (they join the running batch without admission)."""
+        beam = getattr(self.request, "beam", None)
+        return 1 if beam is None else 1 + beam.reserved_fork_slots(self)
+
 
 @dataclass(eq=False)
 class Request:
@@ -80,7 +96,12 @@ class Request:
     context_logits: list[torch.Tensor] = field(default_factory=list)
     error: BaseException | None = None
     aborted: bool = False
+    cache_salt: str | None = None  # prefix reuse: only requests with the same salt share KV blocks
+    adapter_id: int | str | None = None  # LoRA adapter (salts the prefix hash too)
+    lora_request: Any = None  # the LoRARequest it was submitted with (None: the base model)
+    lora_adapter: Any = None  # its loaded adapter (quanta.lora.LoRAAdapter), held while the request lives
     extra: dict[str, Any] = field(default_factory=dict)
+    beam: Any = None  # BeamState (engine/beam_search.py) of a beam-search request; seqs are then its live beams
 
     @property
     def is_finished(self) -> bool:

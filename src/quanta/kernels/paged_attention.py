@@ -52,9 +52,10 @@ def _find_seq_idx(qsl_ptr, q_block_gid, num_seqs, BLOCK_Q: tl.constexpr):
 def _attend_tile(
     q, m_i, l_i, acc, k_pos, k_valid, q_pos, kv_head, bt_row, offs_d, d_valid,
     k_cache_ptr, v_cache_ptr, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-    scale_log2,
+    scale_log2, window,
     BLOCK_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,  # keys more than `window` - 1 positions before the query are masked
     DOT_PREC: tl.constexpr,
 ):
     # One online-softmax step over a TILE_N-key tile; keys are gathered page by page via the block table.
@@ -69,6 +70,8 @@ def _attend_tile(
     keep = k_valid[None, :]
     if CAUSAL:
         keep = keep & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
@@ -88,13 +91,14 @@ def _attend_tile(
 @triton.jit
 def _unified_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    scale_log2, num_seqs,
+    scale_log2, num_seqs, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
     QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows = BLOCK_Q tokens x QUERIES_PER_KV heads (flattened, token-major)
     BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr,
@@ -131,19 +135,23 @@ def _unified_attention_kernel(
     num_full_tiles = (ctx_len + q_block * BLOCK_Q + 1) // TILE_N
     kv_end = ctx_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)  # one past the last key needed
     num_tiles = tl.cdiv(kv_end, TILE_N)
-    for j in range(0, num_full_tiles):
+    first_tile = 0
+    if HAS_WINDOW:  # tiles before the first query's window are skipped; every tile is masked
+        first_tile = tl.maximum(ctx_len + q_block * BLOCK_Q - window + 1, 0) // TILE_N
+        num_full_tiles = first_tile
+    for j in range(first_tile, num_full_tiles):
         k_pos = j * TILE_N + offs_n
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_pos, k_pos < seq_len, q_pos, kv_head, bt_row, offs_d, d_valid,
             k_cache_ptr, v_cache_ptr, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-            scale_log2, BLOCK_SIZE, False, DOT_PREC,
+            scale_log2, window, BLOCK_SIZE, False, False, DOT_PREC,
         )
     for j in range(num_full_tiles, num_tiles):
         k_pos = j * TILE_N + offs_n
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_pos, k_pos < kv_end, q_pos, kv_head, bt_row, offs_d, d_valid,
             k_cache_ptr, v_cache_ptr, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-            scale_log2, BLOCK_SIZE, True, DOT_PREC,
+            scale_log2, window, BLOCK_SIZE, True, HAS_WINDOW, DOT_PREC,
         )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -158,10 +166,11 @@ def _unified_attention_kernel(
 def _decode_split_kernel(
     out_ptr, part_out_ptr, part_lse_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    scale_log2, num_heads, num_splits,
+    scale_log2, num_heads, num_splits, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
     QUERIES_PER_KV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,  # only the last `window` keys
     G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -178,8 +187,12 @@ def _decode_split_kernel(
     has_query = (tl.load(qsl_ptr + seq + 1) - q_start) == 1
     # This split's share of the sequence's key tiles, from the device-side length (graph-safe).
     num_tiles = tl.cdiv(seq_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
+    k_lo = 0
+    if HAS_WINDOW:
+        k_lo = tl.maximum(seq_len - window, 0)
+    first_tile = k_lo // TILE_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     offs_g = tl.arange(0, G_PAD)
@@ -201,9 +214,9 @@ def _decode_split_kernel(
     for j in range(tile_lo, tile_hi):
         k_pos = j * TILE_N + offs_n
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_pos, k_pos < seq_len, k_pos, kv_head, bt_row, offs_d, d_valid,
+            q, m_i, l_i, acc, k_pos, (k_pos < seq_len) & (k_pos >= k_lo), k_pos, kv_head, bt_row, offs_d, d_valid,
             k_cache_ptr, v_cache_ptr, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-            scale_log2, BLOCK_SIZE, False, DOT_PREC,
+            scale_log2, window, BLOCK_SIZE, False, False, DOT_PREC,
         )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if SINGLE_SPLIT:
@@ -293,6 +306,7 @@ def paged_attention_prefill(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    window: int | None = None,  # sliding window: a query at position p sees keys p-window+1..p
 ) -> torch.Tensor:
     """Unified varlen attention (any mix of prefill chunks and decodes). Tokens past
     query_start_loc[-1] are left unwritten."""
@@ -311,12 +325,12 @@ def paged_attention_prefill(
     # fmt: off
     _unified_attention_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_seqs,
+        scale * LOG2E, num_seqs, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PREC=_dot_precision(q.dtype),
+        HAS_WINDOW=window is not None, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PREC=_dot_precision(q.dtype),
         num_warps=4 if block_m * d_pad <= 64 * 128 else 8,
     )
     # fmt: on
@@ -334,6 +348,7 @@ def paged_attention_decode(
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     num_splits: int | None = None,
+    window: int | None = None,  # sliding window: only the last `window` keys
 ) -> torch.Tensor:
     """Split-K decode (flash-decoding). The grid depends only on host values (num_seqs, num_kv_heads,
     num_splits), loop bounds come from seq_lens on the device: safe to capture in a CUDA graph.
@@ -345,7 +360,8 @@ def paged_attention_decode(
     if q.shape[0] == 0 or num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(q.device))
+        span = max_seq_len if window is None else min(max_seq_len, window + DECODE_TILE_N)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, span, _num_sms(q.device))
     group = num_heads // num_kv_heads
     d_pad = _head_dim_pad(head_dim)
     single = num_splits == 1
@@ -357,11 +373,11 @@ def paged_attention_decode(
     # fmt: off
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_heads, num_splits,
+        scale * LOG2E, num_heads, num_splits, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
+        QUERIES_PER_KV=group, HAS_WINDOW=window is not None, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         BLOCK_SIZE=block_size, TILE_N=DECODE_TILE_N if d_pad <= 128 else DECODE_TILE_N // 2, SINGLE_SPLIT=single,
         DOT_PREC=_dot_precision(q.dtype), num_warps=DECODE_NUM_WARPS,
     )
@@ -388,14 +404,16 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Decode kernel when max_query_len == 1, the unified kernel otherwise."""
     if max_query_len <= 1:
         return paged_attention_decode(
-            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale, out, num_splits
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_seq_len, scale, out, num_splits,
+            window,
         )
     return paged_attention_prefill(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out, window
     )
 
 
@@ -407,6 +425,7 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [num_seqs]
     query_start_loc: torch.Tensor,  # [num_seqs + 1]
     scale: float,
+    window: int | None = None,  # sliding window: a query at position p sees keys p-window+1..p
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]; tokens of no sequence are zeros
     """The same math in PyTorch, one sequence at a time, softmax in float32 (reads lengths on the host)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -419,22 +438,29 @@ def paged_attention_ref(
         q_len = q1 - q0
         if q_len == 0 or seq_len == 0:
             continue
-        blocks = block_tables[s, : -(-seq_len // block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)  # [num_kv_heads, seq_len, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)
+        # keys from k_lo on: all of them, or those the first query's window still sees (block aligned)
+        k_lo = 0 if window is None else max(0, seq_len - q_len - window + 1) // block_size * block_size
+        blocks = block_tables[s, k_lo // block_size : -(-seq_len // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[: seq_len - k_lo].float().transpose(0, 1)  # [num_kv_heads, n_keys, D]
+        v = v_cache[blocks].flatten(0, 1)[: seq_len - k_lo].float().transpose(0, 1)
         qs = q[q0:q1].float().transpose(0, 1)  # [num_heads, q_len, head_dim]
+        if window is not None and q_len == 1:
+            k, v = k[:, -window:], v[:, -window:]  # the last `window` keys
         if q_len == 1:  # fold the query heads of a kv group into rows: no K/V copies, no mask
             o = torch.nn.functional.scaled_dot_product_attention(
                 qs.reshape(num_kv_heads, group, head_dim), k, v, scale=scale
             ).reshape(num_heads, 1, head_dim)
         else:
-            k = k.repeat_interleave(group, dim=0)  # [num_heads, seq_len, head_dim]
+            k = k.repeat_interleave(group, dim=0)  # [num_heads, n_keys, head_dim]
             v = v.repeat_interleave(group, dim=0)
-            if seq_len == q_len:  # no cached prefix: plain (top-left aligned) causal
+            if seq_len == q_len and window is None:  # no cached prefix: plain (top-left aligned) causal
                 o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
             else:
-                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-                mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+                k_pos = torch.arange(k_lo, seq_len, device=q.device)[None, :]
+                mask = k_pos <= q_pos  # [q_len, n_keys]
+                if window is not None:
+                    mask &= k_pos > q_pos - window
                 o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         out[q0:q1] = o.transpose(0, 1).to(q.dtype)
     return out

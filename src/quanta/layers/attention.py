@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -18,9 +20,16 @@ class Attention(nn.Module):
         # Set by the model runner when it allocates the cache: [num_blocks, block_size, kv_heads, head_dim]
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # An int8 / fp8 cache with per-layer k_scale / v_scale (quanta/quantization/kv_cache.py), else None
+        self.kv_quant = None
+        self.window: int | None = None  # sliding window (set by the model runner), None = full attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KH, D] -> [T, H * D]
         ctx = get_forward_context()
-        out = ctx.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx.meta, self.scale)
+        meta = ctx.meta if self.window is None else replace(ctx.meta, window=self.window)
+        if self.kv_quant is not None:
+            out = self.kv_quant.forward(self, ctx.backend, meta, q, k, v)
+        else:
+            out = ctx.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

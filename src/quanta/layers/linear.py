@@ -1,5 +1,8 @@
 """Linear layers. Quantization (and later tensor parallelism) lives here, never in model files.
 
+A quantized layer carries a `quant_method` (src/quanta/quantization/base.py) that owns its stored
+parameters (e.g. weight_packed / weight_scale instead of weight) and its forward.
+
 Merged projections (qkv, gate_up) keep one weight so the GPU runs one GEMM instead of three; each
 checkpoint shard is copied into its row range by `weight_loader(param, loaded, shard_id)`.
 """
@@ -12,7 +15,7 @@ from torch import nn
 
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b). `quant_method` may later replace `forward` for quantized weights."""
+    """y = x @ W^T (+ b); with a `quant_method`, that method's stored weights and GEMM."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -21,6 +24,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.weight.weight_loader = self.weight_loader
+        self.quant_method = None  # set by quanta.quantization when the layer is quantized
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
 
@@ -39,6 +43,8 @@ class Linear(nn.Module):
         param.data[start : start + size].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
         return F.linear(x, self.weight, self.bias)
 
 

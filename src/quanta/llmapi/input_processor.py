@@ -84,12 +84,21 @@ class InputProcessor:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs {need} tokens of KV cache but the "
                 f"cache holds {kv_tokens}; lower max_tokens or raise KvCacheConfig.max_tokens")
         width = params.effective_beam_width
-        if width > 1:
-            field = "beam_width" if params.beam_width > 1 else "use_beam_search with best_of/n"
-            raise ValueError(
-                f"SamplingParams.{field}: beam width {width} > max_beam_width={c.max_beam_width} "
-                "(beam search is not supported yet in quanta)" if width > c.max_beam_width
-                else f"SamplingParams.{field}: beam search is not supported yet in quanta")
+        if width > c.max_beam_width:  # any width up to max_beam_width is fine (TensorRT-LLM wants equality)
+            field = ("beam_width" if params.beam_width > 1 else "use_beam_search with best_of/n"
+                     if params.use_beam_search else "beam_width_array")
+            raise ValueError(f"SamplingParams.{field}: beam width {width} > max_beam_width={c.max_beam_width}; "
+                             "raise max_beam_width (LLM argument or BuildConfig)")
+        if width > c.max_batch_size:  # a request's beams run in the same batch
+            raise ValueError(f"beam width {width} > max_batch_size={c.max_batch_size}: raise max_batch_size")
+        if width > 1 and c.num_kv_blocks:
+            bs, shared = c.tokens_per_block, n // c.tokens_per_block
+            blocks = shared + width * (-(-min(n + params.max_tokens, c.max_seq_len) // bs) - shared)
+            if blocks > c.num_kv_blocks:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) with {width} beams needs "
+                    f"{blocks * bs} tokens of KV cache but the cache holds {kv_tokens}; lower max_tokens or "
+                    "the beam width, or raise KvCacheConfig.max_tokens")
         if params.guided_decoding is not None:
             raise ValueError("SamplingParams.guided_decoding is not supported yet in quanta")
         if (params.stop or params.bad) and self.tokenizer is None:

@@ -66,9 +66,15 @@ class LLM:
 
     # --- generation -----------------------------------------------------------------------------
     def generate_async(self, inputs, sampling_params: SamplingParams | None = None, streaming: bool = False,
-                       lora_request=None, skip_tokenizer_init: bool = False, **kwargs: Any) -> RequestOutput:
-        """Submit one prompt; returns its RequestOutput (a future) at once. Not a coroutine."""
+                       lora_request=None, skip_tokenizer_init: bool = False, cache_salt: str | None = None,
+                       **kwargs: Any) -> RequestOutput:
+        """Submit one prompt; returns its RequestOutput (a future) at once. Not a coroutine.
+
+        cache_salt: only requests with the same salt share cached KV blocks (prefix reuse), so one
+        tenant cannot probe another's prompts through time to first token."""
         _reject_unsupported(lora_request, kwargs)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be None or a str, got {type(cache_salt).__name__}: {cache_salt!r:.80}")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -77,14 +83,21 @@ class LLM:
         if skip and params.detokenize:
             params = _without_detokenize(params)
         request_id = next(self._ids)
+        adapter = self._resolve_lora(lora_request)
         req = self._input.make_request(request_id, prompt, ids, params)
+        req.cache_salt = cache_salt
+        if adapter is not None:  # the adapter id also salts the prefix-cache hash
+            req.lora_request, req.lora_adapter, req.adapter_id = lora_request, adapter, lora_request.lora_int_id
         handle = RequestOutput(request_id, prompt, ids, params.n, self._loop, streaming)
         self._loop.submit(req, handle, streaming)
         return handle
 
     def generate(self, inputs, sampling_params=None, use_tqdm: bool = True, lora_request=None,
-                 skip_tokenizer_init: bool = False, **kwargs: Any):
-        """One prompt in, one RequestOutput out; a list of prompts in, a list out (same order)."""
+                 skip_tokenizer_init: bool = False, cache_salt: str | list[str | None] | None = None,
+                 **kwargs: Any):
+        """One prompt in, one RequestOutput out; a list of prompts in, a list out (same order).
+        cache_salt: one for every prompt, or a list with one per prompt (see generate_async).
+        lora_request: one LoRARequest (or None) for every prompt, or a list with one per prompt."""
         single = is_single_prompt(inputs)
         prompts = [inputs] if single else list(inputs)
         if isinstance(sampling_params, list):
@@ -93,17 +106,39 @@ class LLM:
             params_list = sampling_params
         else:
             params_list = [sampling_params] * len(prompts)
+        if isinstance(cache_salt, (list, tuple)):
+            if len(cache_salt) != len(prompts):
+                raise ValueError(f"got {len(cache_salt)} cache_salt values for {len(prompts)} prompts")
+            salts = list(cache_salt)
+        else:
+            salts = [cache_salt] * len(prompts)
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora_request values for {len(prompts)} prompts")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompts)
         futures: list[RequestOutput] = []
         try:
-            for p, sp in zip(prompts, params_list):
-                futures.append(self.generate_async(p, sp, lora_request=lora_request,
-                                                   skip_tokenizer_init=skip_tokenizer_init, **kwargs))
+            for p, sp, salt, lora in zip(prompts, params_list, salts, loras):
+                futures.append(self.generate_async(p, sp, lora_request=lora,
+                                                   skip_tokenizer_init=skip_tokenizer_init, cache_salt=salt, **kwargs))
             results = self._wait_all(futures, use_tqdm and len(futures) > 1)
         except BaseException:  # Ctrl-C or a bad prompt in the list: nothing keeps running
             for f in futures:
                 f.abort()
             raise
         return results[0] if single else results
+
+    def _resolve_lora(self, lora_request):
+        """The loaded adapter of a LoRARequest (None: the base model); a bad adapter raises here."""
+        if lora_request is None:
+            return None
+        manager = getattr(self._built.engine.runner, "lora", None)
+        if manager is None:
+            raise ValueError("lora_request given but LoRA is not enabled: create the LLM with enable_lora=True "
+                             "or lora_config=LoraConfig(...)")
+        return manager.resolve(lora_request)
 
     def _wait_all(self, futures: list[RequestOutput], use_tqdm: bool) -> list[RequestOutput]:
         bar = None
@@ -144,8 +179,19 @@ class LLM:
             yield stats.popleft()
 
     def save(self, save_dir: str | Path) -> None:
-        """Write a self-contained folder (config, weights, tokenizer) that loads as it is."""
+        """Write a self-contained folder (config, weights, tokenizer) that loads as it is.
+
+        A quantized model is written as it runs (quantized weights, folded scales, KV-cache scales, and a
+        `quantization_config` in config.json): loading the folder skips calibration, same outputs."""
         src, dst = self._built.model_path, Path(save_dir)
+        net = self._built.engine.runner.model
+        if getattr(net, "quant_state", None) is not None:
+            from quanta.quantization.checkpoint import save_quantized
+
+            save_quantized(net, self._built.hf_config, dst, src)
+            if self._tokenizer is not None and hasattr(self._tokenizer, "save_pretrained"):
+                self._tokenizer.save_pretrained(str(dst))
+            return
         if src is None:
             raise ValueError("a model built from a config with dummy weights has no checkpoint to save")
         dst.mkdir(parents=True, exist_ok=True)
@@ -176,10 +222,8 @@ class LLM:
 
 
 def _reject_unsupported(lora_request, kwargs: dict) -> None:
-    if lora_request is not None:
-        raise ValueError("lora_request: LoRA is not supported yet in quanta")
     ignored_when_none = ("prompt_adapter_request", "kv_cache_retention_config", "disaggregated_params",
-                         "queries", "postproc_params", "scheduling_params", "cache_salt")
+                         "queries", "postproc_params", "scheduling_params")
     for k, v in kwargs.items():
         if k not in ignored_when_none:
             raise ValueError(f"generate got an unknown argument {k!r}")

@@ -68,6 +68,14 @@ class LlmArgs:
                 setattr(self, name, typ.from_dict(value))
             elif not isinstance(value, typ):
                 raise ValueError(f"LLM {name} must be a {typ.__name__} (or a dict), got {type(value).__name__}")
+        from quanta.lora.config import LoraConfig
+
+        for name, typ in (("lora_config", LoraConfig), ("peft_cache_config", PeftCacheConfig)):  # optional ones
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, typ.from_dict(value))
+            elif value is not None and not isinstance(value, typ):
+                raise ValueError(f"LLM {name} must be a {typ.__name__} (or a dict) or None, got {type(value).__name__}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"LLM load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         for name in ("enable_lora", "enable_chunked_prefill", "enable_tqdm", "return_perf_metrics", "enforce_eager",
@@ -105,21 +113,8 @@ class LlmArgs:
         todo = []
         if tensor_parallel_size != 1:
             todo.append(f"tensor_parallel_size={tensor_parallel_size}")
-        if self.quant_config.requested:
-            todo.append(f"quant_config={self.quant_config.quant_algo or self.quant_config.kv_cache_quant_algo}")
-        if self.enable_lora or self.lora_config is not None or self.peft_cache_config is not None:
-            todo.append("LoRA (enable_lora / lora_config / peft_cache_config)")
-        if self.build_config.max_beam_width > 1:
-            todo.append(f"max_beam_width={self.build_config.max_beam_width} (beam search)")
         if self.build_config.max_draft_len:
             todo.append("max_draft_len (speculative decoding)")
-        kv = self.kv_cache_config
-        if kv.dtype != "auto":
-            todo.append(f"KvCacheConfig.dtype={kv.dtype!r}")
-        if kv.host_cache_size:
-            todo.append("KvCacheConfig.host_cache_size")
-        if kv.max_attention_window is not None:
-            todo.append("KvCacheConfig.max_attention_window")
         if todo:
             raise ValueError(f"not supported yet in quanta: {', '.join(todo)}")
 

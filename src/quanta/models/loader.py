@@ -143,7 +143,7 @@ def _missing_weights(model, params: dict, stacked: list, loaded: set) -> list[st
         if n == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
             continue
         shards = [(ckpt, shard) for ckpt, ours, shard in stacked if ours in n]
-        if not shards:
+        if not shards or (n, None) in loaded:  # a merged tensor saved whole (quanta's quantized checkpoints)
             if (n, None) not in loaded:
                 missing.append(n)
             continue
@@ -176,5 +176,22 @@ def build_model(hf_config, path: Path | None, dtype: torch.dtype, device: torch.
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
+        finish = _prepare_quantized(model, hf_config)
         load_weights(model, iter_weights(path, allow_pickle))
+        if finish is not None:
+            finish()
     return model.eval()
+
+
+def _prepare_quantized(model: nn.Module, hf_config):
+    """A checkpoint with a quantization_config (AWQ, GPTQ, quanta's own) gets its quantized parameters
+    before loading; returns the conversion to run after loading (None for a float checkpoint)."""
+    from quanta.quantization.checkpoint import checkpoint_quant_config, prepare_quantized_checkpoint
+
+    cfg = checkpoint_quant_config(hf_config)
+    if cfg is None:
+        return None
+    try:
+        return prepare_quantized_checkpoint(model, cfg)
+    except ValueError as e:
+        raise ModelLoadError(f"quantized checkpoint: {e}") from e

@@ -14,8 +14,10 @@ from quanta.attention.backend import get_backend
 from quanta.attention.forward_context import forward_context
 from quanta.engine.request import Sequence
 from quanta.engine.scheduler import SchedulerOutput
+from quanta.sampling.beam import PendingBeamRows, beam_candidates
 from quanta.sampling.sampler import Sampler, greedy_sample, is_plain_greedy
 from quanta.sampling.types import SamplingRow
+from quanta.worker import kv_transfer
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
 from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
 
@@ -30,6 +32,7 @@ class RunnerOutput:
     prompt_logprobs: dict[int, list] = field(default_factory=dict)  # seq_id -> entries for this chunk
     context_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # seq_id -> [n, vocab] cpu
     failed: dict[int, BaseException] = field(default_factory=dict)  # request_id -> error
+    beam_rows: PendingBeamRows | None = None  # beam-search rows: their top candidates (sampling/beam.py)
 
 
 class ModelRunner:
@@ -44,8 +47,10 @@ class ModelRunner:
         self.buffers = InputBuffers(max_num_tokens, max_batch_size, -(-max_seq_len // block_size), device)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # host tier (KvCacheConfig.host_cache_size)
         self.max_seq_len = max_seq_len
         self.graphs = None  # CudaGraphRunner once captured
+        self.lora = None  # quanta.lora.LoRAManager when LoRA is on: fills the step's token -> adapter slots
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         from quanta.worker.cuda_graph import CudaGraphRunner, graph_batch_sizes
@@ -74,6 +79,20 @@ class ModelRunner:
             attn.v_cache = alloc(shape, dtype=self.dtype, device=self.device)
             self.kv_caches.append((attn.k_cache, attn.v_cache))
 
+    def allocate_host_cache(self, num_blocks: int) -> None:
+        self.host_kv_caches = kv_transfer.allocate_host_cache(self.kv_caches, num_blocks)
+
+    def set_attention_windows(self, windows: list[int | None]) -> None:
+        """Per-layer sliding window (KvCacheConfig.max_attention_window / the model's sliding_window)."""
+        for attn, window in zip(self.model.attention_layers(), windows):
+            attn.window = window
+
+    def _copy_blocks(self, out: SchedulerOutput) -> None:
+        """The KV manager's block moves for this step (prefix reuse, host tier, copy-on-write)."""
+        if out.blocks_to_swap_out or out.blocks_to_swap_in or out.blocks_to_copy:
+            kv_transfer.transfer_blocks(self.kv_caches, self.host_kv_caches, out.blocks_to_swap_out,
+                                        out.blocks_to_swap_in, out.blocks_to_copy)
+
     @torch.inference_mode()
     def profile_peak_bytes(self) -> int:
         """Run a forward at max_num_tokens (no cache) to measure activation memory on a GPU."""
@@ -92,8 +111,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        self._copy_blocks(out)
         graph_bs = self._graph_bucket(out)
         batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
+        if self.lora is not None:
+            self.lora.prepare(out.scheduled, batch.num_tokens)
         result = RunnerOutput()
         greedy = None
         if graph_bs:
@@ -107,6 +129,9 @@ class ModelRunner:
                 return result
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
         seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        seqs, logits, greedy = self._beam_rows(seqs, logits, greedy, result)
+        if not seqs:
+            return result
         if all(_plain_greedy(seq) for seq in seqs):  # argmax only: skip the sampler
             n = len(seqs)
             ids, lps = (greedy[0][:n], greedy[1][:n]) if greedy is not None else greedy_sample(logits)
@@ -118,6 +143,22 @@ class ModelRunner:
         sampled = self.sampler(logits, rows)
         self._collect(seqs, rows, logits, sampled, result)
         return result
+
+    def _beam_rows(self, seqs, logits, greedy, result: RunnerOutput):
+        """Beam-search rows hand their top candidates to the engine instead of sampling (sampling/beam.py);
+        returns the other rows (seqs, logits [R', vocab], in-graph argmax or None)."""
+        is_beam = [s.request.beam is not None for s in seqs]
+        if not any(is_beam):
+            return seqs, logits, greedy
+        beam = [i for i, b in enumerate(is_beam) if b]
+        keep = [i for i, b in enumerate(is_beam) if not b]
+        beam_seqs = [seqs[i] for i in beam]
+        num_candidates = max(s.request.beam.num_candidates for s in beam_seqs)
+        rows = [self._row(s) for s in beam_seqs]
+        result.beam_rows = beam_candidates(logits[beam], beam_seqs, rows, num_candidates)
+        if greedy is not None:
+            greedy = (greedy[0][keep], greedy[1][keep])
+        return [seqs[i] for i in keep], logits[keep], greedy
 
     def _row(self, seq: Sequence) -> SamplingRow:
         req = seq.request

@@ -1,0 +1,109 @@
+"""The LoRA layer wrapper and the per-step LoRA context it reads.
+
+`LoRALinear` replaces a built model's Linear / MergedLinear (module swap; model files are untouched) and
+computes `base(x) + per-token LoRA delta`. Its adapters live in stacked device buffers, one slot per
+resident adapter, zero-padded to max_lora_rank R:
+`lora_a: [max_loras, num_shards * R, in]`, `lora_b: [max_loras, out, R]` (scaling folded into B).
+A merged q|k|v (gate|up) layer keeps one A block per shard and each shard's B rows in its row range, so an
+adapter that touches only q and v leaves k's blocks at zero.
+
+`LoRAContext` holds the step's token -> slot mapping in persistent buffers (filled by the model runner
+before the forward), so a captured CUDA graph reads the current step's mapping on replay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quanta.kernels.lora import LoRAMeta, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+
+
+class LoRAContext:
+    """Per-step LoRA inputs shared by every LoRALinear (one per engine)."""
+
+    def __init__(self, max_num_tokens: int, num_slots: int, device: torch.device):
+        self.device = device
+        self.num_slots = num_slots
+        pin = device.type == "cuda"
+
+        def pair(n: int, fill: int):
+            host = torch.full((n,), fill, dtype=torch.int32, pin_memory=pin)
+            return host, (torch.full((n,), fill, dtype=torch.int32, device=device) if pin else host)
+
+        self.h_slots, slots = pair(max_num_tokens, -1)  # per token: its adapter's slot, -1 = none
+        self.h_sorted, sorted_idx = pair(max_num_tokens, 0)  # tokens with an adapter, grouped by slot
+        self.h_counts, counts = pair(num_slots, 0)  # tokens per slot
+        self.h_starts, starts = pair(num_slots, 0)  # group offsets into sorted_idx
+        self.meta = LoRAMeta(slots, sorted_idx, counts, starts, max_count=None)
+        # Host flag: does any token of this step have an adapter? Eager forwards skip LoRA when not.
+        # NOTE: True until the first step, so CUDA graphs are captured with the LoRA kernels in them
+        # (they read counts on replay: all zero = nothing to do).
+        self.active = True
+        self.use_kernels = False  # Triton kernels (CUDA) vs the PyTorch twins
+
+
+class LoRALinear(nn.Module):
+    """base(x) + sum over the token's adapter: x @ A^T @ B^T, for every token at once."""
+
+    def __init__(self, base: nn.Module, ctx: LoRAContext, shards: list[tuple[str, int, int]], max_rank: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.shard_names = [name for name, _, _ in shards]
+        self.shard_ranges = [(start, size) for _, start, size in shards]
+        self.splits = tuple(start for _, start, _ in shards[1:])  # output offsets where shards 1, 2 begin
+        self.max_rank = max_rank
+        n = len(shards) * max_rank
+        self.register_buffer("lora_a", torch.zeros(ctx.num_slots, n, self.in_features, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("lora_b", torch.zeros(ctx.num_slots, self.out_features, max_rank, dtype=dtype,
+                                                   device=device), persistent=False)
+
+    # Pass-throughs, so code that inspects a projection (weight, quant_method ...) still finds it.
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def shard_offsets(self):
+        return self.base.shard_offsets()
+
+    def set_slot(self, slot: int, weights: list[tuple[int, torch.Tensor, torch.Tensor]] | None) -> None:
+        """Write one adapter's weights (shard index, A [r, in], B [size, r]) into `slot`; zeros elsewhere."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        nb = self.lora_a.is_cuda
+        for shard, a, b in weights or ():
+            r = a.shape[0]
+            start, size = self.shard_ranges[shard]
+            self.lora_a[slot, shard * self.max_rank : shard * self.max_rank + r].copy_(a, non_blocking=nb)
+            self.lora_b[slot, start : start + size, :r].copy_(b, non_blocking=nb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self.ctx
+        if not ctx.active:
+            return y
+        if not y.is_contiguous():
+            y = y.contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        y2 = y.view(-1, self.out_features)
+        if ctx.use_kernels and x2.is_cuda:
+            if x2.stride(1) != 1:
+                x2 = x2.contiguous()
+            buf = lora_shrink(x2, self.lora_a, ctx.meta)  # [T, num_shards * R]
+            lora_expand(y2, buf, self.lora_b, ctx.meta, self.splits)
+        else:
+            buf = lora_shrink_ref(x2, self.lora_a, ctx.meta)
+            lora_expand_ref(y2, buf, self.lora_b, ctx.meta, self.splits)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"shards={self.shard_names}, max_rank={self.max_rank}, slots={self.ctx.num_slots}"

@@ -1,0 +1,134 @@
+"""Integer weight-only methods (W4A16, W8A16 and their AWQ / GPTQ variants; W4A8_AWQ adds FP8 activations).
+
+All share one stored layout (see int_quant.py): `weight_packed` uint8, `weight_scale` [out, groups],
+`weight_zero_point` uint8 (asymmetric only), `weight_g_idx` (act-order GPTQ checkpoints only).
+The algorithms differ only in how the integers are chosen (round-to-nearest, AWQ, GPTQ).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quanta.config import QuantAlgo, QuantConfig
+from quanta.quantization.base import QuantizationError, QuantMethod, pre_scale, register, set_params
+from quanta.quantization.int_quant import (
+    FP8_MAX,
+    dequantize_groups,
+    group_qparams,
+    num_groups,
+    pack_int4,
+    quantize_groups,
+    to_fp8,
+    unpack_int4,
+)
+
+
+class WeightOnlyInt(QuantMethod):
+    def __init__(self, qc: QuantConfig, bits: int, per_channel: bool = False, calibration: str | None = None):
+        super().__init__(qc)
+        if not per_channel and (not isinstance(qc.group_size, int) or qc.group_size <= 0 or qc.group_size % 8):
+            raise QuantizationError(f"QuantConfig.group_size must be a positive multiple of 8 (128 by default; "
+                                    f"64 and 32 for small models), got {qc.group_size!r}")
+        self.bits = bits
+        self.per_channel = per_channel
+        self.zero_point = bool(qc.has_zero_point)
+        self.calibration = calibration
+
+    def group_size(self, layer) -> int:
+        """Per channel = one group as wide as the input (rounded up to even, for the int4 packing)."""
+        return layer.in_features + (layer.in_features % 2) if self.per_channel else self.qc.group_size
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def create_weights(self, layer) -> None:
+        ref = layer.weight
+        out, g = layer.out_features, self.group_size(layer)
+        ng = num_groups(layer.in_features, g)
+        cols = ng * g // 2 if self.bits == 4 else ng * g
+        u8 = dict(dtype=torch.uint8, device=ref.device)
+        set_params(layer, weight_packed=torch.zeros(out, cols, **u8),
+                   weight_scale=torch.ones(out, ng, dtype=ref.dtype, device=ref.device),
+                   weight_zero_point=torch.zeros(out, ng, **u8) if self.zero_point else None)
+        layer.quant_method = self
+
+    def quantize(self, layer, stats=None) -> None:
+        w = layer.weight.data  # [out, in]
+        g = self.group_size(layer)
+        scale, zero = group_qparams(w, self.bits, g, self.zero_point, w.dtype)
+        self.store(layer, quantize_groups(w, scale, zero, self.bits, g), scale, zero)
+
+    def store(self, layer, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              g_idx: torch.Tensor | None = None) -> None:
+        """q [out, in_pad] uint8, scale / zero [out, groups] -> the layer's parameters."""
+        dtype = layer.weight.dtype if "weight" in layer._parameters else layer.weight_scale.dtype
+        packed = pack_int4(q) if self.bits == 4 else q
+        set_params(layer, weight_packed=packed.contiguous(), weight_scale=scale.to(dtype).contiguous(),
+                   weight_zero_point=None if zero is None else zero.to(torch.uint8).contiguous(),
+                   weight_g_idx=g_idx)
+        layer.quant_method = self
+
+    def unpacked(self, layer) -> torch.Tensor:  # [out, in_pad] uint8
+        return unpack_int4(layer.weight_packed) if self.bits == 4 else layer.weight_packed
+
+    def dequantize(self, layer, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
+        return dequantize_groups(self.unpacked(layer), layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                                 self.bits, self.group_size(layer), layer.in_features, dtype,
+                                 getattr(layer, "weight_g_idx", None))
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x = pre_scale(layer, x)
+        if _use_gpu_kernel(layer, x):
+            from quanta.quantization.w_int_kernel import w_int_linear
+
+            return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                                self.bits, self.group_size(layer), layer.in_features, layer.bias)
+        return F.linear(x, self.dequantize(layer, x.dtype), layer.bias)
+
+    def checkpoint_config(self) -> dict:
+        cfg = super().checkpoint_config()
+        cfg.update(bits=self.bits, per_channel=self.per_channel)
+        return cfg
+
+
+def _use_gpu_kernel(layer, x: torch.Tensor) -> bool:
+    from quanta.kernels._compat import HAS_TRITON
+    from quanta.layers import fast_ops
+
+    return x.is_cuda and HAS_TRITON and fast_ops.use_kernels() and getattr(layer, "weight_g_idx", None) is None
+
+
+class W4A8Awq(WeightOnlyInt):
+    """AWQ int4 weights with FP8 activations (per-tensor static scale), TensorRT-LLM's W4A8_AWQ.
+    Reference: the activation is quantized to FP8 and back, then the int4 weight path runs."""
+
+    needs_fp8 = True
+
+    def __init__(self, qc: QuantConfig):
+        super().__init__(qc, 4, calibration="awq")
+
+    def create_weights(self, layer) -> None:
+        super().create_weights(layer)
+        set_params(layer, drop=(), input_scale=torch.ones((), dtype=torch.float32, device=layer.weight_scale.device))
+
+    def quantize(self, layer, stats=None) -> None:
+        super().quantize(layer, stats)
+        amax = stats.act_amax if stats is not None else torch.tensor(FP8_MAX)
+        set_params(layer, drop=(), input_scale=(amax.float().clamp(min=1e-12) / FP8_MAX).reshape(()))
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        s = layer.input_scale
+        x = (to_fp8(pre_scale(layer, x), s).float() * s).to(x.dtype)
+        if _use_gpu_kernel(layer, x):
+            from quanta.quantization.w_int_kernel import w_int_linear
+
+            return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                                4, self.group_size(layer), layer.in_features, layer.bias)
+        return F.linear(x, self.dequantize(layer, x.dtype), layer.bias)
+
+
+register(QuantAlgo.W4A16)(lambda qc: WeightOnlyInt(qc, 4))
+register(QuantAlgo.W8A16)(lambda qc: WeightOnlyInt(qc, 8, per_channel=True))
+register(QuantAlgo.W4A16_AWQ)(lambda qc: WeightOnlyInt(qc, 4, calibration="awq"))
+register(QuantAlgo.W4A16_GPTQ)(lambda qc: WeightOnlyInt(qc, 4, calibration="gptq"))
+register(QuantAlgo.W8A16_GPTQ)(lambda qc: WeightOnlyInt(qc, 8, calibration="gptq"))
+register(QuantAlgo.W4A8_AWQ)(W4A8Awq)
