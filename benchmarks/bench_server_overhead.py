@@ -110,21 +110,40 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     return main, other
 
 
-def run_server(model: str, prompts: list[list[int]], output_len: int, kv: int, threads: int | None) -> dict:
+def _children_cpu(pid: int) -> float:
+    """CPU seconds of the direct children of `pid` (the engine process), all their threads."""
+    total = 0.0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                main, other = proc_cpu(int(child))
+                total += main + other
+    except OSError:
+        pass
+    return total
+
+
+def run_server(model: str, prompts: list[list[int]], output_len: int, kv: int, threads: int | None,
+               extra: tuple[str, ...] = ()) -> dict:
     from quanta.serve.bench_serve import Prompt, run_benchmark
     from quanta.serve.testing import ServerProcess
 
-    with ServerProcess(model, "--kv-cache-max-tokens", str(kv), "--max-queued-requests", "100000",
+    with ServerProcess(model, "--kv-cache-max-tokens", str(kv), "--max-queued-requests", "100000", *extra,
                        env=_env(threads)) as srv:
         warm = [Prompt(prompts[0], output_len)]
         asyncio.run(run_benchmark(srv.url, warm, model=model))
-        c0 = proc_cpu(srv.proc.pid)
+        c0, e0 = proc_cpu(srv.proc.pid), _children_cpu(srv.proc.pid)
         summary, results = asyncio.run(run_benchmark(srv.url, [Prompt(p, output_len) for p in prompts],
                                                      model=model))
-        c1 = proc_cpu(srv.proc.pid)
+        c1, e1 = proc_cpu(srv.proc.pid), _children_cpu(srv.proc.pid)
     assert summary["failed"] == 0, summary["errors"]
+    # engine CPU: the engine process (all of it) or, in-process, the HTTP process's other threads
     return summarize([r.tpot for r in results], [r.ttft for r in results], summary["output_tokens"],
-                     summary["duration_s"], (c1[0] - c0[0], c1[1] - c0[1]))
+                     summary["duration_s"], (c1[0] - c0[0], c1[1] - c0[1] + e1 - e0))
+
+
+def run_inproc(model: str, prompts: list[list[int]], output_len: int, kv: int, threads: int | None) -> dict:
+    return run_server(model, prompts, output_len, kv, threads, ("--no-engine-process",))
 
 
 def summarize(tpots: list, ttfts: list, tokens: int, wall: float, cpu: tuple[float, float]) -> dict:
@@ -147,6 +166,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-max-tokens", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both engine processes "
                     "(default: inherited)")
+    ap.add_argument("--sides", default="api,server,inproc", help="what to run, in turn: api (the Python API), "
+                    "server (quanta serve, engine process), inproc (quanta serve --no-engine-process)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from quanta.serve.bench_serve import random_prompts
@@ -156,27 +177,33 @@ def main() -> int:
                                                 cfg["vocab_size"], 0.0, seed=0)]
     runs = []
     for i in range(args.repeats):
-        for side, fn in (("api", run_api), ("server", run_server)):
+        fns = {"api": run_api, "server": run_server, "inproc": run_inproc}
+        for side in args.sides.split(","):
+            fn = fns[side]
             r = fn(args.model, prompts, args.output_len, args.kv_cache_max_tokens, args.threads)
             r.update(side=side, repeat=i)
             runs.append(r)
             print(json.dumps(r), flush=True)
-    api = statistics.median(r["tpot_ms_mean"] for r in runs if r["side"] == "api")
-    srv = statistics.median(r["tpot_ms_mean"] for r in runs if r["side"] == "server")
-    api_tput = statistics.median(r["output_tok_s"] for r in runs if r["side"] == "api")
-    srv_tput = statistics.median(r["output_tok_s"] for r in runs if r["side"] == "server")
-    cpu = {f"{side}_{k}": statistics.median(r[k] for r in runs if r["side"] == side)
-           for side in ("api", "server") for k in ("main_thread_cpu_us_per_token", "engine_cpu_us_per_token")}
+    sides = args.sides.split(",")
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs if r["side"] == side)
+
+    keys = ("tpot_ms_mean", "ttft_ms_mean", "output_tok_s", "main_thread_cpu_us_per_token", "engine_cpu_us_per_token")
     summary = {"model": args.model, "concurrency": args.concurrency, "input_len": args.input_len,
-               "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-               "api_tpot_ms": api, "server_tpot_ms": srv, "tpot_ratio_server_over_api": srv / api,
-               "api_output_tok_s": api_tput, "server_output_tok_s": srv_tput, **cpu}
-    print(f"\nTPOT with {args.concurrency} concurrent streams ({Path(args.model).name}, {args.output_len} tokens): "
-          f"Python API {api:.2f} ms, server {srv:.2f} ms, ratio {srv / api:.3f}; output {api_tput:.0f} vs "
-          f"{srv_tput:.0f} tok/s")
-    print(f"CPU per output token: consumer thread {cpu['api_main_thread_cpu_us_per_token']:.0f} us (API) vs "
-          f"{cpu['server_main_thread_cpu_us_per_token']:.0f} us (HTTP server); engine threads "
-          f"{cpu['api_engine_cpu_us_per_token']:.0f} us vs {cpu['server_engine_cpu_us_per_token']:.0f} us")
+               "output_len": args.output_len, "repeats": args.repeats, "threads": args.threads,
+               "date": time.strftime("%Y-%m-%d"), **{f"{side}_{k}": med(side, k) for side in sides for k in keys}}
+    print(f"\n{args.concurrency} concurrent streams, {Path(args.model).name}, {args.input_len} in / "
+          f"{args.output_len} out, medians of {args.repeats}:")
+    for side in sides:
+        ratio = f"  TPOT ratio to api {med(side, 'tpot_ms_mean') / med('api', 'tpot_ms_mean'):.3f}" \
+            if "api" in sides and side != "api" else ""
+        summary[f"{side}_tpot_ratio"] = med(side, "tpot_ms_mean") / med("api", "tpot_ms_mean") if "api" in sides \
+            else None
+        print(f"  {side:<7} TPOT {med(side, 'tpot_ms_mean'):7.2f} ms  TTFT {med(side, 'ttft_ms_mean'):7.1f} ms  "
+              f"{med(side, 'output_tok_s'):7.0f} tok/s  CPU/token: consumer or HTTP thread "
+              f"{med(side, 'main_thread_cpu_us_per_token'):4.0f} us, engine {med(side, 'engine_cpu_us_per_token'):4.0f} us"
+              + ratio)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
     return 0
