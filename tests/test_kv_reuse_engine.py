@@ -83,7 +83,12 @@ def test_n_samples_share_the_prompt_blocks(stories_path, ref_llm):
         # sampling too: each sample equals itself without reuse
         sp = SamplingParams(max_tokens=10, n=3, temperature=0.8, seed=5)
         with_reuse = [o.token_ids for o in llm.generate(prompt, sp).outputs]
+        # many n > 1 requests at once (their later samples wait, the other requests do not)
+        burst = PREFIX_PROMPTS[:8]
+        outs = llm.generate(burst, greedy(6, n=2), use_tqdm=False)
     assert with_reuse == [o.token_ids for o in ref_llm.generate(prompt, sp).outputs]
+    ref_burst = token_ids(ref_llm.generate(burst, greedy(6), use_tqdm=False))
+    assert [[o.token_ids for o in out.outputs] for out in outs] == [[r, r] for r in ref_burst]
 
 
 def test_cache_salt_keeps_caches_apart(stories_path):

@@ -322,10 +322,14 @@ def test_samples_of_one_request_wait_for_the_first_to_read_the_prompt():
     seqs = [make_seq(list(range(10)), request=req, index=i) for i in range(3)]
     for s in seqs:
         sched.add(s)
+    other = make_seq(list(range(50, 55)), max_tokens=3)  # a later request is not held up by them
+    sched.add(other)
     out = step(sched)
-    assert plan(out) == [(seqs[0].seq_id, 10, True)]  # the others wait for its blocks
+    assert plan(out) == [(seqs[0].seq_id, 10, True), (other.seq_id, 5, True)]  # the others wait for its blocks
+    assert list(sched.waiting) == seqs[1:]
     out = step(sched)
-    assert plan(out) == [(seqs[0].seq_id, 1, True), (seqs[1].seq_id, 2, True), (seqs[2].seq_id, 2, True)]
+    assert plan(out) == [(seqs[0].seq_id, 1, True), (other.seq_id, 1, True), (seqs[1].seq_id, 2, True),
+                         (seqs[2].seq_id, 2, True)]
     assert seqs[1].block_ids[:2] == seqs[2].block_ids[:2] == seqs[0].block_ids[:2]
     assert sched.kv.ref_counts[seqs[0].block_ids[0]] == 3
 

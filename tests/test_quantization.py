@@ -12,7 +12,7 @@ import torch
 
 from quanta import LLM, SamplingParams
 from quanta.config import CalibConfig, KvCacheConfig, QuantAlgo, QuantConfig
-from quanta.quantization import QuantizationError, quantize_model
+from quanta.quantization import quantize_model
 from quanta.quantization.calib import model_logits
 
 from .conftest import SHARED
@@ -104,11 +104,13 @@ def test_scale_folding_is_exact(tiny_model_factory):
                                   "W8A8_SQ_PER_TENSOR_PLUGIN", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W4A8_AWQ"])
 def test_each_algorithm_stays_close_to_float(stories_path, algo):
     m, tok = _model(stories_path), _tokenizer(stories_path)
-    ref = model_logits(m, IDS).log_softmax(-1)
+    text = (SHARED / "corpora" / "tinystories_valid_head.txt").read_text()[:4000]
+    ids = torch.tensor(tok.encode(text)[:256]).view(2, 128)
+    ref = model_logits(m, ids).log_softmax(-1)
     quantize_model(m, QuantConfig(quant_algo=algo, group_size=32), calib(), tok, show_progress=False)
-    out = model_logits(m, IDS).log_softmax(-1)
-    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
-    assert 0 <= kl < (0.1 if "W4" in algo else 0.02), kl
+    out = model_logits(m, ids).log_softmax(-1)
+    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()  # KL(float || quantized) per token
+    assert 0 <= kl < (0.2 if "W4" in algo else 0.05 if "PER_TENSOR" in algo else 0.02), kl
 
 
 def test_awq_pre_quant_scale_keeps_norms(stories_path):
@@ -202,13 +204,18 @@ def test_save_then_load_skips_calibration_same_outputs(awq_llm, tmp_path, monkey
             LLM(str(tmp_path / "q"), quant_config=QuantConfig(quant_algo=QuantAlgo.W8A16))
 
 
-@pytest.mark.parametrize("algo", ["W8A8_SQ_PER_CHANNEL", "FP8", "W4A16_GPTQ"])
-def test_save_load_roundtrip_other_layouts(stories_path, tmp_path, algo):
-    qc = QuantConfig(quant_algo=algo, group_size=32, has_zero_point=algo == "W4A16_GPTQ")
+@pytest.mark.parametrize("qc", [
+    QuantConfig(quant_algo=QuantAlgo.W8A8_SQ_PER_CHANNEL),
+    QuantConfig(quant_algo=QuantAlgo.FP8),
+    QuantConfig(quant_algo=QuantAlgo.W4A16_GPTQ, group_size=32, has_zero_point=True),
+    QuantConfig(quant_algo=QuantAlgo.W4A8_AWQ, group_size=32, pre_quant_scale=True),
+    QuantConfig(kv_cache_quant_algo=QuantAlgo.FP8),  # float weights, quantized KV cache
+], ids=["sq", "fp8", "gptq_zp", "w4a8_awq_pre_quant_scale", "kv_fp8_only"])
+def test_save_load_roundtrip_other_layouts(stories_path, tmp_path, qc):
     with LLM(str(stories_path), quant_config=qc, calib_config=calib()) as llm:
         first = _greedy(llm, 12)
-        llm.save(tmp_path / algo)
-    with LLM(str(tmp_path / algo)) as again:
+        llm.save(tmp_path / "q")
+    with LLM(str(tmp_path / "q")) as again:
         assert _greedy(again, 12) == first
 
 
@@ -265,14 +272,16 @@ def _write_packed_checkpoint(src: Path, dst: Path, fmt: str, bits: int, g: int, 
 
     state = load_file(str(src / "model.safetensors"))
     packed, deq = {}, {}
-    gen = torch.Generator().manual_seed(3)
     for name, w in state.items():
         if not any(f".{p}.weight" in name for p in PROJ):
             packed[name] = deq[name] = w
             continue
         base = name[: -len(".weight")]
         out, inn = w.shape
-        if act_order:  # a random column -> group assignment, as desc_act checkpoints have
+        if act_order:  # a column -> group assignment, shared by the projections reading one input (as
+            # desc_act checkpoints have: the order comes from that input's Hessian)
+            key = base.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+            gen = torch.Generator().manual_seed(sum(map(ord, key)))
             g_idx = torch.randperm(inn, generator=gen) // g
             order = torch.argsort(g_idx, stable=True)
             q_sorted, s, z = _asym_quant(w[:, order].contiguous(), bits, g)

@@ -161,7 +161,7 @@ def _check(server, path: str, body) -> None:
 
 @pytest.mark.timeout(150)
 def test_fuzz_completions(stories_server):
-    @settings(max_examples=150, **SETTINGS)
+    @settings(max_examples=250, **SETTINGS)
     @given(body=completion_body | completion_body | completion_body | st.binary(max_size=40)
            | junk.map(lambda j: json.dumps(j)))
     def run(body):
@@ -175,7 +175,7 @@ def test_fuzz_completions(stories_server):
 
 @pytest.mark.timeout(150)
 def test_fuzz_chat(tiny_server):
-    @settings(max_examples=80, **SETTINGS)
+    @settings(max_examples=120, **SETTINGS)
     @given(body=chat_body)
     def run(body):
         _check(tiny_server, "/v1/chat/completions", body)

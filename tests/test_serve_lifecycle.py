@@ -145,8 +145,12 @@ _engine.LLMEngine.step = _faulty_step
 
 
 @pytest.mark.timeout(120)
-def test_engine_death_fails_requests_and_exits_nonzero(stories_path):
-    srv = ServerProcess(str(stories_path), "--kv-cache-max-tokens", "16384", prelude=FAULT, env=TEST_ENV).start()
+@pytest.mark.parametrize("mode", ["--engine-process", "--no-engine-process"])
+def test_engine_death_fails_requests_and_exits_nonzero(stories_path, mode):
+    # the fault goes where the engine runs: this process, or (through CHILD_PRELUDE) the engine process
+    prelude = FAULT + f"\nimport quanta.serve.engine_client as _ec\n_ec.CHILD_PRELUDE = {FAULT!r}\n"
+    srv = ServerProcess(str(stories_path), "--kv-cache-max-tokens", "16384", mode, prelude=prelude,
+                        env=TEST_ENV).start()
     try:
         stream = Stream(srv, {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True})
         stream.start()
@@ -165,7 +169,32 @@ def test_engine_death_fails_requests_and_exits_nonzero(stories_path):
         assert "finish_reason\":\"length" not in "".join(stream.events) and stream.usage is None
         assert srv.wait(30) == 1
         assert "the engine loop died" in srv.output
+        assert ("engine process" in srv.output) == (mode == "--engine-process")
         assert _no_process_group(srv.proc.pid)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_engine_process_dies_with_a_killed_server(stories_path):
+    srv = ServerProcess(str(stories_path), "--kv-cache-max-tokens", "4096", env=TEST_ENV).start()
+    try:
+        children = [int(c) for t in os.listdir(f"/proc/{srv.proc.pid}/task")
+                    for c in open(f"/proc/{srv.proc.pid}/task/{t}/children").read().split()]
+        assert len(children) == 1  # the engine process
+        srv.proc.kill()  # SIGKILL: no chance to clean up
+        srv.wait(10)
+
+        def state() -> str:  # X: gone; Z: dead, not yet reaped by init
+            try:
+                return open(f"/proc/{children[0]}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return "X"
+
+        deadline = time.monotonic() + 10
+        while state() not in ("X", "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state() in ("X", "Z"), f"engine process {children[0]} outlived the server (state {state()})"
     finally:
         srv.stop(signal.SIGKILL)
 

@@ -265,3 +265,41 @@ def test_models_tokenize_detokenize_version(stories_server, tiny_server, stories
     assert status == 200 and chat_tok["count"] > 2
     status, body, _ = request(stories_server, "GET", "/version", headers=AUTH)
     assert status == 200 and json.loads(body)["version"]
+
+
+@pytest.mark.timeout(60)
+def test_in_process_app_matches_llm_generate(stories_llm_ref):
+    """create_app(llm) serves an LLM of this process (LocalEngine): the same text as LLM.generate."""
+    import asyncio
+
+    httpx = pytest.importorskip("httpx")
+    from quanta.serve import ServeConfig, create_app
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # --chat-template, for a model with none
+    app = create_app(stories_llm_ref, ServeConfig(model_name="stories", chat_template=template))
+    ref = stories_llm_ref.generate("Once upon a time", SamplingParams(max_tokens=16), use_tqdm=False)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            r = await c.post("/v1/completions", json={"model": "stories", "prompt": "Once upon a time",
+                                                      "max_tokens": 16, "temperature": 0})
+            assert r.status_code == 200, r.text
+            s = await c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 16,
+                                                      "temperature": 0, "stream": True})
+            events = sse_events(s.content)
+            text = "".join(ch["text"] for e in events[:-1] for ch in json.loads(e)["choices"])
+            m = await c.get("/metrics")
+            chat = await c.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 16, "temperature": 0})
+            assert chat.status_code == 200, chat.text
+            return r.json(), text, m.text, chat.json()
+
+    body, streamed, metrics, chat = asyncio.run(run())
+    # the template renders the bare content, tokenized without special tokens: no BOS, so a different prompt
+    assert chat["usage"]["prompt_tokens"] == len(stories_llm_ref.tokenizer.encode("Once upon a time",
+                                                                                  add_special_tokens=False))
+    assert chat["usage"]["completion_tokens"] > 0 and chat["choices"][0]["message"]["content"]
+    assert body["choices"][0]["text"] == streamed == ref.outputs[0].text
+    assert body["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
+    assert 'quanta:generation_tokens_total{model_name="stories"} 32.0' in metrics

@@ -102,8 +102,10 @@ class Scheduler:
         room = self.config.max_batch_size - self._num_batch_slots()
         demand, out = 0, []
         for seq in self.waiting:
+            if self._waits_for_sibling(seq):
+                continue  # it comes in once its first sample has read the prompt (then cached)
             room -= seq.num_batch_slots  # 1, or a beam request's width (its forks skip admission)
-            if room < 0 or demand >= self.config.max_num_tokens or self._waits_for_sibling(seq):
+            if room < 0 or demand >= self.config.max_num_tokens:
                 break
             hit = self._lookup(seq)
             out.append((seq, hit))
@@ -207,8 +209,10 @@ class Scheduler:
                 break
             if self.admission_gate is not None and not self.admission_gate(seq, self.running):
                 break
-            assert self.waiting[0] is seq
-            self.waiting.popleft()
+            if self.waiting[0] is seq:
+                self.waiting.popleft()
+            else:  # behind samples that wait for their first one
+                self.waiting.remove(seq)
             if self._uses_cache(seq):
                 self.kv.acquire(seq, hit)
             ok = self.kv.allocate_slots(seq, num_new)

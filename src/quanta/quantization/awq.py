@@ -86,7 +86,7 @@ def clip_weight(lin, samples: torch.Tensor, method, rows: tuple[int, int]) -> No
         samples = samples[torch.linspace(0, samples.shape[0] - 1, CLIP_TOKENS).long()]
     xs = torch.nn.functional.pad(samples, (0, pad_columns(w[:1], gs).shape[1] - w.shape[1]))
     xg = xs.view(xs.shape[0], -1, gs)  # [S, G, g]
-    step = max(1, (1 << 24) // max(1, xg.shape[0] * xg.shape[1] * gs))
+    step = max(1, (1 << 24) // (xg.shape[1] * max(xg.shape[0], gs)))  # rows per chunk: [R, S, G] outputs
     for r0 in range(0, size, step):
         wg = pad_columns(w[r0 : r0 + step], gs).view(-1, xg.shape[1], gs)  # [R, G, g]
         ref = torch.einsum("sgk,rgk->rsg", xg, wg)

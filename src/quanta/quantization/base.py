@@ -64,6 +64,14 @@ class QuantMethod:
                 "pre_quant_scale": qc.pre_quant_scale}
 
 
+def use_fast_path(x: torch.Tensor) -> bool:
+    """GPU GEMMs (Triton, torch._int_mm, torch._scaled_mm) on CUDA unless LLM(disable_kernels=True): then the
+    reference path runs on the GPU too (the twin that checks them)."""
+    from quanta.layers import fast_ops
+
+    return x.is_cuda and fast_ops.use_kernels()
+
+
 def pre_scale(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     """AWQ/SmoothQuant scales that could not be folded into the previous op: x * pre_quant_scale."""
     pqs = getattr(layer, "pre_quant_scale", None)

@@ -48,3 +48,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     path = Path(path)
     return build_model(load_hf_config(path), path, dtype, torch.device(device))
+
+
+def quantized_perplexities(path: str | Path, qc, calib, corpora: dict[str, Path], max_tokens: int = 8192,
+                           seq_len: int = 256, tokenizer=None) -> tuple[dict[str, float], float]:
+    """Load `path` (float32, CPU), quantize it as `qc` says (None: float), return ({corpus: perplexity},
+    quantization seconds): one row of the quality table."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from quanta.quantization.pipeline import quantize_model
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(str(path))
+    model = load_model(path)
+    t0 = time.perf_counter()
+    if qc is not None:
+        quantize_model(model, qc, calib, tok, show_progress=False)
+    seconds = time.perf_counter() - t0
+    ppl = {name: perplexity(model, corpus_tokens(f, tok, max_tokens), seq_len, bos_id=tok.bos_token_id)
+           for name, f in corpora.items()}
+    return ppl, seconds

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.config import QuantAlgo, QuantConfig
-from quanta.quantization.base import QuantMethod, pre_scale, register, set_params
+from quanta.quantization.base import QuantMethod, pre_scale, register, set_params, use_fast_path
 from quanta.quantization.int_quant import FP8_DTYPE, FP8_MAX, quant_fp8_per_token, quant_fp8_weight, to_fp8
 
 
@@ -47,7 +47,7 @@ class Fp8Linear(QuantMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x = pre_scale(layer, x)
         xq, xs = self.quant_act(layer, x)
-        if x.is_cuda and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
+        if use_fast_path(x) and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
             return fp8_mm_gpu(xq, layer.weight, xs, layer.weight_scale, x.dtype, layer.bias)
         w = (layer.weight.float() * layer.weight_scale).to(x.dtype)
         return F.linear((xq.float() * xs).to(x.dtype), w, layer.bias)

@@ -54,14 +54,15 @@ class KvCacheQuant:
         if backend.name != "torch_ref":
             check_kv_algo(self.algo, q.device, backend.name)
         kq, vq = self.quantize(k, attn.k_scale), self.quantize(v, attn.v_scale)
-        kv_cache_write_ref(kq, vq, attn.k_cache, attn.v_cache, meta.slot_mapping)
+        u8 = torch.uint8  # NOTE: as bytes: index_copy_ / gathers have no float8 kernels on the CPU
+        kv_cache_write_ref(kq.view(u8), vq.view(u8), attn.k_cache.view(u8), attn.v_cache.view(u8), meta.slot_mapping)
         # Dequantize only the blocks this step reads, into a compact cache with renumbered block tables.
         block_size = attn.k_cache.shape[1]
         num_blocks = max(1, -(-int(meta.seq_lens.max()) // block_size)) if meta.seq_lens.numel() else 1
         tables = meta.block_tables[:, :num_blocks].long()
         used, compact = torch.unique(tables, return_inverse=True)
-        k_used = (attn.k_cache[used].float() * attn.k_scale).to(q.dtype)
-        v_used = (attn.v_cache[used].float() * attn.v_scale).to(q.dtype)
+        k_used = (attn.k_cache.view(u8)[used].view(self.dtype).float() * attn.k_scale).to(q.dtype)
+        v_used = (attn.v_cache.view(u8)[used].view(self.dtype).float() * attn.v_scale).to(q.dtype)
         return paged_attention_ref(q, k_used, v_used, compact.to(torch.int32), meta.seq_lens,
                                    meta.query_start_loc, attn.scale, window=getattr(meta, "window", None))
 

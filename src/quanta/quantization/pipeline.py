@@ -2,6 +2,8 @@
 
 Entry points: `quantize_model` (a model in, the same model quantized in place) and `quantize_for_build`
 (what the builder calls: merges KvCacheConfig.dtype, respects pre-quantized checkpoints, dummy weights).
+NOTE: calibration runs where the model is (CalibConfig.device is accepted and not needed: the model is on
+the engine's device already).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def quantize_model(model: nn.Module, qc: QuantConfig, calib: CalibConfig | None 
     if prev is not None and method is None:  # KV-only on a pre-quantized model: keep its weight method
         qc, method = replace(prev.qc, kv_cache_quant_algo=kv_algo), prev.method
     model.quant_state = QuantState(qc, method)
+    if device.type == "cuda":  # hand the freed float weights back, so the KV cache can be sized on them
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    model.quantize_seconds = time.perf_counter() - t0
     logger.info("quanta: quantized to %s%s in %.1f s", qc.quant_algo or "float weights",
                 f" (KV cache {kv_algo})" if kv_algo else "", time.perf_counter() - t0)
     return model

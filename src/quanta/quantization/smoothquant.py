@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.config import QuantAlgo, QuantConfig
-from quanta.quantization.base import QuantMethod, pre_scale, register, set_params
+from quanta.quantization.base import QuantMethod, pre_scale, register, set_params, use_fast_path
 from quanta.quantization.int_quant import (
     INT8_MAX,
     quant_int8_per_channel,
@@ -53,7 +53,7 @@ class SmoothQuantW8A8(QuantMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x = pre_scale(layer, x)
         xq, xs = self.quant_act(layer, x)
-        if x.is_cuda and layer.in_features % 8 == 0 and layer.out_features % 8 == 0:
+        if use_fast_path(x) and layer.in_features % 8 == 0 and layer.out_features % 8 == 0:
             y = int8_mm_gpu(xq, layer.weight, xs, layer.weight_scale, x.dtype)
             return y if layer.bias is None else y + layer.bias
         w = layer.weight.float() * layer.weight_scale[:, None]

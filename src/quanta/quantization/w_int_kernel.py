@@ -19,39 +19,46 @@ from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 @triton.jit
 def _w_int_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K,
+    M, N, K, K_PAD,
     stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] tile of y. Each K step reads a [BLOCK_N, BLOCK_K * BITS / 8] byte tile of W
+    (contiguous along K) and one scale (and zero) per row: BLOCK_K divides GROUP. int4: the low nibbles hold
+    the even k, the high ones the odd k, so x is read as its even and odd columns and two dots add up."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        wmask = mask_k[:, None] & mask_n[None, :]
-        w_rows = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn
-        if BITS == 4:
-            byte = tl.load(w_rows + (offs_k[:, None] // 2), mask=wmask, other=0).to(tl.int32)  # [BK, BN]
-            q = (byte >> ((offs_k[:, None] % 2) * 4)) & 0xF
-        else:
-            q = tl.load(w_rows + offs_k[:, None], mask=wmask, other=0).to(tl.int32)
-        g = offs_k // GROUP
-        s = tl.load(s_ptr + offs_n[None, :].to(tl.int64) * stride_sn + g[:, None], mask=wmask, other=0.0)
+    for k0 in range(0, K_PAD, BLOCK_K):
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
         if HAS_ZERO:
-            z = tl.load(z_ptr + offs_n[None, :].to(tl.int64) * stride_zn + g[:, None], mask=wmask, other=0)
-            zf = z.to(tl.float32)
+            zf = tl.load(z_ptr + offs_n.to(tl.int64) * stride_zn + g, mask=mask_n, other=0).to(tl.float32)
         else:
-            zf = 2.0 ** (BITS - 1)
-        w = ((q.to(tl.float32) - zf) * s.to(tl.float32)).to(x.dtype)  # [BK, BN]
-        acc += tl.dot(x, w)
+            zf = tl.full((BLOCK_N,), 2 ** (BITS - 1), tl.float32)
+        if BITS == 4:
+            offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # bytes of this K step
+            byte = tl.load(w_rows + offs_b[None, :], mask=mask_n[:, None], other=0).to(tl.int32)  # [BN, BK/2]
+            lo = (((byte & 0xF).to(tl.float32) - zf[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
+            hi = (((byte >> 4).to(tl.float32) - zf[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
+            k_even = 2 * offs_b
+            x_e = tl.load(x_rows + k_even[None, :], mask=mask_m[:, None] & (k_even[None, :] < K), other=0.0)
+            x_o = tl.load(x_rows + k_even[None, :] + 1, mask=mask_m[:, None] & (k_even[None, :] + 1 < K), other=0.0)
+            acc += tl.dot(x_e, tl.trans(lo))
+            acc += tl.dot(x_o, tl.trans(hi))
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None], other=0).to(tl.float32)  # [BN, BK]
+            w = ((q - zf[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
+            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
@@ -59,14 +66,19 @@ def _w_int_gemm_kernel(
 # fmt: on
 
 
-def _blocks(m: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): skinny tiles for decode (GEMV), square ones for prefill."""
-    bk = 64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16
-    if m <= 16:
-        return 16, 64, max(bk, 64) if group_size % 128 == 0 else bk, 4
+def kernel_supports(bits: int, group_size: int) -> bool:
+    """The kernel's K step must divide the group and give dots of >= 16 along K."""
+    return bits in (4, 8) and group_size % (32 if bits == 4 else 16) == 0
+
+
+def _blocks(m: int, group_size: int, bits: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): skinny tiles for decode (GEMV-like), square ones for prefill."""
+    bk = next(b for b in (128, 64, 32, 16) if group_size % b == 0 and (bits == 8 or b >= 32))
+    if m <= 16:  # NOTE: narrow N tiles so a 4096-wide layer still spreads over ~128 programs (all SMs)
+        return 16, 32, bk, 4
     if m <= 64:
-        return 32, 64, bk, 4
-    return 64, 128, bk, 8
+        return 32, 64, min(bk, 64), 4
+    return 64, 128, min(bk, 64), 8
 
 
 def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -81,12 +93,13 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    bm, bn, bk, warps = _blocks(m, group_size)
+    bm, bn, bk, warps = _blocks(m, group_size, bits)
+    k_pad = packed.shape[1] * 8 // bits
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     # fmt: off
     _w_int_gemm_kernel[grid](
         x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
-        m, n, k,
+        m, n, k, k_pad,
         x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         GROUP=group_size, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,

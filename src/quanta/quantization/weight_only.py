@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.config import QuantAlgo, QuantConfig
-from quanta.quantization.base import QuantizationError, QuantMethod, pre_scale, register, set_params
+from quanta.quantization.base import QuantizationError, QuantMethod, pre_scale, register, set_params, use_fast_path
 from quanta.quantization.int_quant import (
     FP8_MAX,
     dequantize_groups,
@@ -92,9 +92,11 @@ class WeightOnlyInt(QuantMethod):
 
 def _use_gpu_kernel(layer, x: torch.Tensor) -> bool:
     from quanta.kernels._compat import HAS_TRITON
-    from quanta.layers import fast_ops
+    from quanta.quantization.w_int_kernel import kernel_supports
 
-    return x.is_cuda and HAS_TRITON and fast_ops.use_kernels() and getattr(layer, "weight_g_idx", None) is None
+    method = layer.quant_method
+    return (use_fast_path(x) and HAS_TRITON and getattr(layer, "weight_g_idx", None) is None
+            and kernel_supports(method.bits, method.group_size(layer)))
 
 
 class W4A8Awq(WeightOnlyInt):

@@ -646,10 +646,14 @@ class OpenAIServer:
 
     def request_error(self, job: _Job) -> APIError:
         """The APIError for a job whose request failed inside the engine."""
+        from quanta.engine.async_loop import EngineDeadError
+        from quanta.serve.engine_client import EngineGone
+
         err = job.error
         cause = err.__cause__ if err is not None else None
-        if self.engine_error() is not None:
-            return APIError(503, f"the engine stopped while serving this request: {self.engine_error()}",
+        if self.engine_error() is not None or isinstance(cause, (EngineGone, EngineDeadError)):
+            reason = self.engine_error() or str(cause)
+            return APIError(503, f"the engine stopped while serving this request: {reason}",
                             code="engine_unavailable")
         if isinstance(cause, ValueError):
             return bad_request(str(cause)[:500])
@@ -1021,17 +1025,22 @@ class APIKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(llm, config: ServeConfig):
-    """The FastAPI app serving `llm` (the caller owns the LLM and shuts it down)."""
+def create_app(engine, config: ServeConfig):
+    """The FastAPI app serving `engine`: an `LLM` (served in this process), or a LocalEngine / ProcessEngine
+    from engine_client.py. The caller owns the engine and shuts it down after the app has stopped."""
     from fastapi import FastAPI
     from starlette.responses import Response
 
     import quanta
+    from quanta.serve.engine_client import LocalEngine
 
-    server = OpenAIServer(llm, config)
+    if not hasattr(engine, "generate") or not hasattr(engine, "error"):
+        engine = LocalEngine(engine)
+    server = OpenAIServer(engine, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await engine.start()
         watcher = asyncio.ensure_future(server.watch_engine())
         try:
             yield
@@ -1039,6 +1048,8 @@ def create_app(llm, config: ServeConfig):
             server.stopping = True
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            if hasattr(engine, "aclose"):
+                await engine.aclose()
 
     app = FastAPI(title="quanta", version=quanta.__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)

@@ -337,6 +337,8 @@ class ProcessEngine:
                 msg = json.loads(await reader.readexactly(size))
                 kind = msg[0]
                 if kind == "d" or kind == "e":
+                    if kind == "e" and msg[2] == "dead" and self._dead is None:
+                        self._dead = msg[3]  # the engine loop died: /health turns 503 at once
                     out = self._outputs.get(msg[1])
                     if out is not None:
                         out._feed(msg)

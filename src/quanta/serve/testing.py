@@ -15,6 +15,20 @@ import urllib.request
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
 
+# The server gets SIGTERM (a graceful shutdown) when the process that started it dies, e.g. a test run killed
+# by a timeout: no server outlives its tests.
+_DIE_WITH_PARENT = """
+import os, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != {ppid}:
+        sys.exit(1)
+"""
+
 
 class ServerProcess:
     """`quanta serve MODEL ARGS... --port 0` in a child process; `.url` once it answers /health.
@@ -46,7 +60,8 @@ class ServerProcess:
         argv = ["serve", self.model, *self.args]
         if "--port" not in self.args:
             argv += ["--port", "0"]
-        code = (self.prelude or "") + f"\nimport sys\nfrom quanta.cli import main\nsys.exit(main({argv!r}))\n"
+        code = _DIE_WITH_PARENT.format(ppid=os.getpid()) + (self.prelude or "") + \
+            f"\nimport sys\nfrom quanta.cli import main\nsys.exit(main({argv!r}))\n"
         return [sys.executable, "-c", code]
 
     def start(self) -> ServerProcess:

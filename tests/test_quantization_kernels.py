@@ -1,0 +1,154 @@
+"""Quantized GEMM fast paths vs their references.
+
+CPU: the Triton weight-only kernel (W4A16 / W8A16) under Triton's interpreter, in one child process
+(TRITON_INTERPRET must be set before triton is imported; `python tests/test_quantization_kernels.py` prints
+{case: relative error}). GPU (skipped without CUDA): the same kernel compiled, torch._int_mm (SmoothQuant),
+torch._scaled_mm (FP8), and a whole quantized model with kernels vs the reference path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+TOL = 1e-3
+
+# (name, M, N, K, group, bits, zero point, bias, dtype)
+W_INT_CASES = [
+    ("w4_gemv_g32_ragged_k", 1, 96, 172, 32, 4, False, False, torch.float32),
+    ("w4_m5_g64_zp_bias", 5, 64, 128, 64, 4, True, True, torch.float32),
+    ("w4_m40_g128", 40, 72, 256, 128, 4, False, False, torch.float32),
+    ("w8_m33_g128_bias", 33, 80, 256, 128, 8, False, True, torch.float32),
+    ("w8_per_channel_m70_zp", 70, 48, 64, 64, 8, True, False, torch.float32),
+]
+
+
+def _case(m, n, k, group, bits, zp, bias, dtype, device="cpu", seed=0):
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    s, z = group_qparams(w, bits, group, zp, dtype)
+    q = quantize_groups(w, s, z, bits, group)
+    packed = pack_int4(q) if bits == 4 else q
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    t = [x.to(dtype), packed, s, z, b]
+    return [v.to(device) if v is not None else None for v in t]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+
+
+def _run_all() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from quanta.quantization.w_int_kernel import w_int_linear, w_int_linear_ref
+
+    results: dict = {}
+    for name, m, n, k, group, bits, zp, bias, dtype in W_INT_CASES:
+        try:
+            x, p, s, z, b = _case(m, n, k, group, bits, zp, bias, dtype)
+            results[name] = _rel(w_int_linear(x, p, s, z, bits, group, k, b), w_int_linear_ref(x, p, s, z, bits, group, k, b))
+        except Exception as e:  # report per case
+            results[name] = f"{type(e).__name__}: {e}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in W_INT_CASES])
+def test_w_int_kernel_interpreted_matches_ref(interpreted: dict, name: str) -> None:
+    err = interpreted.get(name, "missing")
+    assert isinstance(err, float), err
+    assert err < TOL, f"{name}: relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------- GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 7, 16, 100])
+@pytest.mark.parametrize("bits,zp", [(4, False), (4, True), (8, False)])
+def test_w_int_kernel_gpu(m, bits, zp):
+    from quanta.quantization.w_int_kernel import w_int_linear, w_int_linear_ref
+
+    x, p, s, z, b = _case(m, 512, 1024, 128, bits, zp, True, torch.bfloat16, "cuda")
+    ref = w_int_linear_ref(x.float(), p, s.float(), z, bits, 128, 1024, b.float())
+    assert _rel(w_int_linear(x, p, s, z, bits, 128, 1024, b), ref) < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_int8_mm_gpu_matches_reference(m):
+    from quanta.quantization.int_quant import quant_int8_per_channel, quant_int8_per_token
+    from quanta.quantization.smoothquant import int8_mm_gpu
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, 256, generator=g).cuda(), torch.randn(128, 256, generator=g).cuda()
+    xq, xs = quant_int8_per_token(x)
+    wq, ws = quant_int8_per_channel(w)
+    ref = (xq.float() * xs) @ (wq.float() * ws[:, None]).t()
+    assert _rel(int8_mm_gpu(xq, wq, xs, ws, torch.float32), ref) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_scaled_mm_matches_reference(per_channel):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    from quanta.quantization.fp8 import fp8_mm_gpu
+    from quanta.quantization.int_quant import quant_fp8_per_token, quant_fp8_weight, to_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 256, generator=g).cuda().bfloat16(), torch.randn(128, 256, generator=g).cuda()
+    wq, ws = quant_fp8_weight(w, per_channel)
+    if per_channel:
+        xq, xs = quant_fp8_per_token(x)
+    else:
+        xs = x.float().abs().amax() / 448
+        xq = to_fp8(x, xs)
+    ref = (xq.float() * xs) @ (wq.float() * ws).t()
+    assert _rel(fp8_mm_gpu(xq, wq, xs, ws, torch.bfloat16, None), ref) < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("algo", ["W4A16_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL", "FP8"])
+def test_quantized_model_kernels_match_reference_on_gpu(algo):
+    from quanta import LLM, SamplingParams
+    from quanta.assets import ASSETS
+    from quanta.config import CalibConfig, QuantConfig
+
+    if algo == "FP8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    kw = dict(quant_config=QuantConfig(quant_algo=algo), calib_config=CalibConfig(calib_dataset="random",
+              calib_batches=4, calib_max_seq_length=128), max_batch_size=8, enforce_eager=True)
+    p = SamplingParams(max_tokens=16)
+    with LLM(str(ASSETS / "quanta-tiny"), **kw) as fast:
+        a = fast.generate("Once upon a time", p, use_tqdm=False).outputs[0].token_ids
+    with LLM(str(ASSETS / "quanta-tiny"), disable_kernels=True, **kw) as ref:
+        b = ref.generate("Once upon a time", p, use_tqdm=False).outputs[0].token_ids
+    assert a[:8] == b[:8]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_all()))
