@@ -68,3 +68,18 @@ def test_batch_invariance(stories_llm):
     for p, b in zip(prompts, batch):
         alone = stories_llm.generate(p, params)
         assert alone.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_quanta_tiny_matches_hf():
+    """The embedded model: same greedy tokens and logits as transformers (loaded in float32 on the CPU)."""
+    from quanta.assets import ASSETS, DEFAULT_MODEL
+
+    _check_model(ASSETS / DEFAULT_MODEL, max_new=16)
+
+
+def test_quanta_tiny_story():
+    from quanta.assets import ASSETS, DEFAULT_MODEL
+
+    with LLM(str(ASSETS / DEFAULT_MODEL), max_batch_size=8) as llm:
+        text = llm.generate("Once upon a time", SamplingParams(max_tokens=24)).outputs[0].text
+    assert text.startswith(", there was a little girl named Lily")
