@@ -13,8 +13,8 @@ from quanta.engine.kv_cache import KVCacheManager
 from quanta.engine.output import RequestDelta
 from quanta.engine.output_processor import OutputProcessor
 from quanta.engine.request import Request, Sequence
-from quanta.errors import RequestFailure
 from quanta.engine.scheduler import Scheduler
+from quanta.errors import RequestFailure
 from quanta.sampling.sampler import make_generator
 
 
@@ -100,6 +100,9 @@ class LLMEngine:
         self.kv.begin_step()
         self.scheduler.update(out)
         deltas = self.outputs.process(out, runner_out, self.requests)
+        for rid, err in self.outputs.failed.items():
+            if (d := self.fail_request(rid, err)) is not None:
+                deltas.append(d)
         for d in deltas:
             if d.finished:
                 self.requests.pop(d.request_id, None)

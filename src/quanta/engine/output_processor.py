@@ -13,21 +13,39 @@ class OutputProcessor:
     def __init__(self, scheduler: Scheduler, beams=None):
         self.scheduler = scheduler
         self.beams = beams  # BeamSearch (engine/beam_search.py): beam rows carry candidates, not tokens
+        self.failed: dict[int, BaseException] = {}
 
     def process(self, out: SchedulerOutput, runner_out, requests: dict[int, Request]) -> list[RequestDelta]:
         touched: dict[int, Request] = {}
+        self.failed: dict[int, BaseException] = {}  # request_id -> its own error (tokenizer, stop handling)
         self._add_prompt_extras(out, runner_out)
         rows = zip(runner_out.sampled_seqs, runner_out.sampled_token_ids, runner_out.sampled_logprobs,
                    runner_out.logprobs, runner_out.generation_logits)
         for seq, tok, lp, lp_dict, gen in rows:
-            if seq.is_finished:  # aborted while the step ran
+            rid = seq.request.request_id
+            if seq.is_finished or rid in self.failed:  # aborted while the step ran, or already failed
                 continue
-            self._append(seq, tok, lp, lp_dict, gen)
-            touched[seq.request.request_id] = seq.request
+            try:
+                self._append(seq, tok, lp, lp_dict, gen)
+            except Exception as e:  # one request's detokenizer / stop handling: only it fails
+                self.failed[rid] = e
+                continue
+            touched[rid] = seq.request
         if self.beams is not None:
             for req in self.beams.process(getattr(runner_out, "beam_rows", None)):
                 touched[req.request_id] = req
-        return [d for req in touched.values() if (d := self._delta(req)) is not None]
+        deltas = []
+        for rid, req in touched.items():
+            if rid in self.failed:
+                continue
+            try:
+                d = self._delta(req)
+            except Exception as e:
+                self.failed[rid] = e
+                continue
+            if d is not None:
+                deltas.append(d)
+        return deltas
 
     @staticmethod
     def _add_prompt_extras(out: SchedulerOutput, runner_out) -> None:
