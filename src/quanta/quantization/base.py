@@ -11,6 +11,7 @@ A method's life on a layer:
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -29,7 +30,7 @@ class QuantizationError(ValueError):
     pass
 
 
-class QuantMethod:
+class QuantMethod(abc.ABC):
     # Which calibration pass produces the weights: None (round-to-nearest, no data), 'awq', 'gptq',
     # 'smoothquant', 'amax' (static activation scales only).
     calibration: ClassVar[str | None] = None
@@ -40,17 +41,20 @@ class QuantMethod:
         self.algo = qc.quant_algo
 
     # --- lifecycle ------------------------------------------------------------------------------
+    @abc.abstractmethod
     def create_weights(self, layer: Linear) -> None:
-        raise NotImplementedError
+        """Every algorithm implements this (see the registry in this module)."""
 
+    @abc.abstractmethod
     def quantize(self, layer: Linear, stats: LinearStats | None = None) -> None:
-        raise NotImplementedError
+        """Every algorithm implements this (see the registry in this module)."""
 
     def process_after_loading(self, layer: Linear) -> None:
         pass
 
+    @abc.abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, out]
-        raise NotImplementedError
+        """Every algorithm implements this (see the registry in this module)."""
 
     # --- helpers --------------------------------------------------------------------------------
     def check_device(self, device: torch.device) -> None:
