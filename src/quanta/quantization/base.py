@@ -50,7 +50,8 @@ class QuantMethod(abc.ABC):
         """Every algorithm implements this (see the registry in this module)."""
 
     def process_after_loading(self, layer: Linear) -> None:
-        pass
+        """Optional hook after the checkpoint is loaded; most methods need nothing here."""
+        return None
 
     @abc.abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, out]
