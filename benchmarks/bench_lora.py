@@ -78,6 +78,16 @@ def measure(llm: LLM, prompts, params, loras, repeats: int) -> dict:
     return {"out_tok_s": tokens / t, "seconds": t, "times": times, "output_tokens": tokens}
 
 
+def trace(llm: LLM, prompts, params, loras) -> None:
+    """Kernel table of one generate (CUDA-graph replays show as one entry unless --eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
@@ -89,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--trace", action="store_true", help="print each run's top GPU kernels (torch.profiler)")
     a = ap.parse_args()
     cfg = json.loads(Path(a.config).read_text())
     vocab = cfg["vocab_size"]
@@ -112,6 +123,8 @@ def main() -> None:
         for name, extra, loras in runs:
             llm = LLM(a.config, **common, **extra)
             results[name] = measure(llm, prompts, params, loras, a.repeats)
+            if a.trace:
+                trace(llm, prompts, params, loras)
             print(f"{name:10s} {results[name]['out_tok_s']:10.1f} out tok/s ({results[name]['seconds']:.3f} s)",
                   flush=True)
             llm.shutdown()

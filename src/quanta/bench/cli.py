@@ -11,11 +11,14 @@ import torch
 
 def register(sub) -> dict:
     p = sub.add_parser("bench", help="measure latency / throughput (and a transformers peer)")
-    p.add_argument("mode", choices=["latency", "throughput", "all"])
+    p.add_argument("mode", choices=["latency", "throughput", "prefill", "all"])
     p.add_argument("model", help="model folder, Hub id, or a config.json (dummy weights)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--decode-batch-sizes", default="64", help="'all': decode tok/s at these batch sizes")
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--prefill-prompts", type=int, default=16)
     p.add_argument("--peer", choices=["hf"], default=None, help="also run transformers' generate")
     p.add_argument("--peer-batch-sizes", default="1,64")
     p.add_argument("--dtype", default="auto")
@@ -58,7 +61,7 @@ def _peer(args, device) -> dict:
 def run(args) -> int:
     from quanta import LLM
     from quanta.bench.roofline import copy_bandwidth, matmul_flops, num_params, weight_bytes
-    from quanta.bench.runs import quanta_latency, quanta_throughput
+    from quanta.bench.runs import quanta_decode_batch, quanta_latency, quanta_prefill, quanta_throughput
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result: dict = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -84,13 +87,32 @@ def run(args) -> int:
         roof = result["copy_bw_GBs"] * 1e9 / (result["weight_bytes"] + kv_per_tok * avg_ctx)
         lat.update(roofline_tok_s=roof, fraction_of_roofline=lat["decode_tok_s"] / roof)
         result["latency"] = lat
+        result["decode_batch"] = [quanta_decode_batch(llm, int(b), args.input_len, args.output_len)
+                                  for b in args.decode_batch_sizes.split(",") if b and args.mode == "all"]
     if args.mode in ("throughput", "all"):
         result["throughput"] = quanta_throughput(llm, args.num_requests, args.input_len, args.output_len)
+    if args.mode in ("prefill", "all"):
+        pre = quanta_prefill(llm, args.prefill_len, args.prefill_prompts, *_flops(llm, args.prefill_len))
+        pre["fraction_of_matmul"] = pre["achieved_TFLOPs"] / result["matmul_TFLOPs"]
+        result["prefill"] = pre
     llm.shutdown()
     _print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _flops(llm, prompt_len: int) -> tuple[float, float]:
+    """(linear FLOPs per token = 2 x non-embedding params + the lm_head on the last token only is ignored,
+    causal attention FLOPs per prompt: QK^T and PV over half the square)."""
+    cfg = llm._built.hf_config
+    net = llm._built.engine.runner.model
+    embed = cfg.vocab_size * cfg.hidden_size
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    linear = sum(p.numel() for p in net.parameters()) - embed * (1 if tied else 2)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * prompt_len * prompt_len / 2
+    return 2.0 * linear, attn
 
 
 def _kv_bytes_per_token(llm) -> int:
@@ -107,6 +129,12 @@ def _print(r: dict) -> None:
         print(f"batch-1 {r['input_len']} in / {r['output_len']} out: TTFT {lat['ttft_s'] * 1e3:.1f} ms, "
               f"TPOT {lat['tpot_s'] * 1e3:.2f} ms, {lat['decode_tok_s']:.1f} tok/s "
               f"({100 * lat['fraction_of_roofline']:.1f}% of roofline {lat['roofline_tok_s']:.0f} tok/s)")
+    for d in r.get("decode_batch", []):
+        print(f"batch-{d['batch']} decode: {d['decode_tok_s']:.1f} out tok/s")
+    if "prefill" in r:
+        p = r["prefill"]
+        print(f"prefill {p['num_prompts']} x {p['prompt_len']} tokens: {p['tok_s']:.0f} tok/s, "
+              f"{p['achieved_TFLOPs']:.1f} TFLOP/s = {100 * p['fraction_of_matmul']:.1f}% of the measured matmul rate")
     if "throughput" in r:
         t = r["throughput"]
         print(f"throughput: {t['output_tok_s']:.1f} out tok/s, {t['total_tok_s']:.1f} total tok/s, "

@@ -48,6 +48,40 @@ def quanta_throughput(llm, num_requests: int, input_len: int, output_len: int) -
             "total_tok_s": (out_tokens + num_requests * input_len) / wall, "requests_s": num_requests / wall}
 
 
+def quanta_decode_batch(llm, batch: int, input_len: int, output_len: int) -> dict:
+    """Output tokens/s of `batch` requests decoding together, prefill taken out: (T(out=N) - T(out=1))."""
+    from quanta import SamplingParams
+
+    prompts = random_prompts(batch, input_len, llm._built.hf_config.vocab_size, seed=7)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    secs = max(run(output_len) - run(1), 1e-9)
+    return {"batch": batch, "decode_tok_s": batch * (output_len - 1) / secs}
+
+
+def quanta_prefill(llm, prompt_len: int, num_prompts: int, flops_per_token: float, attn_flops: float) -> dict:
+    """Prefill speed: `num_prompts` prompts of `prompt_len` tokens, one output token each. Achieved FLOP/s counts
+    the linear layers (2 x params per token) and causal attention (`attn_flops` per prompt)."""
+    from quanta import SamplingParams
+
+    vocab = llm._built.hf_config.vocab_size
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate(random_prompts(2, prompt_len, vocab, seed=5), params, use_tqdm=False)
+    prompts = random_prompts(num_prompts, prompt_len, vocab, seed=6)
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = num_prompts * prompt_len
+    flops = tokens * flops_per_token + num_prompts * attn_flops
+    return {"prompt_len": prompt_len, "num_prompts": num_prompts, "wall_s": wall, "tok_s": tokens / wall,
+            "achieved_TFLOPs": flops / wall / 1e12}
+
+
 def hf_generate(model, prompts: list[list[int]], output_len: int) -> float:
     """Seconds for transformers' generate over a padded batch (greedy, fixed output length)."""
     device = next(model.parameters()).device

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU round on the lent machine: `bash benchmarks/gpu_round.sh PART...` (parts below), logs to $OUT.
+# Needs ../shared's configs copied to .carry/shared (QUANTA_SHARED) since ../shared does not travel.
+set -o pipefail
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1 QUANTA_SHARED=${QUANTA_SHARED:-$PWD/.carry/shared}
+C=$QUANTA_SHARED/configs
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/gpu.log"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/gpu.log"
+for part in "$@"; do
+  echo "=== $part $(date +%T)" | tee -a "$OUT/gpu.log"
+  case $part in
+    tests) timeout 240 python -m pytest -q -x tests/gpu tests/test_quantization_kernels.py --timeout 200 2>&1 | tail -25 ;;
+    quant) timeout 300 python benchmarks/bench_quant.py --num-requests 512 --json "$OUT/bench_quant.json" 2>&1 | grep -v Warning ;;
+    lora) timeout 150 python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --out "$OUT/lora.json" ${LORA_ARGS:-} 2>&1 ;;
+    b1) timeout 150 quanta bench all "$C/llama-3.2-1b.json" --num-requests 1024 ${PEER:-} --json "$OUT/b1.json" 2>&1 | tail -12 ;;
+    b8) timeout 200 quanta bench all "$C/llama-3.1-8b.json" --num-requests 2048 ${PEER:-} --json "$OUT/b8.json" 2>&1 | tail -12 ;;
+    b8long) timeout 200 quanta bench throughput "$C/llama-3.1-8b.json" --num-requests 512 --input-len 1000 --output-len 1000 --json "$OUT/b8_1k.json" 2>&1 | tail -6 ;;
+    prof1) timeout 120 python benchmarks/profile_step.py "$C/llama-3.2-1b.json" --batch 1 --steps 64 --trace ${PROF_ARGS:-} 2>&1 | tail -40 ;;
+    gemv) timeout 150 python benchmarks/bench_gemv.py --json "$OUT/gemv.json" 2>&1 | tail -80 ;;
+    *) echo "unknown part $part" ;;
+  esac 2>&1 | tee -a "$OUT/gpu.log"
+done
