@@ -1,9 +1,10 @@
-"""Pydantic models of the HTTP schema (requests only; responses are built as plain dicts in app.py).
+"""Pydantic models of the HTTP schema (requests only; responses are built as plain dicts in
+completions.py / chat.py).
 
 Strict: a field of the wrong JSON type is a 400 naming it (no "1" -> 1 coercion; an int is accepted where
 a float is expected), and an unknown field is a 400 too, so that nothing a client asks for is silently
 ignored. Fields quanta knows of but cannot honour yet (response_format, tools ...) are declared here and
-refused with a 400 that says so (see app.py `_refuse_unsupported`).
+refused with a 400 that says so (see validation.py `refuse_unsupported`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class _SamplingFields(_Strict):
     best_of: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Any = None  # str | list[str]: checked in app.py for a clearer message
+    stop: Any = None  # str | list[str]: checked in validation.py for a clearer message
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
@@ -52,7 +53,7 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share KV blocks
-    # known, not honoured yet: a 400 saying so when set (see app.py)
+    # known, not honoured yet: a 400 saying so when set (see validation.py)
     response_format: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -65,7 +66,7 @@ class _SamplingFields(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in app.py
+    prompt: Any = None  # str | list[str] | list[int] | list[list[int]]: checked in prompts.py
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -83,7 +84,7 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # assistant tool calls / tool results: not supported yet (refused in app.py)
+    # assistant tool calls / tool results: not supported yet (refused in prompts.py)
     tool_calls: Any = None
     tool_call_id: Any = None
     function_call: Any = None
