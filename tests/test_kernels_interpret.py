@@ -54,7 +54,27 @@ OTHER_CHECKS = [
     "backend_mixed",
     "backend_decode",
 ]
-CHECK_NAMES = OTHER_CHECKS + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES] + [c[0] for c in WINDOW_CASES]
+# (name, M, N, K, bias, dtype, config string): the bf16-style GEMV (fp32 / fp16 in the interpreter)
+GEMV_CASES = [
+    ("gemv_m1_n37_k300_bias", 1, 37, 300, True, "float32", "bn4_bk128_sk1"),
+    ("gemv_m3_n19_k200_split3", 3, 19, 200, False, "float32", "bn4_bk64_sk3"),
+    ("gemv_m1_n33_k1000_autosplit", 1, 33, 1000, True, "float32", "bn8_bk128_sk0"),
+    ("gemv_m8_n40_k160_dot_split2_fp16", 8, 40, 160, True, "float16", "bn16_bk32_sk2_dot"),
+    ("gemv_m3_n21_k96_fp16_nodot", 3, 21, 96, False, "float16", "bn2_bk64_sk1"),
+]
+# (name, M, N, K, group, bits, zero point, bias, dtype, config string): the weight-only int GEMV
+W_INT_GEMV_CASES = [
+    ("wgemv4_m1_g32_ragged_bias", 1, 37, 300, 32, 4, False, True, "float32", "bn4_bk128_sk1"),
+    ("wgemv4_m3_g64_zp_split2", 3, 19, 200, 64, 4, True, False, "float32", "bn4_bk128_sk2"),
+    ("wgemv4_m1_g128_zp_bias_wide", 1, 13, 512, 128, 4, True, True, "float32", "bn4_bk256_sk0"),
+    ("wgemv8_m1_g128_bias", 1, 21, 384, 128, 8, False, True, "float32", "bn8_bk256_sk0"),
+    ("wgemv8_m3_g64_zp_split3", 3, 21, 384, 64, 8, True, False, "float32", "bn4_bk64_sk3"),
+    ("wgemv8_m2_per_channel", 2, 13, 512, 512, 8, False, False, "float32", "bn4_bk128_sk2"),
+    ("wgemv4_m8_g32_zp_dot_fp16", 8, 40, 160, 32, 4, True, True, "float16", "bn16_bk64_sk2_dot"),
+    ("wgemv8_m8_g128_dot_fp16", 8, 40, 300, 128, 8, False, False, "float16", "bn16_bk256_sk2_dot"),
+    ("wgemv4_m3_g128_dispatch", 3, 24, 256, 128, 4, False, True, "float32", None),
+]
+CHECK_NAMES = OTHER_CHECKS + [c[0] for c in GEMV_CASES] + [c[0] for c in W_INT_GEMV_CASES] + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES] + [c[0] for c in WINDOW_CASES]
 
 
 # ---------------------------------------------------------------- child side (TRITON_INTERPRET=1)
@@ -156,11 +176,36 @@ def _small_op_checks(results: dict) -> None:
     results["silu_and_mul"] = rel_err(silu_and_mul(x), silu_and_mul_ref(x))
 
 
+def _gemv_checks(results: dict) -> None:
+    import torch
+    from kernel_cases import rel_err
+    from test_quantization_kernels import _case
+
+    from quanta.kernels.gemv import GemvConfig, gemv, gemv_ref
+    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear, w_int_linear_ref
+
+    g = torch.Generator().manual_seed(0)
+    for name, m, n, k, bias, dtype, cfg in GEMV_CASES:
+        dt = getattr(torch, dtype)
+        x, w = torch.randn(m, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt)
+        b = torch.randn(n, generator=g).to(dt) if bias else None
+        ref = gemv_ref(x.float(), w.float(), b.float() if bias else None)
+        results[name] = rel_err(gemv(x, w, b, GemvConfig.parse(cfg)).float(), ref)
+    for name, m, n, k, group, bits, zp, bias, dtype, cfg in W_INT_GEMV_CASES:
+        x, p, s, z, b = _case(m, n, k, group, bits, zp, bias, getattr(torch, dtype), seed=len(name))
+        ref = w_int_linear_ref(x.float(), p, s.float(), z, bits, group, k, b.float() if bias else None)
+        if cfg is None:  # through the dispatch (M <= 16 -> GEMV)
+            out = w_int_linear(x, p, s, z, bits, group, k, b)
+        else:
+            out = w_int_gemv(x, p, s, z, bits, group, k, b, GemvConfig.parse(cfg))
+        results[name] = rel_err(out.float(), ref)
+
+
 def _run_all() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, str(HERE))
     results: dict = {}
-    for group in (_small_op_checks, _attention_checks, _backend_checks):
+    for group in (_small_op_checks, _gemv_checks, _attention_checks, _backend_checks):
         try:
             group(results)
         except Exception as e:  # report instead of dying: the parent shows it per check

@@ -29,10 +29,17 @@ W_INT_CASES = [
     ("w4_m40_g128", 40, 72, 256, 128, 4, False, False, torch.float32),
     ("w8_m33_g128_bias", 33, 80, 256, 128, 8, False, True, torch.float32),
     ("w8_per_channel_m70_zp", 70, 48, 64, 64, 8, True, False, torch.float32),
+    ("w8_per_channel_m2_gemv", 2, 40, 512, 512, 8, False, True, torch.float32),
+]
+# the tl.dot GEMM forced at small M (w_int_linear sends M <= 16 to the GEMV)
+W_INT_GEMM_CASES = [
+    ("gemm_w4_m1_g32_ragged_k", 1, 96, 172, 32, 4, False, False, torch.float32),
+    ("gemm_w4_m5_g64_zp_bias", 5, 64, 128, 64, 4, True, True, torch.float32),
+    ("gemm_w8_m3_g128", 3, 40, 256, 128, 8, False, False, torch.float32),
 ]
 
 
-def _case(m, n, k, group, bits, zp, bias, dtype, device="cpu", seed=0):
+def _case(m, n, k, group, bits, zp, bias, dtype, device="cpu", seed=0):  # also used by test_kernels_interpret
     from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
 
     g = torch.Generator().manual_seed(seed)
@@ -51,13 +58,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run_all() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from quanta.quantization.w_int_kernel import w_int_linear, w_int_linear_ref
+    from quanta.quantization.w_int_kernel import w_int_gemm, w_int_linear, w_int_linear_ref
 
     results: dict = {}
-    for name, m, n, k, group, bits, zp, bias, dtype in W_INT_CASES:
+    for name, m, n, k, group, bits, zp, bias, dtype in W_INT_CASES + W_INT_GEMM_CASES:
+        fn = w_int_gemm if name.startswith("gemm_") else w_int_linear
         try:
             x, p, s, z, b = _case(m, n, k, group, bits, zp, bias, dtype)
-            results[name] = _rel(w_int_linear(x, p, s, z, bits, group, k, b), w_int_linear_ref(x, p, s, z, bits, group, k, b))
+            results[name] = _rel(fn(x, p, s, z, bits, group, k, b), w_int_linear_ref(x, p, s, z, bits, group, k, b))
         except Exception as e:  # report per case
             results[name] = f"{type(e).__name__}: {e}"
     return results
@@ -75,7 +83,7 @@ def interpreted() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [c[0] for c in W_INT_CASES])
+@pytest.mark.parametrize("name", [c[0] for c in W_INT_CASES + W_INT_GEMM_CASES])
 def test_w_int_kernel_interpreted_matches_ref(interpreted: dict, name: str) -> None:
     err = interpreted.get(name, "missing")
     assert isinstance(err, float), err

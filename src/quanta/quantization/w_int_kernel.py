@@ -8,10 +8,13 @@ nibble = even k), weight_scale [N, G], weight_zero_point [N, G] uint8 or none (s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
-from quanta.kernels._compat import require_triton, tl, triton
+from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, resolve_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 
 
@@ -67,23 +70,26 @@ def _w_int_gemm_kernel(
 
 
 def kernel_supports(bits: int, group_size: int) -> bool:
-    """The kernel's K step must divide the group and give dots of >= 16 along K."""
+    """The GEMM's K step must divide the group and give dots of >= 16 along K (the GEMV is used where it can)."""
     return bits in (4, 8) and group_size % (32 if bits == 4 else 16) == 0
 
 
-def _blocks(m: int, group_size: int, bits: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): skinny tiles for decode (GEMV-like), square ones for prefill."""
+def gemm_blocks(m: int, group_size: int, bits: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM; BLOCK_K divides the group."""
     bk = next(b for b in (128, 64, 32, 16) if group_size % b == 0 and (bits == 8 or b >= 32))
-    if m <= 16:  # NOTE: narrow N tiles so a 4096-wide layer still spreads over ~128 programs (all SMs)
-        return 16, 32, bk, 4
+    if m <= 16:  # only when the GEMV cannot take the group size
+        return 16, 32, bk, 4, 3
     if m <= 64:
-        return 32, 64, min(bk, 64), 4
-    return 64, 128, min(bk, 64), 8
+        return 32, 64, min(bk, 64), 4, 3
+    if m <= 128:
+        return 64, 128, bk, 4, 3
+    return 128, 128, bk, 8, 3
 
 
-def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton)."""
+def w_int_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
+               blocks: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype with the tl.dot GEMM (prefill)."""
     require_triton()
     k, n = in_features, packed.shape[0]
     x2 = x.reshape(-1, k)
@@ -93,7 +99,7 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    bm, bn, bk, warps = _blocks(m, group_size, bits)
+    bm, bn, bk, warps, stages = blocks or gemm_blocks(m, group_size, bits)
     k_pad = packed.shape[1] * 8 // bits
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     # fmt: off
@@ -102,10 +108,156 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         m, n, k, k_pad,
         x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         GROUP=group_size, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)
+
+
+# fmt: off
+@triton.jit
+def _w_int_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_PAD, K_SPLIT, num_splits,
+    stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+    GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, NUM_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (pid_n, pid_k) streams BLOCK_N packed rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps).
+    A step is a [BLOCK_N, BLOCK_K * BITS / 8] byte tile viewed as [BLOCK_N, NG, CB]: NG chunks of SUB values
+    (SUB = the group, or BLOCK_K when the group is wider), each with one scale / zero per row.
+    Integers -> fp32 with the 2^23 trick (bits | 0x4B000000 is the float 2^23 + q), the zero folded into the
+    subtraction: w - (2^23 + z) = q - z exactly. int4: low nibbles = even k, high = odd k, so x's chunk splits
+    into its even / odd columns. No dot (M <= 4): per row of x, sum over each chunk, then one multiply by the
+    scale per chunk and row. Dot (fp16 / bf16, M <= 16): dequantize to x.dtype, tl.dot on a 16-row tile."""
+    NG: tl.constexpr = BLOCK_K // SUB
+    CB: tl.constexpr = SUB * BITS // 8  # bytes of one chunk of one row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked
+    offs_b = tl.arange(0, BLOCK_K * BITS // 8)
+    offs_x = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, NG)
+    w_rows = w_ptr + rows[:, None] * stride_wn
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, NG), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        bb = k0 * BITS // 8 + offs_b
+        q = tl.load(w_rows + bb[None, :], mask=bb[None, :] < K_PAD * BITS // 8, other=0).to(tl.int32)
+        q3 = tl.reshape(q, (BLOCK_N, NG, CB))
+        kg = k0 + offs_g * SUB
+        gidx = kg // GROUP
+        s = tl.load(s_ptr + rows[:, None] * stride_sn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0.0)
+        s = s.to(tl.float32)  # [BN, NG]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows[:, None] * stride_zn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0)
+            zb = z.to(tl.float32) + 8388608.0
+        else:
+            zb = tl.full((BLOCK_N, NG), 2 ** (BITS - 1) + 8388608.0, tl.float32)
+        if BITS == 4:
+            lo = ((q3 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # even k
+            hi = ((q3 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # odd k
+        else:
+            lo = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]
+            hi = lo
+        kx = k0 + offs_x
+        if USE_DOT:
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kx[None, :],
+                        mask=(offs_m[:, None] < M) & (kx[None, :] < K), other=0.0)
+            ws = tl.reshape(lo * s[:, :, None], (BLOCK_N, BLOCK_K * BITS // 8)).to(x.dtype)
+            if BITS == 4:
+                x_e, x_o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+                wh = tl.reshape(hi * s[:, :, None], (BLOCK_N, BLOCK_K // 2)).to(x.dtype)
+                acc += tl.dot(x_e, tl.trans(ws))
+                acc += tl.dot(x_o, tl.trans(wh))
+            else:
+                acc += tl.dot(x, tl.trans(ws))
+        else:
+            for m in tl.static_range(NUM_M):
+                xm = tl.load(x_ptr + m * stride_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
+                if BITS == 4:
+                    x_e, x_o = tl.split(tl.reshape(xm, (NG, CB, 2)))
+                    part = tl.sum(lo * x_e[None, :, :] + hi * x_o[None, :, :], axis=2)  # [BN, NG]
+                else:
+                    part = tl.sum(lo * tl.reshape(xm, (NG, CB))[None, :, :], axis=2)
+                acc3 += tl.where(offs_m[:, None, None] == m, (part * s)[None, :, :], 0.0)
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS, USE_SPLIT)
+# fmt: on
+
+
+def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | None:
+    """(BLOCK_K, SUB) for the GEMV: SUB = group (BLOCK_K a multiple of it) or BLOCK_K (dividing the group);
+    powers of two, >= 32 (int4) / 16 (int8) values a chunk. None: the GEMM has to run."""
+    lo = 32 if bits == 4 else 16
+    if group_size <= block_k:
+        ok = group_size >= lo and group_size & (group_size - 1) == 0
+        return (block_k, group_size) if ok else None
+    bk = block_k
+    while bk >= lo and group_size % bk:
+        bk //= 2
+    return (bk, bk) if bk >= lo else None
+
+
+def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
+               config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV)."""
+    require_triton()
+    k, n = in_features, packed.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    assert m <= MAX_M and packed.stride(1) == 1
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    k_pad = packed.shape[1] * 8 // bits
+    cfg = config or gemv_config(f"w{bits}", m, n, k)
+    use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
+    tile = gemv_tile(bits, group_size, cfg.block_k)
+    if tile is None:
+        raise ValueError(f"no GEMV tile for group_size={group_size}, bits={bits}")
+    bk, sub = tile
+    cfg = replace(cfg, block_k=bk)
+    split, cnt = resolve_split(cfg, n, k_pad, x.device)
+    k_split = triton.cdiv(triton.cdiv(k_pad, split), bk) * bk
+    split = triton.cdiv(k_pad, k_split)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    # fmt: off
+    _w_int_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
+        cnt if split > 1 else y,
+        m, n, k, k_pad, k_split, split,
+        x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
+        GROUP=group_size, SUB=sub, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+        USE_SPLIT=split > 1, USE_DOT=use_dot, NUM_M=m,
+        BLOCK_M=16 if use_dot else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # fmt: on
+    return y.reshape(*x.shape[:-1], n)
+
+
+def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype: the GEMV for <= 16 rows, else the GEMM."""
+    m = x.numel() // max(in_features, 1)
+    if bits in (4, 8) and m <= MAX_M:
+        cfg = gemv_config(f"w{bits}", m, packed.shape[0], in_features)
+        if gemv_tile(bits, group_size, cfg.block_k) is not None:
+            return w_int_gemv(x, packed, scale, zero, bits, group_size, in_features, bias, cfg)
+    return w_int_gemm(x, packed, scale, zero, bits, group_size, in_features, bias)
 
 
 def w_int_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

@@ -1,0 +1,334 @@
+"""Skinny GEMM for decode (M = 1..16): y[M, N] = x[M, K] @ W[N, K]^T (+ bias), W row-major (nn.Linear layout).
+
+Batch-1 decode reads every weight once per token, so a linear layer is bound by HBM bandwidth. cuBLAS's
+M=1 GEMV reaches ~74% of copy bandwidth on small Llama shapes; a tl.dot GEMM padded to M=16 launches too few
+programs. Here each program owns BLOCK_N output rows and streams them along K in BLOCK_K chunks (16-byte loads):
+- M <= 4 (`use_dot=False`): a broadcast multiply x[m, None, k] * W[None, n, k] accumulated element-wise in fp32
+  ([BLOCK_M, BLOCK_N, BLOCK_K] registers), reduced over K once at the end;
+- M in 5..16 (`use_dot=True`, fp16/bf16 only): tl.dot on [16, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles.
+Split-K: when N / BLOCK_N programs cannot fill the GPU several times over, SPLIT_K programs share a row block;
+each writes its fp32 partial to a workspace, bumps a per-row-block counter, and the last one to arrive sums the
+partials, adds the bias, stores y and resets the counter to 0. One launch, no memset (the counters are zeroed
+once when first allocated, then left at 0 by every launch), safe to capture in CUDA graphs.
+
+Configs (`GemvConfig`) come from `gemv_config(kind, m, n, k)`: the exact-shape table `GEMV_CONFIGS` (fill it
+from benchmarks/bench_gemv.py), else a heuristic; env `QUANTA_GEMV_CONFIG=bn4_bk512_sk0_w4_s3[_dot]` forces one
+config everywhere (sk0 = automatic split-K). No triton.autotune: nothing is timed at first call / during capture.
+
+`fast_linear(x, weight, bias)` picks this GEMV or F.linear per (M, N, K, dtype) from a per-process table that
+`tune_linear_shapes(shapes, ms)` fills by timing both on the GPU. Intended call site (not wired here): the
+engine calls `tune_linear_shapes` once at startup, after loading the model and before CUDA-graph capture, with
+the (out_features, in_features) of every unquantized Linear and the decode batch sizes it will capture; then
+`Linear.forward` calls `fast_linear(x, self.weight, self.bias)` instead of F.linear (untuned shapes = F.linear).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+
+MAX_M = 16  # the GEMV handles M <= MAX_M rows; larger M is a GEMM
+NUM_SMS_DEFAULT = 132  # H100 SXM; the real count is read from the device when there is one
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 4  # output rows per program
+    block_k: int = 512  # K elements per step (int4 / int8: elements, not bytes)
+    split_k: int = 0  # programs per row block along K; 0 = automatic
+    num_warps: int = 4
+    num_stages: int = 3
+    use_dot: bool = False  # tl.dot on a 16-row tile (fp16 / bf16 only) instead of a broadcast multiply
+
+    def __str__(self) -> str:
+        s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
+        return s + ("_dot" if self.use_dot else "")
+
+    @classmethod
+    def parse(cls, text: str) -> GemvConfig:
+        """'bn4_bk512_sk0_w4_s3[_dot]' (any subset of the fields, in any order) -> GemvConfig."""
+        keys = {"bn": "block_n", "bk": "block_k", "sk": "split_k", "w": "num_warps", "s": "num_stages"}
+        kw: dict = {}
+        for part in text.strip().lower().split("_"):
+            if part == "dot":
+                kw["use_dot"] = True
+                continue
+            head = part.rstrip("0123456789")
+            if head not in keys or head == part:
+                raise ValueError(f"bad GEMV config field {part!r} in {text!r}")
+            kw[keys[head]] = int(part[len(head) :])
+        return cls(**kw)
+
+
+# (kind, M, N, K) -> config; kind: "w16" (fp16 / bf16 / fp32 weights), "w4", "w8". Filled from bench_gemv.py.
+GEMV_CONFIGS: dict[tuple[str, int, int, int], GemvConfig] = {}
+_BITS = {"w16": 16, "w8": 8, "w4": 4}
+
+
+def num_sms(device: torch.device | None = None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS_DEFAULT
+
+
+def auto_split_k(cfg: GemvConfig, n: int, k: int, sms: int = NUM_SMS_DEFAULT) -> int:
+    """Split K until the grid holds >= 4 waves of programs, keeping >= 2 K steps per split (max 16)."""
+    programs, split = _cdiv(n, cfg.block_n), 1
+    while programs * split < 4 * sms and split < 16 and k >= 2 * (2 * split) * cfg.block_k:
+        split *= 2
+    return split
+
+
+def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
+    bits = _BITS[kind]
+    if m > 4:  # M in 5..16: one 16-row tl.dot tile
+        return GemvConfig(block_n=32, block_k=256 if bits == 16 else 512, num_warps=4, use_dot=True)
+    bn = 4 if m <= 2 else 8
+    bk = 2048 * 8 // bits // 2 if bits < 16 else 512  # ~1 KiB of each weight row per step (int4: 2048 / 2)
+    if bits == 16:  # the [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator: <= 64 registers a thread at 4 warps
+        bk = min(bk, 64 * 128 // (next_pow2(m) * bn))
+    return GemvConfig(block_n=bn, block_k=bk, num_warps=4)
+
+
+def gemv_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
+    env = os.environ.get("QUANTA_GEMV_CONFIG")
+    if env:
+        return GemvConfig.parse(env)
+    return GEMV_CONFIGS.get((kind, m, n, k)) or default_config(kind, m, n, k)
+
+
+def candidate_configs(kind: str, m: int, n: int, k: int) -> list[GemvConfig]:
+    """A handful of configs worth timing for one shape (the default first)."""
+    bits, out = _BITS[kind], [default_config(kind, m, n, k)]
+    if m <= 4:
+        step = 16 // bits  # scale block_k so the bytes per row per step match
+        for bn, bk, w in ((4, 256, 4), (8, 256, 4), (4, 1024, 8), (16, 128, 4), (2, 1024, 4)):
+            if bits == 16 and next_pow2(m) * bn * bk // (32 * w) > 128:
+                continue
+            out.append(GemvConfig(block_n=bn, block_k=bk * step, num_warps=w))
+    for bn, bk, w in ((32, 256, 4), (64, 256, 8), (16, 512, 4)):
+        out.append(GemvConfig(block_n=bn, block_k=bk if bits == 16 else 2 * bk, num_warps=w, use_dot=True))
+    seen: set = set()
+    return [c for c in out if not (c in seen or seen.add(c))]
+
+
+# ------------------------------------------------------------------ split-K bookkeeping
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # grown-out buffers stay alive: captured graphs may still point at them
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 counters (>= n), one buffer per device; None during CUDA-graph capture if none is big enough
+    yet (the caller then runs without split-K). Every launch leaves the counters it used at 0."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return buf
+
+
+def resolve_split(cfg: GemvConfig, n: int, k: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    split = cfg.split_k or auto_split_k(cfg, n, k, num_sms(device))
+    split = max(1, min(split, _cdiv(k, cfg.block_k)))
+    cnt = split_counters(device, _cdiv(n, cfg.block_n)) if split > 1 else None
+    return (split, cnt) if cnt is not None else (1, None)
+
+
+# fmt: off
+@triton.jit
+def _store_rows(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 -> y (+ bias). Split-K: partial to ws [splits, M, N]; the last program of the
+    row block (counted by an acq_rel atomic) adds the partials up, stores y and resets the counter."""
+    if USE_SPLIT:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the (single-thread) atomic releases them
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if arrived == num_splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(num_splits):
+                total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_rows(total, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    else:
+        _store_rows(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_SPLIT, num_splits,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
+    K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked: loads stay unpredicated along N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + rows[:, None] * stride_wn
+    mask_m = offs_m[:, None] < M
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0).to(tl.float32)
+            acc3 += x[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc3, axis=2)
+    gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS, USE_SPLIT)
+# fmt: on
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N] in x.dtype, for <= MAX_M rows of x (Triton)."""
+    require_triton()
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    assert m <= MAX_M and weight.stride(1) == 1, (m, weight.stride())
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or gemv_config("w16", m, n, k)
+    use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
+    split, cnt = resolve_split(cfg, n, k, x.device)
+    k_split = _cdiv(_cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = _cdiv(k, k_split)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    # fmt: off
+    _gemv_kernel[(_cdiv(n, cfg.block_n), split)](
+        x2, weight, bias if bias is not None else weight, y, ws, cnt if split > 1 else y,
+        m, n, k, k_split, split,
+        x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, USE_SPLIT=split > 1, USE_DOT=use_dot,
+        BLOCK_M=16 if use_dot else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # fmt: on
+    return y.reshape(*x.shape[:-1], n)
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------ per-shape dispatch: GEMV or cuBLAS
+_LINEAR_CHOICE: dict[tuple[int, int, int, torch.dtype], GemvConfig] = {}
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the GEMV where `tune_linear_shapes` found it faster for this (M, N, K, dtype). No timing here."""
+    n, k = weight.shape
+    m = x.numel() // k if k else 0
+    cfg = _LINEAR_CHOICE.get((m, n, k, x.dtype)) if m <= MAX_M else None
+    if cfg is None or not x.is_cuda or weight.stride(1) != 1:
+        return F.linear(x, weight, bias)
+    return gemv(x, weight, bias, cfg)
+
+
+def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = None) -> float:
+    """Median microseconds of fn() on the GPU: each rep runs after an L2 flush (weights are cold in decode) that
+    also keeps the GPU busy while the CPU enqueues the timed launch."""
+    for _ in range(warmup):
+        fn()
+    if flush is None:
+        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2] * 1e3
+
+
+def tune_linear_shapes(shapes, ms=(1, 2, 4, 8, 16), dtype: torch.dtype = torch.bfloat16, device="cuda",
+                       candidates: list[GemvConfig] | None = None, reps: int = 30, margin: float = 0.97) -> list[dict]:
+    """For every (N, K) in `shapes` and M in `ms`: time F.linear and the GEMV candidates (random weights), keep the
+    GEMV config for fast_linear when it beats F.linear by `margin`. Call before CUDA-graph capture (it compiles
+    and times kernels). Returns one dict per (M, N, K) with the timings, for logging."""
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    report = []
+    for n, k in dict.fromkeys((int(a), int(b)) for a, b in shapes):
+        w = torch.randn(n, k, device=device, dtype=dtype)
+        for m in ms:
+            if m > MAX_M:
+                continue
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ref = F.linear(x.float(), w.float())
+            t_ref = time_cuda(partial(F.linear, x, w), reps, flush=flush)
+            best, t_best = None, float("inf")
+            for cfg in candidates or candidate_configs("w16", m, n, k):
+                try:
+                    out = gemv(x, w, None, cfg)
+                    if (out.float() - ref).abs().max() > 2e-2 * ref.abs().max():
+                        continue
+                    t = time_cuda(partial(gemv, x, w, None, cfg), reps, flush=flush)
+                except Exception:  # a config that does not compile on this GPU / triton is skipped
+                    continue
+                if t < t_best:
+                    best, t_best = cfg, t
+            key = (m, n, k, dtype)
+            if best is not None and t_best < margin * t_ref:
+                _LINEAR_CHOICE[key] = best
+            else:
+                _LINEAR_CHOICE.pop(key, None)
+            report.append(dict(m=m, n=n, k=k, cublas_us=t_ref, gemv_us=t_best, config=str(best),
+                               use_gemv=key in _LINEAR_CHOICE))
+        del w
+    return report
+
+
+def set_linear_choice(m: int, n: int, k: int, dtype: torch.dtype, config: GemvConfig | None) -> None:
+    """Pin (or with None, clear) the dispatch of one shape by hand, e.g. from a saved tuning run."""
+    if config is None:
+        _LINEAR_CHOICE.pop((m, n, k, dtype), None)
+    else:
+        _LINEAR_CHOICE[(m, n, k, dtype)] = replace(config)
