@@ -5,6 +5,8 @@ Resolves the LLM arguments once into a frozen EngineConfig.
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 from dataclasses import dataclass
@@ -88,7 +90,9 @@ def build(model, args: LlmArgs, dtype, revision, trust_remote_code, tokenizer) -
                                                    config.max_seq_len))
     from dataclasses import replace
 
-    config = replace(config, num_kv_blocks=blocks, num_host_kv_blocks=host_blocks)
+    overlap = (not args.disable_overlap_scheduler if args.disable_overlap_scheduler is not None
+               else device.type == "cuda" or os.environ.get("QUANTA_OVERLAP") == "1")
+    config = replace(config, num_kv_blocks=blocks, num_host_kv_blocks=host_blocks, overlap_scheduler=overlap)
     kv_tokens = blocks * config.tokens_per_block
     logger.info("quanta: %s on %s (%s); KV cache %d tokens (%d blocks), max concurrency %.1f at max_seq_len",
                 getattr(hf_config, "architectures", ["?"])[0], device, torch_dtype, kv_tokens, blocks,

@@ -233,4 +233,6 @@ class EngineConfig:
     enable_block_reuse: bool = False
     enable_partial_reuse: bool = False
     num_host_kv_blocks: int = 0  # host-tier blocks for evicted reusable blocks (KvCacheConfig.host_cache_size)
+    # Launch step N+1 before step N's tokens reach the host (engine/engine.py: overlap); plain greedy only
+    overlap_scheduler: bool = False
     extra: dict = field(default_factory=dict)

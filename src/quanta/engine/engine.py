@@ -15,7 +15,9 @@ from quanta.engine.output_processor import OutputProcessor
 from quanta.engine.request import Request, Sequence
 from quanta.engine.scheduler import Scheduler
 from quanta.errors import RequestFailure
-from quanta.sampling.sampler import make_generator
+from quanta.sampling.sampler import is_plain_greedy, make_generator
+
+PLACEHOLDER = 0  # token id standing for a token still on the device (overlap scheduling); never read
 
 
 class LLMEngine:
@@ -32,6 +34,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.scheduler, self.beams)
         self.stats: deque[dict] = deque(maxlen=1000)
         self.iteration = 0
+        # Overlap scheduling (config.overlap_scheduler): the launched step whose tokens the host has not read,
+        # and the requests that need the synchronous path (anything but plain greedy)
+        self._pending = None
+        self._sync_only: set[int] = set()
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, req: Request, streaming: bool = False) -> None:
@@ -49,6 +55,8 @@ class LLMEngine:
                 + "; lower max_tokens or raise KvCacheConfig.max_tokens"
             )
         req.extra["streaming"] = streaming
+        if not (is_plain_greedy(p) and req.beam is None and not req.needs_prompt_logits):
+            self._sync_only.add(req.request_id)
         for i in range(num_seqs):
             seed = None if p.seed is None else p.seed + i
             seq = Sequence(
@@ -61,8 +69,12 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[req.request_id] = req
 
+    def _forget(self, request_id: int) -> Request | None:
+        self._sync_only.discard(request_id)
+        return self.requests.pop(request_id, None)
+
     def abort_request(self, request_id: int, reason: str = "cancelled") -> RequestDelta | None:
-        req = self.requests.pop(request_id, None)
+        req = self._forget(request_id)
         if req is None:
             return None
         req.aborted = True
@@ -71,7 +83,7 @@ class LLMEngine:
         return self.outputs.final_delta(req)
 
     def fail_request(self, request_id: int, error: BaseException) -> RequestDelta | None:
-        req = self.requests.pop(request_id, None)
+        req = self._forget(request_id)
         if req is None:
             return None
         req.error = error
@@ -85,11 +97,16 @@ class LLMEngine:
     # --- the loop body --------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         t0 = time.perf_counter()
+        overlap = self.config.overlap_scheduler and not self._sync_only
+        if self._pending is not None and not overlap:  # a request that needs the host's tokens came in
+            return self._finish_pending()
         out = self.scheduler.schedule()
         if out.is_empty and self.beams.release_idle():  # beams waiting for a preempted sibling held the blocks
             out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return self._finish_pending() if self._pending is not None else []
+        if overlap:
+            return self._step_overlapped(out, t0)
         try:
             runner_out = self.runner.execute(out)
         except RequestFailure as e:  # nothing was committed: the others simply run again next step
@@ -100,13 +117,55 @@ class LLMEngine:
         self.kv.begin_step()
         self.scheduler.update(out)
         deltas = self.outputs.process(out, runner_out, self.requests)
+        self._drop_finished(deltas)
+        self._record_stats(out, time.perf_counter() - t0)
+        return deltas
+
+    def _drop_finished(self, deltas: list[RequestDelta]) -> None:
         for rid, err in self.outputs.failed.items():
             if (d := self.fail_request(rid, err)) is not None:
                 deltas.append(d)
         for d in deltas:
             if d.finished:
-                self.requests.pop(d.request_id, None)
+                self._forget(d.request_id)
+
+    # --- overlap scheduling -----------------------------------------------------------------------
+    def _step_overlapped(self, out, t0: float) -> list[RequestDelta]:
+        """Launch this step, then read and process the previous one's tokens while the GPU computes.
+
+        Sequences sampled here get a placeholder token at once, so the next schedule() sees them ready to
+        decode; the runner copies their real input id on the device. A sequence that the previous step
+        finished (EOS, stop string) ran once more for nothing: its result is dropped. One whose placeholder
+        is its last token (max_tokens, max_seq_len) is held out of scheduling until it resolves."""
+        try:
+            pending = self.runner.execute_async(out, self._pending)
+        except RequestFailure as e:  # nothing was committed: the others simply run again next step
+            delta = self.fail_request(e.request_id, e.cause)
+            return [delta] if delta else []
+        self.kv.begin_step()
+        deltas = self._finish_pending() if self._pending is not None else []
+        self.scheduler.update(out)
+        hold = self.scheduler.hold
+        for seq in pending.seqs:
+            if seq.is_finished:
+                continue
+            seq.token_ids.append(PLACEHOLDER)
+            seq.pending_token = True
+            if seq.num_output_tokens >= seq.request.params.max_tokens or seq.num_tokens >= seq.request.max_seq_len:
+                hold.add(seq.seq_id)
+        self._pending = pending
         self._record_stats(out, time.perf_counter() - t0)
+        return deltas
+
+    def _finish_pending(self) -> list[RequestDelta]:
+        pending, self._pending = self._pending, None
+        result = pending.resolve()
+        hold = self.scheduler.hold
+        if hold:
+            for seq in pending.seqs:
+                hold.discard(seq.seq_id)
+        deltas = self.outputs.process(pending.out, result, self.requests)
+        self._drop_finished(deltas)
         return deltas
 
     def _record_stats(self, out, step_time: float) -> None:

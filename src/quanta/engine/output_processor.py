@@ -70,6 +70,7 @@ class OutputProcessor:
 
     def _append(self, seq: Sequence, tok: int, lp: float, lp_dict, gen) -> None:
         req, p = seq.request, seq.request.params
+        seq.drop_placeholder()  # overlap scheduling: the token it stood for is `tok`
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         if not p.exclude_input_from_output and seq.num_output_tokens == 0:

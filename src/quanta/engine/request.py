@@ -43,6 +43,13 @@ class Sequence:
     # Chain hashes of the full blocks of token_ids (prefix reuse), memoized by KVCacheManager.chain_hashes.
     # NOTE: whoever rewrites token_ids in place (rather than appending) must reset this list.
     block_hashes: list[bytes] = field(default_factory=list)
+    # Overlap scheduling: token_ids[-1] is a placeholder for a token still on the device (engine/engine.py)
+    pending_token: bool = False
+
+    def drop_placeholder(self) -> None:
+        if self.pending_token:
+            self.token_ids.pop()
+            self.pending_token = False
 
     @property
     def num_tokens(self) -> int:

@@ -48,6 +48,8 @@ class Scheduler:
         self.num_preemptions = 0
         # Extra admission check, (seq, running) -> bool; LoRA: the running sequences' adapters fit the device slots
         self.admission_gate = None
+        # seq_ids not to schedule: their in-flight token (overlap scheduling) is their last one
+        self.hold: set[int] = set()
         self.equal_progress = (
             config.enable_chunked_prefill
             and getattr(config, "context_chunking_policy", None) == ContextChunkingPolicy.EQUAL_PROGRESS
@@ -118,9 +120,12 @@ class Scheduler:
         then the prompt budget by policy over running prompts and waiting candidates."""
         budget, plan = self.config.max_num_tokens, {}
         decodes, prompts, others, demands = [], [], [], []
+        hold = self.hold
         for seq in self.running:
             remaining = len(seq.token_ids) - seq.num_computed_tokens
-            if remaining == 1:
+            if hold and seq.seq_id in hold:
+                others.append(seq)
+            elif remaining == 1:
                 decodes.append(seq)
             elif remaining > 1:
                 prompts.append(seq)
@@ -296,6 +301,8 @@ class Scheduler:
         bs, reuse = self.kv.block_size, self.kv.enable_block_reuse
         for s in out.scheduled:
             seq = s.seq
+            if seq.is_finished:  # overlap scheduling: it finished while this step ran
+                continue
             seq.num_computed_tokens += s.num_new_tokens
             if reuse and seq.num_computed_tokens // bs != (seq.num_computed_tokens - s.num_new_tokens) // bs:
                 self.kv.cache_full_blocks(seq)
@@ -304,6 +311,8 @@ class Scheduler:
         if seq.is_finished:
             return
         seq.status = SequenceStatus.FINISHED
+        seq.drop_placeholder()
+        self.hold.discard(seq.seq_id)
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         if seq in self.running:

@@ -45,6 +45,8 @@ class LlmArgs:
     device: str | None = None  # default: cuda when available, else cpu
     attn_backend: str | None = None  # default: 'triton' on cuda, 'torch_ref' on cpu
     enforce_eager: bool = False  # no CUDA graphs
+    # TensorRT-LLM's overlap scheduler: None = on for CUDA, off on a CPU (no gain there; QUANTA_OVERLAP=1 forces it)
+    disable_overlap_scheduler: bool | None = None
     disable_kernels: bool = False  # PyTorch reference ops instead of the fused Triton ones (GPU)
     allow_pickle_weights: bool = False
     seed: int | None = None
@@ -81,6 +83,8 @@ class LlmArgs:
         for name in ("enable_lora", "enable_chunked_prefill", "enable_tqdm", "return_perf_metrics", "enforce_eager",
                      "disable_kernels", "allow_pickle_weights"):
             _check_bool(f"LLM {name}", getattr(self, name, False))
+        if self.disable_overlap_scheduler is not None:
+            _check_bool("LLM disable_overlap_scheduler", self.disable_overlap_scheduler)
         for name in ("device", "attn_backend", "generation_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -20,6 +20,7 @@ from quanta.sampling.types import SamplingRow
 from quanta.worker import kv_transfer
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
 from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
+from quanta.worker.pending import HostRing, PendingStep, feed_pending_inputs
 
 
 @dataclass
@@ -51,6 +52,10 @@ class ModelRunner:
         self.max_seq_len = max_seq_len
         self.graphs = None  # CudaGraphRunner once captured
         self.lora = None  # quanta.lora.LoRAManager when LoRA is on: fills the step's token -> adapter slots
+        self.ring = HostRing(max_batch_size, device)  # overlap scheduling: sampled tokens -> host
+        # NOTE: overlap scheduling builds step N+1's inputs in the pinned staging buffers while step N may not
+        # have read them yet: each build first waits for the previous step's uploads (event after them).
+        self._uploaded = None
 
     def capture_cuda_graphs(self, max_batch_size: int) -> None:
         from quanta.worker.cuda_graph import CudaGraphRunner, graph_batch_sizes
@@ -111,6 +116,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
         self._copy_blocks(out)
         graph_bs = self._graph_bucket(out)
         batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
@@ -143,6 +151,34 @@ class ModelRunner:
         sampled = self.sampler(logits, rows)
         self._collect(seqs, rows, logits, sampled, result)
         return result
+
+    @torch.inference_mode()
+    def execute_async(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
+        """Launch a step whose sampling rows are all plain greedy without waiting for its tokens; rows whose
+        input is `prev`'s still-unread token get it on the device. The caller resolves the result later."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        self._copy_blocks(out)
+        graph_bs = self._graph_bucket(out)
+        batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
+        feed_pending_inputs(out, batch.token_offsets, self.buffers.input_ids, prev)
+        if self.lora is not None:
+            self.lora.prepare(out.scheduled, batch.num_tokens)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+        seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        if graph_bs:
+            _, (ids, lps) = self.graphs.replay(graph_bs)
+            ids, lps = ids[: len(seqs)], lps[: len(seqs)]
+        else:
+            with forward_context(batch.meta, self.backend):
+                hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
+            if not seqs:
+                return PendingStep(out, [], None, None, None, None)
+            ids, lps = greedy_sample(self.model.compute_logits(hidden[batch.logits_indices]))
+        host_ids, host_lps, event = self.ring.copy_out(ids, lps)
+        return PendingStep(out, seqs, ids, host_ids, host_lps, event, {s.seq_id: i for i, s in enumerate(seqs)})
 
     def _beam_rows(self, seqs, logits, greedy, result: RunnerOutput):
         """Beam-search rows hand their top candidates to the engine instead of sampling (sampling/beam.py);

@@ -1,0 +1,100 @@
+"""Overlap scheduling, the runner's side: a step whose sampled tokens are still on the device.
+
+The engine launches step N+1 before it reads step N's tokens (TensorRT-LLM's overlap scheduler), so the
+host's scheduling, input building and output processing run while the GPU computes. This works for steps
+whose every sampling row is plain greedy (argmax, nothing else): their tokens never need the host before
+the next forward. A sequence whose last token is still in flight carries a placeholder
+(`Sequence.pending_token`); its input id for the next step is copied on the device from the step that
+samples it (`feed_pending_inputs`), and the host learns the real id when `PendingStep.resolve` waits for it.
+
+One step's tokens are copied to pinned host memory behind its forward (two buffers, alternating), and an
+event marks when they have landed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from quanta.engine.request import Sequence
+from quanta.engine.scheduler import SchedulerOutput
+
+
+@dataclass
+class PendingStep:
+    out: SchedulerOutput
+    seqs: list[Sequence]  # the rows that sampled, in row order
+    ids: torch.Tensor | None  # [R] int64 on the device: what the next step's inputs are copied from
+    host_ids: torch.Tensor | None  # [>= R] int64 (pinned on CUDA): filled once `event` has passed
+    host_lps: torch.Tensor | None  # [>= R] float32
+    event: torch.cuda.Event | None
+    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row in ids
+
+    def resolve(self):
+        """Wait for the tokens; -> RunnerOutput (plain greedy rows only)."""
+        from quanta.worker.model_runner import RunnerOutput
+
+        result = RunnerOutput()
+        if not self.seqs:
+            return result
+        if self.event is not None:
+            self.event.synchronize()
+        n = len(self.seqs)
+        result.sampled_seqs = self.seqs
+        result.sampled_token_ids = self.host_ids[:n].tolist()
+        result.sampled_logprobs = self.host_lps[:n].tolist()
+        result.logprobs, result.generation_logits = [None] * n, [None] * n
+        return result
+
+
+class HostRing:
+    """Two pinned (ids, logprobs) buffer pairs used in turn: a step's copy never overwrites the pair the
+    engine has yet to read (the previous step's)."""
+
+    def __init__(self, size: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.bufs = [(torch.zeros(size, dtype=torch.int64, pin_memory=pin),
+                      torch.zeros(size, dtype=torch.float32, pin_memory=pin)) for _ in range(2)]
+        self.turn = 0
+        self.device = device
+
+    def copy_out(self, ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        host_ids, host_lps = self.bufs[self.turn]
+        self.turn ^= 1
+        n = ids.shape[0]
+        if self.device.type != "cuda":
+            host_ids[:n].copy_(ids)
+            host_lps[:n].copy_(lps)
+            return host_ids, host_lps, None
+        host_ids[:n].copy_(ids, non_blocking=True)
+        host_lps[:n].copy_(lps.float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host_ids, host_lps, event
+
+
+def feed_pending_inputs(out: SchedulerOutput, token_offsets: list[int], input_ids: torch.Tensor,
+                        prev: PendingStep | None) -> None:
+    """Rows whose input token is still on the device (a placeholder) get it from `prev`'s sampled ids."""
+    if prev is None or prev.ids is None:
+        return
+    dst, src = [], []
+    rows = prev.rows
+    for i, s in enumerate(out.scheduled):
+        if s.seq.pending_token:
+            r = rows.get(s.seq.seq_id)
+            if r is None:  # cannot happen: a placeholder is always the previous step's sample
+                raise RuntimeError(f"overlap scheduling: sequence {s.seq.seq_id} has no token in flight")
+            dst.append(token_offsets[i])
+            src.append(r)
+    if not dst:
+        return
+    n = len(dst)
+    if dst == src == list(range(n)):  # the steady state: same sequences in the same order
+        input_ids[:n].copy_(prev.ids[:n])
+        return
+    dev = input_ids.device
+    d = torch.tensor(dst, dtype=torch.int64).to(dev, non_blocking=True)
+    s = torch.tensor(src, dtype=torch.int64).to(dev, non_blocking=True)
+    input_ids.index_copy_(0, d, prev.ids.index_select(0, s))
