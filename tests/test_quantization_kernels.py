@@ -121,22 +121,38 @@ def test_int8_mm_gpu_matches_reference(m):
 
 @cuda
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_fp8_scaled_mm_matches_reference(per_channel):
+@pytest.mark.parametrize("m", [1, 5, 16, 77])
+def test_fp8_quant_kernel_and_scaled_mm_match_reference(per_channel, m):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs sm_89+")
-    from quanta.quantization.fp8 import fp8_mm_gpu
-    from quanta.quantization.int_quant import quant_fp8_per_token, quant_fp8_weight, to_fp8
+    from quanta.config import QuantConfig
+    from quanta.kernels.fp8_quant import quant_fp8
+    from quanta.layers.linear import Linear
+    from quanta.quantization.base import get_quant_method
+    from quanta.quantization.int_quant import quant_fp8_per_token, to_fp8
 
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(5, 256, generator=g).cuda().bfloat16(), torch.randn(128, 256, generator=g).cuda()
-    wq, ws = quant_fp8_weight(w, per_channel)
+    x = torch.randn(m, 256, generator=g).cuda().bfloat16()
+    static = x.float().abs().amax().reshape(()) / 448
+    xq, xs = quant_fp8(x, None if per_channel else static, m + (-m) % 16)
+    rq, rs = quant_fp8_per_token(x) if per_channel else (to_fp8(x, static), static)
+    assert torch.equal(xq[:m].float(), rq.float()) and not xq[m:].float().any()
     if per_channel:
-        xq, xs = quant_fp8_per_token(x)
-    else:
-        xs = x.float().abs().amax() / 448
-        xq = to_fp8(x, xs)
-    ref = (xq.float() * xs) @ (wq.float() * ws).t()
-    assert _rel(fp8_mm_gpu(xq, wq, xs, ws, torch.bfloat16, None), ref) < 2e-2
+        assert torch.allclose(xs[:m], rs)
+    lin = Linear(256, 128).cuda().bfloat16()
+    lin.weight.data.normal_(generator=torch.Generator("cuda").manual_seed(1))
+    method = get_quant_method(QuantConfig(quant_algo="FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8"))
+    stats = type("S", (), {"act_amax": x.float().abs().amax()})()
+    method.quantize(lin, stats)
+    ref = (rq.float() * rs) @ (lin.weight.float() * lin.weight_scale).t()
+    from quanta.layers import fast_ops
+
+    was = fast_ops.use_kernels()
+    fast_ops.set_use_kernels(True)
+    try:
+        assert _rel(lin(x), ref) < 2e-2
+    finally:
+        fast_ops.set_use_kernels(was)
 
 
 @cuda

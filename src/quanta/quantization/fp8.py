@@ -46,34 +46,32 @@ class Fp8Linear(QuantMethod):
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         x = pre_scale(layer, x)
-        xq, xs = self.quant_act(layer, x)
         if use_fast_path(x) and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
-            return fp8_mm_gpu(xq, layer.weight, xs, layer.weight_scale, x.dtype, layer.bias)
+            return self._apply_gpu(layer, x)
+        xq, xs = self.quant_act(layer, x)
         w = (layer.weight.float() * layer.weight_scale).to(x.dtype)
         return F.linear((xq.float() * xs).to(x.dtype), w, layer.bias)
 
+    def _apply_gpu(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """One Triton kernel quantizes (and pads) the activation, then _scaled_mm with fast accumulation."""
+        from quanta.kernels.fp8_quant import quant_fp8
+
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        xq, xs = quant_fp8(x2, None if self.per_channel else layer.input_scale, m + (-m) % 16)
+        ws = layer.weight_scale
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs if self.per_channel else xs.reshape(()),
+                             scale_b=ws.reshape(1, -1) if self.per_channel else ws.reshape(()), out_dtype=out_dtype,
+                             use_fast_accum=True)[:m]
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
     def checkpoint_config(self) -> dict:
         return {**super().checkpoint_config(), "per_channel": self.per_channel}
-
-
-def fp8_mm_gpu(xq: torch.Tensor, wq: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """torch._scaled_mm wants the second operand column-major (w [N, K] row-major, transposed) and the row
-    count a multiple of 16: pad small batches. Row-wise scales: a [M, 1], b [1, N]."""
-    m = xq.shape[0]
-    pad = (-m) % 16
-    if pad:
-        xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(FP8_DTYPE)
-        if xs.dim() == 2 and xs.shape[0] == m:
-            xs = F.pad(xs, (0, 0, 0, pad), value=1.0)
-    rowwise = ws.dim() == 2
-    scale_b = ws.reshape(1, -1) if rowwise else ws.reshape(())
-    scale_a = xs if rowwise else xs.reshape(())
-    out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    y = torch._scaled_mm(xq, wq.t(), scale_a=scale_a.float(), scale_b=scale_b.float(), out_dtype=out_dtype,
-                         bias=None)
-    y = y[:m].to(dtype)
-    return y if bias is None else y + bias
 
 
 register(QuantAlgo.FP8)(lambda qc: Fp8Linear(qc, per_channel=False))
