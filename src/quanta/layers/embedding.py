@@ -24,5 +24,6 @@ class LMHead(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        return F.linear(hidden, self.weight).float()
+    def forward(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        logits = F.linear(hidden, self.weight)
+        return logits.float() if float32 else logits

@@ -41,6 +41,17 @@ def fused_add_rms_norm(
     return rms_norm_ref(residual, weight, eps), residual
 
 
+def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, vocab] -> (argmax ids [R] int64, their log-probabilities [R] float32)."""
+    if _USE_KERNELS and logits.is_cuda:
+        from quanta.kernels.greedy import greedy_sample_fused
+
+        return greedy_sample_fused(logits)
+    from quanta.sampling.sampler import greedy_sample as ref
+
+    return ref(logits.float())
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     if _USE_KERNELS and x.is_cuda:
         from quanta.kernels.activation import silu_and_mul as k

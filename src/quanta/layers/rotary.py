@@ -65,6 +65,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
+    def fusable(self, q: torch.Tensor) -> bool:
+        """The Triton kernels run (CUDA) and the rotation covers the whole head (the fused cache write's case)."""
+        from quanta.layers import fast_ops
+
+        return fast_ops.use_kernels() and q.is_cuda and 2 * self.cos_cache.shape[-1] == self.head_dim
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, D]; k: [T, KH, D]
         from quanta.layers import fast_ops

@@ -14,7 +14,7 @@ import torch
 
 from quanta.attention.forward_context import forward_context
 from quanta.attention.metadata import AttentionMetadata
-from quanta.sampling.sampler import greedy_sample
+from quanta.layers import fast_ops
 
 logger = logging.getLogger("quanta")
 
@@ -37,7 +37,7 @@ class CudaGraphRunner:
         self.max_seq_len = max_seq_len
         self.batch_sizes = batch_sizes
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] float32
+        self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] in the model's dtype
         self.greedy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # argmax ids, their logprobs [bs]
 
     @property
@@ -58,7 +58,7 @@ class CudaGraphRunner:
         b = self.buffers
         with forward_context(self._meta(bs), self.backend):
             hidden = self.model(b.input_ids[:bs], b.positions[:bs])
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, float32=False)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -78,12 +78,12 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[bs] = self._forward(bs)
                 # NOTE: argmax in the graph saves plain-greedy steps the sampler's launches
-                self.greedy[bs] = greedy_sample(self.logits[bs])
+                self.greedy[bs] = fast_ops.greedy_sample(self.logits[bs])
             self.graphs[bs] = graph
         torch.cuda.synchronize()
         logger.info("quanta: captured %d CUDA graphs for decode batch sizes up to %d", len(self.graphs), n)
 
     def replay(self, bs: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Run the graph; returns (logits [bs, vocab], (argmax ids [bs], their logprobs [bs]))."""
+        """Run the graph; returns (logits [bs, vocab] in the model's dtype, (argmax ids [bs], their logprobs))."""
         self.graphs[bs].replay()
         return self.logits[bs], self.greedy[bs]

@@ -15,7 +15,8 @@ from quanta.attention.forward_context import forward_context
 from quanta.engine.request import Sequence
 from quanta.engine.scheduler import SchedulerOutput
 from quanta.sampling.beam import PendingBeamRows, beam_candidates
-from quanta.sampling.sampler import Sampler, greedy_sample, is_plain_greedy
+from quanta.layers import fast_ops
+from quanta.sampling.sampler import Sampler, is_plain_greedy
 from quanta.sampling.types import SamplingRow
 from quanta.worker import kv_transfer
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
@@ -137,12 +138,15 @@ class ModelRunner:
                 return result
             logits = self.model.compute_logits(hidden[batch.logits_indices])  # [R, vocab] float32
         seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        plain = all(_plain_greedy(seq) for seq in seqs)
+        if not plain:
+            logits = logits.float()  # a graph's logits are in the model's dtype
         seqs, logits, greedy = self._beam_rows(seqs, logits, greedy, result)
         if not seqs:
             return result
-        if all(_plain_greedy(seq) for seq in seqs):  # argmax only: skip the sampler
+        if plain:  # argmax only: skip the sampler
             n = len(seqs)
-            ids, lps = (greedy[0][:n], greedy[1][:n]) if greedy is not None else greedy_sample(logits)
+            ids, lps = (greedy[0][:n], greedy[1][:n]) if greedy is not None else fast_ops.greedy_sample(logits)
             token_ids, lps = (t.tolist() for t in _to_host([ids, lps]))
             result.sampled_seqs, result.sampled_token_ids, result.sampled_logprobs = seqs, token_ids, lps
             result.logprobs, result.generation_logits = [None] * n, [None] * n
@@ -176,7 +180,7 @@ class ModelRunner:
                 hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
             if not seqs:
                 return PendingStep(out, [], None, None, None, None)
-            ids, lps = greedy_sample(self.model.compute_logits(hidden[batch.logits_indices]))
+            ids, lps = fast_ops.greedy_sample(self.model.compute_logits(hidden[batch.logits_indices], float32=False))
         host_ids, host_lps, event = self.ring.copy_out(ids, lps)
         return PendingStep(out, seqs, ids, host_ids, host_lps, event, {s.seq_id: i for i, s in enumerate(seqs)})
 
