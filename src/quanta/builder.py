@@ -5,10 +5,9 @@ Resolves the LLM arguments once into a frozen EngineConfig.
 
 from __future__ import annotations
 
-import os
-
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 

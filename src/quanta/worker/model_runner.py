@@ -14,8 +14,8 @@ from quanta.attention.backend import get_backend
 from quanta.attention.forward_context import forward_context
 from quanta.engine.request import Sequence
 from quanta.engine.scheduler import SchedulerOutput
-from quanta.sampling.beam import PendingBeamRows, beam_candidates
 from quanta.layers import fast_ops
+from quanta.sampling.beam import PendingBeamRows, beam_candidates
 from quanta.sampling.sampler import Sampler, is_plain_greedy
 from quanta.sampling.types import SamplingRow
 from quanta.worker import kv_transfer
