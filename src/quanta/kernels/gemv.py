@@ -112,7 +112,7 @@ def candidate_configs(kind: str, m: int, n: int, k: int) -> list[GemvConfig]:
     bits, out = _BITS[kind], [default_config(kind, m, n, k)]
     if m <= 4:
         step = 16 // bits  # scale block_k so the bytes per row per step match
-        for bn, bk, w in ((4, 256, 4), (8, 256, 4), (4, 1024, 8), (16, 128, 4), (2, 1024, 4)):
+        for bn, bk, w in ((4, 256, 4), (8, 256, 4), (4, 1024, 8), (16, 128, 4), (2, 1024, 4), (16, 256, 8)):
             if bits == 16 and next_pow2(m) * bn * bk // (32 * w) > 128:
                 continue
             out.append(GemvConfig(block_n=bn, block_k=bk * step, num_warps=w))
@@ -270,11 +270,26 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return gemv(x, weight, bias, cfg)
 
 
-def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = None) -> float:
-    """Median microseconds of fn() on the GPU: each rep runs after an L2 flush (weights are cold in decode) that
-    also keeps the GPU busy while the CPU enqueues the timed launch."""
+def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = None, graph: bool = True) -> float:
+    """Median microseconds of fn() on the GPU. fn is captured in a CUDA graph (as decode runs; falls back to eager
+    launches if capture fails), and each replay runs after a 256 MiB L2 flush: weights are cold in decode, and
+    the flush keeps the GPU busy while the CPU enqueues the timed replay (no launch overhead in the number)."""
     for _ in range(warmup):
         fn()
+    run = fn
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        except Exception:  # not capturable: time eager launches
+            torch.cuda.synchronize()
     if flush is None:
         flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -282,7 +297,7 @@ def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = 
     for s, e in zip(starts, ends):
         flush.zero_()
         s.record()
-        fn()
+        run()
         e.record()
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))

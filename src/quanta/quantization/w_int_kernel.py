@@ -127,10 +127,10 @@ def _w_int_gemv_kernel(
     """Program (pid_n, pid_k) streams BLOCK_N packed rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps).
     A step is a [BLOCK_N, BLOCK_K * BITS / 8] byte tile viewed as [BLOCK_N, NG, CB]: NG chunks of SUB values
     (SUB = the group, or BLOCK_K when the group is wider), each with one scale / zero per row.
-    Integers -> fp32 with the 2^23 trick (bits | 0x4B000000 is the float 2^23 + q), the zero folded into the
-    subtraction: w - (2^23 + z) = q - z exactly. int4: low nibbles = even k, high = odd k, so x's chunk splits
-    into its even / odd columns. No dot (M <= 4): per row of x, sum over each chunk, then one multiply by the
-    scale per chunk and row. Dot (fp16 / bf16, M <= 16): dequantize to x.dtype, tl.dot on a 16-row tile."""
+    int4: low nibbles = even k, high = odd k, so x's chunk splits into its even / odd columns.
+    No dot (M <= 4): q -> the float 1 + q / QS by bit ops alone; per row of x, sum over each chunk, then the zero
+    and the scale once per chunk and row. Dot (fp16 / bf16, M <= 16): q - z exactly as (q | 0x4B000000) - (2^23 + z)
+    (float bits), times the scale, in x.dtype; tl.dot on a 16-row tile."""
     NG: tl.constexpr = BLOCK_K // SUB
     CB: tl.constexpr = SUB * BITS // 8  # bytes of one chunk of one row
     pid_n = tl.program_id(0)
@@ -161,25 +161,35 @@ def _w_int_gemv_kernel(
             zb = z.to(tl.float32) + 8388608.0
         else:
             zb = tl.full((BLOCK_N, NG), 2 ** (BITS - 1) + 8388608.0, tl.float32)
-        if BITS == 4:
-            lo = ((q3 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # even k
-            hi = ((q3 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # odd k
-        else:
-            lo = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]
-            hi = lo
         kx = k0 + offs_x
         if USE_DOT:
+            if BITS == 4:
+                lo = ((q3 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # even k: q - z
+                hi = ((q3 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]  # odd k
+            else:
+                lo = (q3 | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, :, None]
+                hi = lo
             x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kx[None, :],
                         mask=(offs_m[:, None] < M) & (kx[None, :] < K), other=0.0)
-            ws = tl.reshape(lo * s[:, :, None], (BLOCK_N, BLOCK_K * BITS // 8)).to(x.dtype)
+            wl = tl.reshape(lo * s[:, :, None], (BLOCK_N, BLOCK_K * BITS // 8)).to(x.dtype)
             if BITS == 4:
                 x_e, x_o = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
                 wh = tl.reshape(hi * s[:, :, None], (BLOCK_N, BLOCK_K // 2)).to(x.dtype)
-                acc += tl.dot(x_e, tl.trans(ws))
+                acc += tl.dot(x_e, tl.trans(wl))
                 acc += tl.dot(x_o, tl.trans(wh))
             else:
-                acc += tl.dot(x, tl.trans(ws))
+                acc += tl.dot(x, tl.trans(wl))
         else:
+            # f = 1 + q / QS exactly (q in the top mantissa bits): no int->float conversion and no zero subtraction
+            # per weight; sum(x * f) = sum(x) + sum(x * q) / QS, so sum(x * (q - z)) = QS * sum(x * f) - (QS + z) * sum(x)
+            QS: tl.constexpr = 16 if BITS == 4 else 256
+            zq = zb - 8388608.0 + QS  # [BN, NG]: QS + z
+            if BITS == 4:
+                lo = (((q3 << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # even k
+                hi = (((q3 << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)  # odd k
+            else:
+                lo = (((q3 << 15) & 0x7F8000) | 0x3F800000).to(tl.float32, bitcast=True)
+                hi = lo
             for m in tl.static_range(NUM_M):
                 xm = tl.load(x_ptr + m * stride_xm + kx, mask=kx < K, other=0.0).to(tl.float32)
                 if BITS == 4:
@@ -187,7 +197,9 @@ def _w_int_gemv_kernel(
                     part = tl.sum(lo * x_e[None, :, :] + hi * x_o[None, :, :], axis=2)  # [BN, NG]
                 else:
                     part = tl.sum(lo * tl.reshape(xm, (NG, CB))[None, :, :], axis=2)
-                acc3 += tl.where(offs_m[:, None, None] == m, (part * s)[None, :, :], 0.0)
+                xsum = tl.sum(tl.reshape(xm, (NG, SUB)), axis=1)  # [NG]
+                val = (part * QS - zq * xsum[None, :]) * s
+                acc3 += tl.where(offs_m[:, None, None] == m, val[None, :, :], 0.0)
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
