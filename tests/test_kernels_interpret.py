@@ -74,7 +74,18 @@ W_INT_GEMV_CASES = [
     ("wgemv8_m8_g128_dot_fp16", 8, 40, 300, 128, 8, False, False, "float16", "bn16_bk256_sk2_dot"),
     ("wgemv4_m3_g128_dispatch", 3, 24, 256, 128, 4, False, True, "float32", None),
 ]
-CHECK_NAMES = OTHER_CHECKS + [c[0] for c in GEMV_CASES] + [c[0] for c in W_INT_GEMV_CASES] + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES] + [c[0] for c in WINDOW_CASES]
+# (name, tokens, in, rank per slot (zero-padded to the largest; the last slot gets no token), output splits,
+#  out, fused (block_n, n_tiles, block_k, block_m_max) or None = FUSED_TABLE): LoRA fused and shrink + expand
+LORA_CASES = [
+    ("lora_plain_r8", 9, 64, (8, 8, 8), (), 48, None),
+    ("lora_qkv_mixed_ranks", 37, 40, (16, 4, 12, 8), (32, 48), 64, (16, 2, 16, 32)),
+    ("lora_gate_up_odd_k", 11, 300, (8, 2, 8), (16,), 40, (16, 1, 64, 32)),
+    ("lora_qkv_odd_shards_mtiles", 70, 64, (8, 3, 8), (20, 36), 52, (16, 3, 32, 16)),
+    ("lora_r64_wide_tiles", 6, 96, (64, 16, 64), (), 100, (32, 4, 32, 32)),
+    ("lora_no_adapter", 5, 32, (4, 4), (24,), 48, None),
+]
+LORA_NAMES = [f"{c[0]}_{path}" for c in LORA_CASES for path in ("fused", "split")]
+CHECK_NAMES = LORA_NAMES + OTHER_CHECKS + [c[0] for c in GEMV_CASES] + [c[0] for c in W_INT_GEMV_CASES] + [c[0] for c in ATTENTION_CASES] + [c[0] for c in DECODE_CASES] + [c[0] for c in WINDOW_CASES]
 
 
 # ---------------------------------------------------------------- child side (TRITON_INTERPRET=1)
@@ -201,11 +212,36 @@ def _gemv_checks(results: dict) -> None:
         results[name] = rel_err(out.float(), ref)
 
 
+def _lora_checks(results: dict) -> None:
+    import torch
+    from kernel_cases import rel_err
+
+    from quanta.kernels.lora import lora_expand, lora_shrink, make_lora_meta
+    from quanta.kernels.lora_fused import FusedConfig, lora_apply_ref, lora_fused
+
+    for name, t, k, ranks, splits, o, cfg in LORA_CASES:
+        g = torch.Generator().manual_seed(len(name))
+        s, r, shards = len(ranks), max(ranks), len(splits) + 1
+        a, b = torch.randn(s, shards * r, k, generator=g), torch.randn(s, o, r, generator=g)
+        for slot, rank in enumerate(ranks):  # an adapter of lower rank: zeros above its rank
+            a[slot].view(shards, r, k)[:, rank:] = 0
+            b[slot, :, rank:] = 0
+        x, y = torch.randn(t, k, generator=g), torch.randn(t, o, generator=g)
+        slots = torch.randint(-1, s - 1, (t,), generator=g, dtype=torch.int32)  # -1: no adapter
+        meta = make_lora_meta(slots.fill_(-1) if name == "lora_no_adapter" else slots, s)
+        ref = lora_apply_ref(y.clone(), x, a, b, meta, splits)
+        config = FusedConfig(*cfg[:3], block_m_max=cfg[3]) if cfg else None
+        outs = {"fused": lora_fused(y.clone(), x, a, b, meta, splits, config),
+                "split": lora_expand(y.clone(), lora_shrink(x, a, meta), b, meta, splits)}
+        for path, out in outs.items():  # tokens without an adapter must stay exactly as they were
+            results[f"{name}_{path}"] = rel_err(out, ref) + float(not torch.equal(out[slots < 0], y[slots < 0]))
+
+
 def _run_all() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     sys.path.insert(0, str(HERE))
     results: dict = {}
-    for group in (_small_op_checks, _gemv_checks, _attention_checks, _backend_checks):
+    for group in (_small_op_checks, _gemv_checks, _attention_checks, _backend_checks, _lora_checks):
         try:
             group(results)
         except Exception as e:  # report instead of dying: the parent shows it per check

@@ -1,5 +1,6 @@
-"""LoRA on a GPU: the Triton shrink/expand kernels vs their twins (shapes, dtypes, inside a CUDA graph) and
-the engine with LoRA under CUDA graphs == eager == peft (skipped without a GPU)."""
+"""LoRA on a GPU: the fused Triton kernel and the shrink/expand pair vs their twin (shapes, dtypes, every
+FUSED_TABLE row, inside a CUDA graph) and the engine with LoRA under CUDA graphs == eager == peft, steps
+without adapters on the graphs captured without LoRA (skipped without a GPU)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from quanta.kernels.lora import (  # noqa: E402
-    group_by_slot,
-    lora_expand,
-    lora_expand_ref,
-    lora_shrink,
-    lora_shrink_ref,
-    make_lora_meta,
-)
+from quanta.kernels.lora import group_by_slot, lora_expand, lora_shrink, make_lora_meta  # noqa: E402
+from quanta.kernels.lora_fused import FUSED_TABLE, lora_apply, lora_apply_ref, lora_fused  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 TOL = {torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}
@@ -32,7 +27,14 @@ SHAPES = [
     ("8b_qkv_prefill_r64", 300, 4096, 4, 64, (4096, 5120), 6144),
     ("tiny_qkv_odd_shards", 37, 64, 3, 8, (20, 36), 52),
     ("one_token", 1, 256, 2, 4, (), 128),
+    ("1b_o_decode32", 32, 2048, 8, 16, (), 2048),
+    ("1b_gate_up_decode32", 32, 2048, 8, 16, (8192,), 16384),
 ]
+PATHS = {  # y += delta in place, each way
+    "fused": lambda y, x, a, b, meta, splits: lora_fused(y, x, a, b, meta, splits),
+    "split": lambda y, x, a, b, meta, splits: lora_expand(y, lora_shrink(x, a, meta), b, meta, splits),
+    "apply": lora_apply,
+}
 
 
 def _case(shape, dtype, seed=0, all_none=False):
@@ -52,25 +54,37 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6))
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=ID.get)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
-def test_kernels_match_twin(shape, dtype):
+def test_kernels_match_twin(shape, dtype, path):
     x, a, b, y, meta, splits = _case(shape, dtype)
-    got = lora_expand(y.clone(), lora_shrink(x, a, meta), b, meta, splits)
-    # the twin in float32 on the same (rounded) inputs
-    meta32 = meta
-    ref = lora_expand_ref(y.float(), lora_shrink_ref(x.float(), a.float(), meta32), b.float(), meta32, splits)
+    got = PATHS[path](y.clone(), x, a, b, meta, splits)
+    ref = lora_apply_ref(y.float(), x.float(), a.float(), b.float(), meta, splits)  # float32, same inputs
     assert _rel(got, ref) < TOL[dtype]
     none = meta.slots < 0
     assert torch.equal(got[none], y[none])  # tokens without an adapter are untouched
 
 
-def test_no_adapter_tokens_is_noop():
+@pytest.mark.parametrize("row", range(len(FUSED_TABLE)))
+def test_fused_table_configs(row):
+    """Every launch-parameter row on every bench shape (not only the shape it is picked for)."""
+    cfg = FUSED_TABLE[row][2]
+    for shape in SHAPES:
+        x, a, b, y, meta, splits = _case(shape, torch.bfloat16, seed=row)
+        got = lora_fused(y.clone(), x, a, b, meta, splits, cfg)
+        ref = lora_apply_ref(y.float(), x.float(), a.float(), b.float(), meta, splits)
+        assert _rel(got, ref) < TOL[torch.bfloat16], (shape[0], cfg)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_no_adapter_tokens_is_noop(path):
     x, a, b, y, meta, splits = _case(SHAPES[0], torch.bfloat16, all_none=True)
-    assert torch.equal(lora_expand(y.clone(), lora_shrink(x, a, meta), b, meta, splits), y)
+    assert torch.equal(PATHS[path](y.clone(), x, a, b, meta, splits), y)
 
 
-def test_kernels_replay_in_cuda_graph():
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_kernels_replay_in_cuda_graph(path):
     """Captured with one token -> slot mapping, replayed after the persistent buffers change."""
     from quanta.lora.layers import LoRAContext
 
@@ -92,8 +106,7 @@ def test_kernels_replay_in_cuda_graph():
         m.starts.copy_(torch.as_tensor(starts, dtype=torch.int32))
 
     def forward():
-        y = x @ w.t()
-        return lora_expand(y, lora_shrink(x, a, ctx.meta), b, ctx.meta, splits)
+        return PATHS[path](x @ w.t(), x, a, b, ctx.meta, splits)
 
     fill(torch.full((t,), -1, dtype=torch.int32))
     forward()
@@ -108,8 +121,7 @@ def test_kernels_replay_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         meta = make_lora_meta(slots.cuda(), s)
-        ref = lora_expand_ref((x @ w.t()).float(), lora_shrink_ref(x.float(), a.float(), meta), b.float(), meta,
-                              splits)
+        ref = lora_apply_ref((x @ w.t()).float(), x.float(), a.float(), b.float(), meta, splits)
         assert _rel(out, ref) < 3e-2
 
 
@@ -138,6 +150,43 @@ def test_engine_lora_cuda_graphs_equal_eager_and_peft(tmp_path):
         refs[lr.lora_path] = PeftRef(base, lr.lora_path, "cuda")
     for p, lr, got in zip(ps, order, results[1]):
         assert got == refs[lr.lora_path if lr else None].greedy(p, 16)[0]
+
+
+def test_engine_steps_without_adapters_replay_graphs_without_lora(tmp_path):
+    from quanta import LLM, SamplingParams
+    from quanta.llmapi import LoraConfig, LoRARequest
+    from tests.conftest import make_tiny_model
+    from tests.test_lora import ALL, PeftRef, make_adapter, prompts
+
+    base = make_tiny_model(tmp_path / "llama", "llama")
+    lr = LoRARequest("a", 1, str(make_adapter(base, tmp_path / "a", 8, ALL, seed=5)))
+    ps = prompts(4, seed=4)
+    params = SamplingParams(max_tokens=12, end_id=2)
+    with LLM(str(base), skip_tokenizer_init=True, dtype="float32", max_batch_size=8,
+             lora_config=LoraConfig(max_lora_rank=8, max_loras=2)) as llm:
+        g = llm.engine.runner.graphs
+        assert set(g.base_graphs) == set(g.graphs) == set(g.heads)
+        used = []
+
+        class Spy:  # records which body each decode step replays
+            def __init__(self, graph, tag):
+                self.graph, self.tag = graph, tag
+
+            def replay(self):
+                used.append(self.tag)
+                self.graph.replay()
+
+        g.graphs = {bs: Spy(gr, "lora") for bs, gr in g.graphs.items()}
+        g.base_graphs = {bs: Spy(gr, "base") for bs, gr in g.base_graphs.items()}
+        plain = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        assert used and set(used) == {"base"}
+        used.clear()
+        tuned = [o.outputs[0].token_ids for o in llm.generate(ps, params, lora_request=lr, use_tqdm=False)]
+        assert used and set(used) == {"lora"}
+    ref_base, ref_lora = PeftRef(base, None, "cuda"), PeftRef(base, lr.lora_path, "cuda")
+    for p, got_plain, got_tuned in zip(ps, plain, tuned):
+        assert got_plain == ref_base.greedy(p, 12)[0]
+        assert got_tuned == ref_lora.greedy(p, 12)[0]
 
 
 def test_engine_lora_bf16_close_to_peft(tmp_path):

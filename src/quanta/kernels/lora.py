@@ -5,8 +5,9 @@ weights are stacked per layer, zero-padded to the largest rank R:
 `A: [num_slots, num_shards * R, in]` (a merged q|k|v or gate|up layer stacks one A per shard) and
 `B: [num_slots, out, R]` (each output row belongs to one shard, whose R rank columns it reads).
 
-Two kernels, both grouped by adapter (tokens sorted by slot, so each program multiplies one adapter's
-weights with a tile of that adapter's tokens):
+Decode steps (few tokens per adapter) run ONE fused kernel per layer (kernels/lora_fused.py, which also
+dispatches). Large prefill chunks run the two kernels here, both grouped by adapter (tokens sorted by slot,
+so each program multiplies one adapter's weights with a tile of that adapter's tokens):
 - shrink: `buf[t, :] = x[t] @ A[slot[t]]^T` -> `[T, num_shards * R]`
 - expand: `y[t, shard cols] += buf[t, shard*R : (shard+1)*R] @ B[slot[t], shard rows]^T` (in place)
 

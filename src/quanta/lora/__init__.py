@@ -4,7 +4,8 @@ config.py  LoraConfig (engine) and LoRARequest (per request), TensorRT-LLM's nam
 adapter.py Hugging Face PEFT folders: read, validate against the base model, fold the scaling.
 layers.py  LoRALinear (module swap over Linear / MergedLinear) and the per-step LoRAContext.
 manager.py Host cache (max_cpu_loras), device slots (max_loras), the scheduler's admission gate.
-The batched product itself (shrink then expand, grouped by adapter) is quanta/kernels/lora.py.
+The batched product itself (grouped by adapter) is quanta/kernels/lora_fused.py (decode: one fused kernel)
+and quanta/kernels/lora.py (prefill: shrink then expand).
 """
 
 from quanta.lora.adapter import LoRAAdapter, LoRAAdapterError

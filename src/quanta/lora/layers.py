@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quanta.kernels.lora import LoRAMeta, lora_expand, lora_expand_ref, lora_shrink, lora_shrink_ref
+from quanta.kernels.lora import LoRAMeta
+from quanta.kernels.lora_fused import lora_apply, lora_apply_ref
 
 
 class LoRAContext:
@@ -36,9 +37,8 @@ class LoRAContext:
         self.h_counts, counts = pair(num_slots, 0)  # tokens per slot
         self.h_starts, starts = pair(num_slots, 0)  # group offsets into sorted_idx
         self.meta = LoRAMeta(slots, sorted_idx, counts, starts, max_count=None)
-        # Host flag: does any token of this step have an adapter? Eager forwards skip LoRA when not.
-        # NOTE: True until the first step, so CUDA graphs are captured with the LoRA kernels in them
-        # (they read counts on replay: all zero = nothing to do).
+        # Host flag: does any token of this step have an adapter? When not, eager forwards skip LoRA and
+        # CUDA-graph steps replay the decode graphs captured without it (CudaGraphRunner sets it per capture).
         self.active = True
         self.use_kernels = False  # Triton kernels (CUDA) vs the PyTorch twins
 
@@ -98,11 +98,9 @@ class LoRALinear(nn.Module):
         if ctx.use_kernels and x2.is_cuda:
             if x2.stride(1) != 1:
                 x2 = x2.contiguous()
-            buf = lora_shrink(x2, self.lora_a, ctx.meta)  # [T, num_shards * R]
-            lora_expand(y2, buf, self.lora_b, ctx.meta, self.splits)
+            lora_apply(y2, x2, self.lora_a, self.lora_b, ctx.meta, self.splits)  # fused, or shrink + expand
         else:
-            buf = lora_shrink_ref(x2, self.lora_a, ctx.meta)
-            lora_expand_ref(y2, buf, self.lora_b, ctx.meta, self.splits)
+            lora_apply_ref(y2, x2, self.lora_a, self.lora_b, ctx.meta, self.splits)
         return y
 
     def extra_repr(self) -> str:

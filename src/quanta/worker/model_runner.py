@@ -62,7 +62,8 @@ class ModelRunner:
         from quanta.worker.cuda_graph import CudaGraphRunner, graph_batch_sizes
 
         sizes = graph_batch_sizes(min(max_batch_size, self.max_num_tokens))
-        self.graphs = CudaGraphRunner(self.model, self.buffers, self.backend, self.max_seq_len, sizes)
+        lora_ctx = self.lora.ctx if self.lora is not None else None  # with LoRA: graphs with and without it
+        self.graphs = CudaGraphRunner(self.model, self.buffers, self.backend, self.max_seq_len, sizes, lora_ctx)
         self.graphs.capture()
 
     def _graph_bucket(self, out: SchedulerOutput) -> int:
