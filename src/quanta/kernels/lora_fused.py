@@ -153,7 +153,7 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     num_ranges = sum(triton.cdiv(c1 - c0, width) for c0, c1 in bounds)
     s1, s2 = (*splits, o, o)[:2]
     bm = min(cfg.block_m_max, max(16, next_pow2(rows)))
-    bk = min(cfg.block_k, max(16, next_pow2(k)))
+    bk = min(cfg.block_k if x.element_size() <= 2 else cfg.block_k // 2, max(16, next_pow2(k)))  # fp32: smem
     grid = (triton.cdiv(rows, bm) * num_ranges, num_slots)
     _lora_fused_kernel[grid](
         x, a, b, y, meta.sorted_idx, meta.counts, meta.starts,
