@@ -11,11 +11,12 @@ for part in "$@"; do
   echo "=== $part $(date +%T)" | tee -a "$OUT/gpu.log"
   case $part in
     tests) timeout 240 python -m pytest -q -x tests/gpu tests/test_quantization_kernels.py --timeout 200 2>&1 | tail -25 ;;
-    quant) timeout 300 python benchmarks/bench_quant.py --num-requests 512 --json "$OUT/bench_quant.json" 2>&1 | grep -v Warning ;;
-    lora) timeout 150 python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --out "$OUT/lora.json" ${LORA_ARGS:-} 2>&1 ;;
-    b1) timeout 150 quanta bench all "$C/llama-3.2-1b.json" --num-requests 1024 ${PEER:-} --json "$OUT/b1.json" 2>&1 | tail -12 ;;
-    b8) timeout 200 quanta bench all "$C/llama-3.1-8b.json" --num-requests 2048 ${PEER:-} --json "$OUT/b8.json" 2>&1 | tail -12 ;;
-    b8long) timeout 200 quanta bench throughput "$C/llama-3.1-8b.json" --num-requests 512 --input-len 1000 --output-len 1000 --json "$OUT/b8_1k.json" 2>&1 | tail -6 ;;
+    quick) timeout ${QUICK_S:-100} python -m pytest -q tests/gpu/test_engine_gpu.py tests/test_fused_ops_interpret.py tests/test_quantization_kernels.py -k "gpu or engine or overlap or fp8_quant or graph" --timeout 90 2>&1 | tail -15 ;;
+    quant) timeout ${QUANT_S:-300} python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-512} --parts ${QUANT_PARTS:-bf16,awq,fp8,awq_time} ${QUANT_ARGS:-} --json "$OUT/bench_quant.json" 2>&1 | grep -v "Warning\|Calibrating" ;;
+    lora) timeout ${LORA_S:-150} python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --out "$OUT/lora.json" ${LORA_ARGS:-} 2>&1 ;;
+    b1) timeout ${B1_S:-150} python -m quanta.cli bench all "$C/llama-3.2-1b.json" --num-requests 1024 ${PEER:-} --json "$OUT/b1.json" 2>&1 | tail -12 ;;
+    b8) timeout ${B8_S:-200} python -m quanta.cli bench all "$C/llama-3.1-8b.json" --num-requests 2048 ${PEER:-} --json "$OUT/b8.json" 2>&1 | tail -12 ;;
+    b8long) timeout 200 python -m quanta.cli bench throughput "$C/llama-3.1-8b.json" --num-requests 512 --input-len 1000 --output-len 1000 --json "$OUT/b8_1k.json" 2>&1 | tail -6 ;;
     prof1) timeout 120 python benchmarks/profile_step.py "$C/llama-3.2-1b.json" --batch 1 --steps 64 --trace ${PROF_ARGS:-} 2>&1 | tail -40 ;;
     gemv) timeout 150 python benchmarks/bench_gemv.py --json "$OUT/gemv.json" 2>&1 | tail -80 ;;
     *) echo "unknown part $part" ;;

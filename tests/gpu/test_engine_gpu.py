@@ -59,3 +59,17 @@ def test_cuda_graph_equals_eager(tmp_path):
         with LLM(str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=eager) as llm:
             results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
     assert results[0] == results[1]
+
+
+def test_overlap_scheduler_equals_sync(tmp_path):
+    """Overlap scheduling (on by default on CUDA) == the synchronous loop: stop tokens, mixed lengths."""
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts(24, 512)
+    params = [SamplingParams(max_tokens=1 + (i * 5) % 29, stop_token_ids=[7, 11]) for i in range(len(prompts))]
+    results = []
+    for disable in (True, False):
+        with LLM(str(path), skip_tokenizer_init=True, dtype="float32", disable_overlap_scheduler=disable) as llm:
+            assert llm.engine.config.overlap_scheduler is not disable
+            results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                            for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert results[0] == results[1]
