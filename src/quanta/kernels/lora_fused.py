@@ -51,7 +51,11 @@ FUSED_TABLE: tuple[tuple[int | None, int | None, FusedConfig], ...] = (
     # down (K 8192; 2048): 4 ranges x 8 = 32 programs, each streaming 256 KB of A: wider K steps, 8 warps
     (None, None, FusedConfig(block_n=256, n_tiles=2, block_k=512, num_warps=8, num_stages=3)),
 )
-FUSED_MAX_ROWS = 128  # tokens of one adapter (the batch, under graph capture) above which shrink + expand run
+# Tokens of one adapter (the batch, under graph capture) up to which the fused kernel runs, else shrink + expand.
+# NOTE: 0 = never fused. Measured on an H100 (bench_lora.py --eager --trace, 1B shape, rank 16, 8 adapters x 4
+# tokens, 2026-11-28): the fused kernel averaged 11.8 us per LoRA'd linear against 4.8 + 3.1 us for shrink +
+# expand with FUSED_TABLE as it is; re-enable (e.g. 128) once a table row beats the pair on the card.
+FUSED_MAX_ROWS = 0
 
 
 def fused_config(k: int, widest_shard: int) -> FusedConfig:
