@@ -25,6 +25,7 @@ from kernel_cases import make_paged_batch  # noqa: E402
 from quanta.kernels import paged_attention as pa  # noqa: E402
 from quanta.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from quanta.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
+from quanta.kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
 from quanta.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from quanta.kernels.rotary import apply_rotary_emb, apply_rotary_emb_ref  # noqa: E402
 
@@ -73,7 +74,7 @@ def bench_decode(dtype: torch.dtype) -> None:
             "decode_attention",
             f"B={num_seqs} S={seq_len} splits={splits}",
             partial(pa.paged_attention_decode, *args, m.max_seq_len, D**-0.5),
-            partial(pa.paged_attention_ref, *args, D**-0.5) if num_seqs <= 64 else None,
+            partial(paged_attention_ref, *args, D**-0.5) if num_seqs <= 64 else None,
             partial(SDPA, q, k, v, enable_gqa=True),
             work="GB/s",
             amount=kv_bytes,
@@ -93,7 +94,7 @@ def bench_prefill(dtype: torch.dtype) -> None:
             "prefill_attention",
             f"B={num_seqs} q={q_len} ctx={ctx}",
             partial(pa.paged_attention_prefill, *args, m.max_query_len, D**-0.5),
-            partial(pa.paged_attention_ref, *args, D**-0.5),
+            partial(paged_attention_ref, *args, D**-0.5),
             partial(SDPA, q, k, v, is_causal=True, enable_gqa=True) if ctx == 0 else None,
             work="TFLOP/s",
             amount=flops,
@@ -106,7 +107,7 @@ def bench_prefill(dtype: torch.dtype) -> None:
         "mixed_attention",
         "60 decodes@1k + 512 + 256@2k",
         partial(pa.paged_attention_prefill, *args, m.max_query_len, D**-0.5),
-        partial(pa.paged_attention_ref, *args, D**-0.5),
+        partial(paged_attention_ref, *args, D**-0.5),
     )
 
 

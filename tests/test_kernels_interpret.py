@@ -96,8 +96,8 @@ def _attention_checks(results: dict) -> None:
     from quanta.kernels.paged_attention import (
         paged_attention_decode,
         paged_attention_prefill,
-        paged_attention_ref,
     )
+    from quanta.kernels.paged_attention_ref import paged_attention_ref
 
     for name, seqs, h, kh, d, bs, pad in ATTENTION_CASES:
         b = make_paged_batch(seqs, h, kh, d, bs, pad_tokens=pad, seed=len(name))

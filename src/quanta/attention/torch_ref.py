@@ -7,7 +7,7 @@ import torch
 from quanta.attention.backend import register_backend
 from quanta.attention.metadata import AttentionMetadata
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
-from quanta.kernels.paged_attention import paged_attention_ref
+from quanta.kernels.paged_attention_ref import paged_attention_ref
 
 
 @register_backend("torch_ref")

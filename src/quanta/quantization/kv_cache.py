@@ -16,7 +16,7 @@ import torch
 
 from quanta.config import QuantAlgo
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
-from quanta.kernels.paged_attention import paged_attention_ref
+from quanta.kernels.paged_attention_ref import paged_attention_ref
 from quanta.quantization.base import QuantizationError, require_fp8, set_params
 
 KV_FORMATS = {QuantAlgo.INT8: (torch.int8, 127.0), QuantAlgo.FP8: (torch.float8_e4m3fn, 448.0)}
