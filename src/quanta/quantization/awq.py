@@ -4,22 +4,27 @@ For each scale group (structure.py) a grid search picks per-input-channel scales
 s = mean|x|^a / mean|w_normalized|^(1-a), a in [0, 1) (AutoAWQ's "duo" form; s = 1 is a candidate too),
 that minimise the error of the group's block output (the MLP's output for gate_up, else the projection's
 own output) on sampled calibration tokens when W * s is quantized; s is folded into the
-previous op (or kept as a runtime pre_quant_scale). Then a clip search shrinks each group's range where
-that lowers the output error (skipped for q and k rows: attention scores are sensitive to them), and the
-layer's weights are quantized with the method's round-to-nearest.
+previous op (or kept as a runtime pre_quant_scale). Then a clip search shrinks each (row, group)'s range
+where that lowers its output error on the samples (int_quant.search_group_qparams; q and k rows keep
+round-to-nearest's range: attention scores are sensitive to them), and the weights are quantized with it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quanta.quantization.int_quant import fake_quant_groups, pad_columns
+from quanta.quantization.int_quant import (
+    fake_quant_groups,
+    group_qparams,
+    pad_columns,
+    quantize_groups,
+    search_group_qparams,
+)
 from quanta.quantization.structure import ScaleGroup, apply_scale
 
 N_GRID = 20
 CLIP_GRID = 20
 MAX_SHRINK = 0.5
-CLIP_TOKENS = 512
 
 
 def awq_layer(layer, groups: list[ScaleGroup], stats: dict, method, qc) -> None:
@@ -32,10 +37,9 @@ def awq_layer(layer, groups: list[ScaleGroup], stats: dict, method, qc) -> None:
     for group in groups:
         for lin in group.linears:
             if lin in stats:
-                rows = _clip_rows(group, lin)
-                if rows is not None:
-                    clip_weight(lin, stats[lin].samples, method, rows)
-                method.quantize(lin, stats[lin])
+                q, scale, zero = clip_quantize(lin, stats[lin].samples, method, _clip_rows(group, lin))
+                method.quantize(lin, stats[lin])  # the method's own parameters (W4A8: the activation scale)
+                method.store(lin, q, scale, zero)  # with the searched ranges
 
 
 def _fake(w: torch.Tensor, method, group_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -77,30 +81,17 @@ def _clip_rows(group: ScaleGroup, lin) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def clip_weight(lin, samples: torch.Tensor, method, rows: tuple[int, int]) -> None:
-    """Per (row, group) range shrink in [1 - MAX_SHRINK, 1] that minimises the group's output error."""
-    start, size = rows
-    gs = method.group_size(lin)
-    w = lin.weight.data[start : start + size].float()
-    if samples.shape[0] > CLIP_TOKENS:
-        samples = samples[torch.linspace(0, samples.shape[0] - 1, CLIP_TOKENS).long()]
-    xs = torch.nn.functional.pad(samples, (0, pad_columns(w[:1], gs).shape[1] - w.shape[1]))
-    xg = xs.view(xs.shape[0], -1, gs)  # [S, G, g]
-    step = max(1, (1 << 24) // (xg.shape[1] * max(xg.shape[0], gs)))  # rows per chunk: [R, S, G] outputs
-    for r0 in range(0, size, step):
-        wg = pad_columns(w[r0 : r0 + step], gs).view(-1, xg.shape[1], gs)  # [R, G, g]
-        ref = torch.einsum("sgk,rgk->rsg", xg, wg)
-        amax = wg.abs().amax(-1, keepdim=True)  # [R, G, 1]
-        best_err = torch.full(amax.shape[:2], float("inf"), device=w.device)
-        best_max = amax.clone()
-        for i in range(int(MAX_SHRINK * CLIP_GRID)):
-            mx = amax * (1 - i / CLIP_GRID)
-            cw = wg.clamp(-mx, mx)
-            qw = _fake(cw.view(cw.shape[0], -1), method, gs, lin.weight.dtype).view_as(cw)
-            err = (torch.einsum("sgk,rgk->rsg", xg, qw) - ref).pow(2).mean(1)  # [R, G]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], mx, best_max)
-        clipped = wg.clamp(-best_max, best_max).view(wg.shape[0], -1)[:, : w.shape[1]]
-        w[r0 : r0 + step] = clipped
-    lin.weight.data[start : start + size] = w.to(lin.weight.dtype)
+def clip_quantize(lin, samples: torch.Tensor, method, rows: tuple[int, int] | None):
+    """(q, scale, zero) of `lin`, the ranges of `rows` (start, size) searched on the samples' output error."""
+    w, gs, dtype = lin.weight.data, method.group_size(lin), lin.weight.dtype
+    scale, zero = group_qparams(w, method.bits, gs, method.zero_point, dtype)
+    if rows is not None:
+        start, size = rows
+        xg = torch.nn.functional.pad(samples, (0, scale.shape[1] * gs - w.shape[1])).view(samples.shape[0], -1, gs)
+        h_blocks = torch.einsum("sgi,sgj->gij", xg, xg) / max(samples.shape[0], 1)  # [G, g, g]
+        s, z = search_group_qparams(w[start : start + size], h_blocks, method.bits, gs, method.zero_point, dtype,
+                                    CLIP_GRID, MAX_SHRINK)
+        scale[start : start + size] = s
+        if zero is not None:
+            zero[start : start + size] = z
+    return quantize_groups(w, scale, zero, method.bits, gs), scale, zero

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -192,16 +193,28 @@ class LayerwiseRunner:
     @torch.no_grad()
     def run(self, layer: nn.Module, hooks: dict[nn.Module, object], advance: bool) -> None:
         """Run `layer` over every chunk; hooks: module -> object with observe(*inputs). `advance` makes the
-        outputs the next layer's inputs."""
-        handles = [m.register_forward_pre_hook(lambda _m, args, obs=obs: obs.observe(*args))
-                   for m, obs in hooks.items()]
+        outputs the next layer's inputs; without it, each chunk's forward stops once every hooked module has
+        seen its input (GPTQ's per-group runs need only the layer up to that group)."""
+        seen: set[nn.Module] = set()
+
+        def observe(m, args, obs):
+            obs.observe(*args)
+            seen.add(m)
+            if not advance and len(seen) == len(hooks):
+                raise _AllObserved
+
+        handles = [m.register_forward_pre_hook(partial(observe, obs=obs)) for m, obs in hooks.items()]
         new_h = torch.empty_like(self.hidden) if advance else None
         new_r = torch.empty_like(self.hidden) if advance else None
         try:
             for rows, meta, positions in self.chunks():
+                seen.clear()
                 res = None if self.residual is None else self.residual[rows]
-                with forward_context(meta, self.backend):
-                    h, r = layer(positions, self.hidden[rows], res)
+                try:
+                    with forward_context(meta, self.backend):
+                        h, r = layer(positions, self.hidden[rows], res)
+                except _AllObserved:
+                    continue
                 if advance:
                     new_h[rows], new_r[rows] = h, r
         finally:
@@ -209,6 +222,10 @@ class LayerwiseRunner:
                 h.remove()
         if advance:
             self.hidden, self.residual = new_h, new_r
+
+
+class _AllObserved(Exception):
+    """Raised from a hook to end a non-advancing forward early."""
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer's calibration inputs.
 
 act-order off (columns in order, so groups stay contiguous and the stored layout is the plain one),
-damp = 0.01 * mean(diag(H)), lazy batch updates over blocks of 128 columns. Group scales are taken from
-the already error-corrected weights when each group starts (per channel: once, from the whole row).
+damp = 0.01 * mean(diag(H)), lazy batch updates over blocks of 128 columns. Group parameters are taken from
+the already error-corrected weights when each group starts, each (row, group)'s range shrunk where that
+lowers its output error e H_g e^T (int_quant.search_group_qparams: the GPTQ reference quantizer's MSE grid,
+weighted by the group's block of H); per channel: once, round-to-nearest over the whole row.
 The driver runs the layer's groups in forward order (qkv, o, gate_up, down), each seeing the inputs
 produced by the already quantized ones.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quanta.quantization.int_quant import group_qparams, num_groups
+from quanta.quantization.int_quant import group_qparams, hessian_blocks, num_groups, search_group_qparams
 
 DAMP = 0.01
 BLOCK = 128
@@ -64,11 +66,12 @@ def gptq_quantize(lin, hessian: torch.Tensor, method) -> None:
         for i in range(i2 - i1):
             col = i1 + i
             if col % gs == 0:
-                src = w if gs >= inn else w1[:, i : i + gs]
-                scale, z = group_qparams(src, bits, gs if gs < inn else src.shape[1] + src.shape[1] % 2, zp, dtype)
-                scale = scale[:, :1]
-                zero = (z[:, :1].float() if z is not None else torch.full_like(scale, 2 ** (bits - 1),
-                                                                                 dtype=torch.float32))
+                if gs >= inn:  # per channel: one range per row (a search would cost out x in^2 per step)
+                    scale, z = group_qparams(w, bits, gs, zp, dtype)
+                else:
+                    src, hg = w1[:, i : i + gs], h[col : col + gs, col : col + gs]
+                    scale, z = search_group_qparams(src, hessian_blocks(hg, gs), bits, gs, zp, dtype)
+                zero = z.float() if z is not None else torch.full_like(scale, 2 ** (bits - 1), dtype=torch.float32)
                 scales[:, col // gs] = scale[:, 0]
                 zeros[:, col // gs] = zero[:, 0].to(torch.uint8)
             sf = scale.float()[:, 0]

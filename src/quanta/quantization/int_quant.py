@@ -81,6 +81,51 @@ def fake_quant_groups(w: torch.Tensor, bits: int, group_size: int, zero_point: b
     return dequantize_groups(q, scale, zero, bits, group_size, w.shape[1], torch.float32)
 
 
+def hessian_blocks(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal [g, g] blocks of H [in, in] (zero past `in`) -> [G, g, g]."""
+    n, g = h.shape[0], group_size
+    ng = num_groups(n, g)
+    hp = torch.nn.functional.pad(h.float(), (0, ng * g - n, 0, ng * g - n)).view(ng, g, ng, g)
+    idx = torch.arange(ng, device=h.device)
+    return hp[idx, :, idx, :]
+
+
+def search_group_qparams(w: torch.Tensor, h_blocks: torch.Tensor, bits: int, group_size: int, zero_point: bool,
+                         scale_dtype: torch.dtype, grid: int = 20,
+                         max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Group parameters of `w` [out, in] with each (row, group)'s range shrunk by the factor in
+    {1, 1 - 1/grid, ..., 1 - max_shrink} that minimises its output error e H_g e^T (e: the group's dequantized
+    minus float weights; h_blocks [G, g, g]: the input's second moment per group, see hessian_blocks).
+
+    The factor scales the range and values past it saturate, so a symmetric grid may use its lowest level
+    too (round-to-nearest's max|w| / (2^(bits-1) - 1) never reaches -2^(bits-1)). Factor 1 is round-to-nearest."""
+    rows = max(1, (1 << 24) // (num_groups(w.shape[1], group_size) * group_size))  # bounds [rows, in_pad] temporaries
+    parts = [_search_rows(w[r : r + rows].float(), h_blocks, bits, group_size, zero_point, scale_dtype, grid,
+                          max_shrink) for r in range(0, w.shape[0], rows)]
+    scale = torch.cat([p[0] for p in parts])
+    return scale, torch.cat([p[1] for p in parts]) if zero_point else None
+
+
+def _search_rows(w, h_blocks, bits, group_size, zero_point, scale_dtype, grid, max_shrink):
+    def candidate(factor: float):
+        scale, zero = group_qparams(w * factor, bits, group_size, zero_point, scale_dtype)
+        dq = dequantize_groups(quantize_groups(w, scale, zero, bits, group_size), scale, zero, bits, group_size,
+                               w.shape[1], torch.float32)
+        e = torch.nn.functional.pad(dq - w, (0, scale.shape[1] * group_size - w.shape[1]))
+        e = e.view(w.shape[0], -1, group_size)  # [out, G, g]
+        return torch.einsum("ogi,gij,ogj->og", e, h_blocks, e), scale, zero
+
+    best_err, best_scale, best_zero = candidate(1.0)
+    for i in range(1, int(max_shrink * grid) + 1):
+        err, scale, zero = candidate(1 - i / grid)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:  # [out, in_pad] uint8 (values < 16) -> [out, in_pad // 2]
     return (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)
 
