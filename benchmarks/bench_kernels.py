@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kernel_cases import make_paged_batch  # noqa: E402
 
 from quanta.kernels import paged_attention as pa  # noqa: E402
+from quanta.kernels import paged_attention_decode as pad  # noqa: E402
 from quanta.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from quanta.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
 from quanta.kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
@@ -69,11 +70,11 @@ def bench_decode(dtype: torch.dtype) -> None:
         args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
         kv_bytes = 2 * num_seqs * seq_len * KH * D * b.k_cache.element_size()
         q, k, v = _dense(b, seqs)
-        splits = pa.decode_num_splits(num_seqs, KH, m.max_seq_len, pa._num_sms(q.device))
+        splits = pad.decode_num_splits(num_seqs, KH, m.max_seq_len, pa._num_sms(q.device))
         row(
             "decode_attention",
             f"B={num_seqs} S={seq_len} splits={splits}",
-            partial(pa.paged_attention_decode, *args, m.max_seq_len, D**-0.5),
+            partial(pad.paged_attention_decode, *args, m.max_seq_len, D**-0.5),
             partial(paged_attention_ref, *args, D**-0.5) if num_seqs <= 64 else None,
             partial(SDPA, q, k, v, enable_gqa=True),
             work="GB/s",
@@ -160,12 +161,12 @@ def sweep_decode(dtype: torch.dtype) -> None:
     for tile_n in (32, 64, 128):
         for warps in (2, 4, 8):
             for min_tok in (64, 128, 256, 512):
-                pa.DECODE_TILE_N, pa.DECODE_NUM_WARPS, pa.DECODE_MIN_TOKENS_PER_SPLIT = tile_n, warps, min_tok
+                pad.DECODE_TILE_N, pad.DECODE_NUM_WARPS, pad.DECODE_MIN_TOKENS_PER_SPLIT = tile_n, warps, min_tok
                 print(f"-- DECODE_TILE_N={tile_n} DECODE_NUM_WARPS={warps} DECODE_MIN_TOKENS_PER_SPLIT={min_tok}")
                 for num_seqs, seq_len, b in batches:
                     m = b.meta
                     args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
-                    fast = partial(pa.paged_attention_decode, *args, m.max_seq_len, D**-0.5)
+                    fast = partial(pad.paged_attention_decode, *args, m.max_seq_len, D**-0.5)
                     kv_bytes = 2 * num_seqs * seq_len * KH * D * b.k_cache.element_size()
                     row("decode_attention", f"B={num_seqs} S={seq_len}", fast, work="GB/s", amount=kv_bytes)
 

@@ -93,10 +93,8 @@ def _attention_checks(results: dict) -> None:
     from kernel_cases import make_paged_batch, rel_err
 
     from quanta.kernels.kv_cache_write import kv_cache_write_ref
-    from quanta.kernels.paged_attention import (
-        paged_attention_decode,
-        paged_attention_prefill,
-    )
+    from quanta.kernels.paged_attention import paged_attention_prefill
+    from quanta.kernels.paged_attention_decode import paged_attention_decode
     from quanta.kernels.paged_attention_ref import paged_attention_ref
 
     for name, seqs, h, kh, d, bs, pad in ATTENTION_CASES:

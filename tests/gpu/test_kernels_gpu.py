@@ -20,10 +20,8 @@ from kernel_cases import make_paged_batch, rel_err  # noqa: E402
 from quanta.attention.backend import get_backend  # noqa: E402
 from quanta.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from quanta.kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
-from quanta.kernels.paged_attention import (  # noqa: E402
-    paged_attention_decode,
-    paged_attention_prefill,
-)
+from quanta.kernels.paged_attention import paged_attention_prefill  # noqa: E402
+from quanta.kernels.paged_attention_decode import paged_attention_decode  # noqa: E402
 from quanta.kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
 from quanta.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from quanta.kernels.rotary import apply_rotary_emb, apply_rotary_emb_ref  # noqa: E402

@@ -8,7 +8,8 @@ import torch
 from quanta.attention.backend import register_backend
 from quanta.attention.metadata import AttentionMetadata
 from quanta.kernels.kv_cache_write import kv_cache_write
-from quanta.kernels.paged_attention import paged_attention_decode, paged_attention_prefill
+from quanta.kernels.paged_attention import paged_attention_prefill
+from quanta.kernels.paged_attention_decode import paged_attention_decode
 from quanta.kernels.rotary import rotary_kv_cache_write
 
 
