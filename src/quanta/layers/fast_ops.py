@@ -5,12 +5,18 @@ The choice is made once per process (`set_use_kernels`); model code calls these 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from quanta.layers.linear import Linear, MergedLinear
 from quanta.layers.norm import rms_norm_ref
 
 _USE_KERNELS = False
+# Decode-sized batches (<= this many rows) run norm -> linear and SiLU -> linear as one fused GEMV
+# (kernels/gemv_fused.py) when the linear is a plain bf16 / fp16 one; 0 turns the fusion off.
+FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "4"))
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -59,3 +65,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
         return k(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _fusable(linear, x: torch.Tensor) -> bool:
+    """A plain (unquantized, un-wrapped) linear on a CUDA half-precision batch of <= FUSED_GEMV_MAX_ROWS rows."""
+    return (
+        _USE_KERNELS
+        and x.is_cuda
+        and type(linear) in (Linear, MergedLinear)
+        and linear.quant_method is None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and linear.weight.dtype == x.dtype
+        and x.numel() <= FUSED_GEMV_MAX_ROWS * x.shape[-1]
+    )
+
+
+def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(x + residual)), x + residual); without a residual (linear(norm(x)), x). `norm` is an RMSNorm."""
+    if _fusable(linear, x):
+        from quanta.kernels.gemv_fused import gemv_add_rms_norm
+
+        return gemv_add_rms_norm(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
+    if residual is None:
+        return linear(norm(x)), x
+    h, residual = norm(x, residual)
+    return linear(h), residual
+
+
+def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
+    """linear(SiLU(gate) * up) for gate_up = gate | up."""
+    if _fusable(linear, gate_up[..., : gate_up.shape[-1] // 2]):
+        from quanta.kernels.gemv_fused import gemv_silu_mul
+
+        return gemv_silu_mul(gate_up, linear.weight, linear.bias)
+    return linear(silu_and_mul(gate_up))

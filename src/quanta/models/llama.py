@@ -39,7 +39,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [T, hidden_size]
-        q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
+        return self.attend(positions, self.qkv_proj(hidden))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Everything after the qkv projection (the decoder layer may fuse that projection with its norm)."""
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -59,7 +63,10 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fast_ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return fast_ops.silu_mul_linear(gate_up, self.down_proj)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -73,13 +80,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # norm -> projection pairs go through fast_ops.norm_linear: one fused GEMV on small CUDA batches
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = fast_ops.norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
+        hidden = attn.attend(positions, qkv)
+        gate_up, residual = fast_ops.norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual)
+        return mlp.down(gate_up), residual
 
 
 class LlamaModel(nn.Module):
