@@ -31,8 +31,9 @@ PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
 
 
 def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
-    """Config of the fused GEMV. The norm prologue re-reads the whole row per program, so its programs own
-    more output rows (fewer programs); env QUANTA_GEMV_FUSED_CONFIG='bn16_bk512_sk1_w4_s3' forces one."""
+    """Config of the fused GEMV (benchmarks/bench_fused_gemv.py, H200, 1B shapes at M=1: bn4_bk512 without
+    split-K for the norm prologue, which re-reads the whole row per split); env
+    QUANTA_GEMV_FUSED_CONFIG[_NORM|_SILU]='bn4_bk512_sk1_w4_s3' forces one."""
     env = os.environ.get(f"QUANTA_GEMV_FUSED_CONFIG_{'NORM' if prologue == PRO_NORM else 'SILU'}")
     env = env or os.environ.get("QUANTA_GEMV_FUSED_CONFIG")
     if env:
@@ -40,7 +41,7 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
     if m > 4:
         return GemvConfig(block_n=32, block_k=256, num_warps=4, use_dot=True)
     if prologue == PRO_NORM:
-        return GemvConfig(block_n=16 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4)
+        return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4)
     return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512, num_warps=4)
 
 

@@ -17,6 +17,13 @@ _USE_KERNELS = False
 # Decode-sized batches (<= this many rows) run norm -> linear and SiLU -> linear as one fused GEMV
 # (kernels/gemv_fused.py) when the linear is a plain bf16 / fp16 one; 0 turns the fusion off.
 FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "4"))
+# ... for weights up to these sizes (measured on the 1B shapes: the fused GEMV wins on small projections, cuBLAS
+# keeps the large gate_up one).
+FUSED_NORM_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_NORM_MAX_MB", "16")) << 20
+FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 20
+# Small batches pull o_proj's weight into L2 on a side stream while attention runs (kernels/l2_prefetch.py).
+L2_PREFETCH_MAX_ROWS = int(os.environ.get("QUANTA_L2_PREFETCH_ROWS", "16"))
+L2_PREFETCH_MAX_BYTES = 24 << 20
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -67,8 +74,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     return F.silu(gate) * up
 
 
-def _fusable(linear, x: torch.Tensor) -> bool:
-    """A plain (unquantized, un-wrapped) linear on a CUDA half-precision batch of <= FUSED_GEMV_MAX_ROWS rows."""
+def _fusable(linear, x: torch.Tensor, max_bytes: int) -> bool:
+    """A plain (unquantized, un-wrapped) linear of <= max_bytes on a CUDA half-precision batch of
+    <= FUSED_GEMV_MAX_ROWS rows."""
     return (
         _USE_KERNELS
         and x.is_cuda
@@ -77,12 +85,13 @@ def _fusable(linear, x: torch.Tensor) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and linear.weight.dtype == x.dtype
         and x.numel() <= FUSED_GEMV_MAX_ROWS * x.shape[-1]
+        and linear.weight.numel() * linear.weight.element_size() <= max_bytes
     )
 
 
 def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(norm(x + residual)), x + residual); without a residual (linear(norm(x)), x). `norm` is an RMSNorm."""
-    if _fusable(linear, x):
+    if _fusable(linear, x, FUSED_NORM_MAX_BYTES):
         from quanta.kernels.gemv_fused import gemv_add_rms_norm
 
         return gemv_add_rms_norm(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
@@ -94,8 +103,44 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 
 def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
     """linear(SiLU(gate) * up) for gate_up = gate | up."""
-    if _fusable(linear, gate_up[..., : gate_up.shape[-1] // 2]):
+    if _fusable(linear, gate_up[..., : gate_up.shape[-1] // 2], FUSED_SILU_MAX_BYTES):
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
     return linear(silu_and_mul(gate_up))
+
+
+_PREFETCH: dict = {}  # device -> (side stream, sink buffer)
+
+
+def l2_prefetch_start(linear, num_tokens: int):
+    """Start reading `linear`'s weight into L2 on a side stream (small CUDA batches); returns what
+    l2_prefetch_join needs, or None when nothing was started. Safe inside CUDA-graph capture (fork / join)."""
+    w = getattr(linear, "weight", None)
+    if not (
+        _USE_KERNELS
+        and isinstance(w, torch.Tensor)
+        and w.is_cuda
+        and w.is_contiguous()
+        and 0 < num_tokens <= L2_PREFETCH_MAX_ROWS
+        and w.numel() * w.element_size() <= L2_PREFETCH_MAX_BYTES
+    ):
+        return None
+    from quanta.kernels.l2_prefetch import PREFETCH_PROGRAMS, l2_prefetch
+
+    state = _PREFETCH.get(w.device)
+    if state is None:
+        state = _PREFETCH[w.device] = (
+            torch.cuda.Stream(w.device),
+            torch.zeros(PREFETCH_PROGRAMS, dtype=torch.int32, device=w.device),
+        )
+    side, sink = state
+    side.wait_stream(torch.cuda.current_stream(w.device))
+    with torch.cuda.stream(side):
+        l2_prefetch(w, sink)
+    return side
+
+
+def l2_prefetch_join(side) -> None:
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)

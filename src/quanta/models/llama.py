@@ -49,7 +49,10 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, rope=(self.rotary, positions)))
+        side = fast_ops.l2_prefetch_start(self.o_proj, q.shape[0])  # o_proj's weight into L2 meanwhile
+        out = self.attn(q, k, v, rope=(self.rotary, positions))
+        fast_ops.l2_prefetch_join(side)
+        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
