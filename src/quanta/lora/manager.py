@@ -65,6 +65,8 @@ class LoRAManager:
             wrapper = LoRALinear(getattr(parent, attr), self.ctx, target.shards, self.max_rank, dtype, device)
             setattr(parent, attr, wrapper)  # module swap: the model file stays as it is
             self.layers[path] = wrapper
+        if device.type == "cuda":  # folded layers copied their base weights into w_full: free the old blocks
+            torch.cuda.empty_cache()
         # host side (any thread; guarded by the lock)
         self._lock = threading.Lock()
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU, at most max_cpu_loras
