@@ -21,9 +21,6 @@ FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "4"))
 # keeps the large gate_up one).
 FUSED_NORM_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_NORM_MAX_MB", "16")) << 20
 FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 20
-# Small batches pull o_proj's weight into L2 on a side stream while attention runs (kernels/l2_prefetch.py).
-L2_PREFETCH_MAX_ROWS = int(os.environ.get("QUANTA_L2_PREFETCH_ROWS", "16"))
-L2_PREFETCH_MAX_BYTES = 24 << 20
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -109,38 +106,3 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
     return linear(silu_and_mul(gate_up))
 
-
-_PREFETCH: dict = {}  # device -> (side stream, sink buffer)
-
-
-def l2_prefetch_start(linear, num_tokens: int):
-    """Start reading `linear`'s weight into L2 on a side stream (small CUDA batches); returns what
-    l2_prefetch_join needs, or None when nothing was started. Safe inside CUDA-graph capture (fork / join)."""
-    w = getattr(linear, "weight", None)
-    if not (
-        _USE_KERNELS
-        and isinstance(w, torch.Tensor)
-        and w.is_cuda
-        and w.is_contiguous()
-        and 0 < num_tokens <= L2_PREFETCH_MAX_ROWS
-        and w.numel() * w.element_size() <= L2_PREFETCH_MAX_BYTES
-    ):
-        return None
-    from quanta.kernels.l2_prefetch import PREFETCH_PROGRAMS, l2_prefetch
-
-    state = _PREFETCH.get(w.device)
-    if state is None:
-        state = _PREFETCH[w.device] = (
-            torch.cuda.Stream(w.device),
-            torch.zeros(PREFETCH_PROGRAMS, dtype=torch.int32, device=w.device),
-        )
-    side, sink = state
-    side.wait_stream(torch.cuda.current_stream(w.device))
-    with torch.cuda.stream(side):
-        l2_prefetch(w, sink)
-    return side
-
-
-def l2_prefetch_join(side) -> None:
-    if side is not None:
-        torch.cuda.current_stream(side.device).wait_stream(side)

@@ -49,10 +49,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        side = fast_ops.l2_prefetch_start(self.o_proj, q.shape[0])  # o_proj's weight into L2 meanwhile
-        out = self.attn(q, k, v, rope=(self.rotary, positions))
-        fast_ops.l2_prefetch_join(side)
-        return self.o_proj(out)
+        return self.o_proj(self.attn(q, k, v, rope=(self.rotary, positions)))
 
 
 class LlamaMLP(nn.Module):
