@@ -1,6 +1,8 @@
 """Split-K decode attention over the paged KV cache (flash-decoding): one query token per sequence, each
 (sequence, kv head) split over key ranges, then a reduce kernel merges the splits by log-sum-exp. Shares the
-tile loop and conventions of kernels/paged_attention.py; the twin is kernels/paged_attention_ref.py."""
+tile loop and conventions of kernels/paged_attention.py; the twin is kernels/paged_attention_ref.py. The Triton
+backend's decode steps run kernels/decode_attention_fused.py (these tunables, empty splits skipped, one launch with
+the cache write and the merge folded in); this pair stays for `TritonBackend.fused_decode = False` and tests."""
 
 from __future__ import annotations
 
