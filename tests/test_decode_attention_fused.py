@@ -120,7 +120,11 @@ def backend_check(name: str, device: str = "cpu", dtype=torch.float32) -> float 
         q, k = b.q, b.k
     ref = get_backend("torch_ref").forward(q, k, b.v, *caches, b.meta, 0.125)
     n = b.num_real_tokens
-    if not (torch.equal(b.k_cache, caches[0]) and torch.equal(b.v_cache, caches[1])):
+    # the kernel rotates k with its own FMA order: equal up to rounding (bitwise on the CPU interpreter)
+    tol = 0 if device == "cpu" else (1e-6 if dtype == torch.float32 else 1e-2)
+    if not all(
+        torch.allclose(a.float(), b_.float(), rtol=tol, atol=tol) for a, b_ in zip((b.k_cache, b.v_cache), caches)
+    ):
         return "caches differ"
     return rel_err(out[:n], ref[:n])
 

@@ -4,6 +4,8 @@ steps: the (rotary +) reshape-and-cache kernel, then the unified varlen kernel."
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quanta.attention.backend import register_backend
@@ -18,8 +20,11 @@ from quanta.kernels.rotary import rotary_kv_cache_write
 @register_backend("triton")
 class TritonBackend:
     name = "triton"
-    # NOTE: False = the three-launch decode path (cache write, split kernel, reduce kernel), for A/B timing.
-    fused_decode: bool = True
+    # NOTE: False = the three-launch decode path (cache write, split kernel, reduce kernel), for A/B timing
+    # (env QUANTA_FUSED_DECODE=0). The one-launch kernel is measured only at small batches (H200, Llama-3.2-1B
+    # batch 1: 1.067 vs 1.080 ms/step); larger decode batches keep the three-launch path.
+    fused_decode: bool = os.environ.get("QUANTA_FUSED_DECODE", "1") != "0"
+    fused_decode_max_seqs: int = int(os.environ.get("QUANTA_FUSED_DECODE_MAX_SEQS", "8"))
 
     def forward(
         self,
@@ -31,7 +36,7 @@ class TritonBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]; rows of padding tokens are undefined
-        if meta.is_decode and self.fused_decode:
+        if meta.is_decode and self.fused_decode and meta.num_seqs <= self.fused_decode_max_seqs:
             return self._decode(q, k, v, k_cache, v_cache, meta, scale, None)
         kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
         return self._attend(q, k_cache, v_cache, meta, scale)
@@ -51,7 +56,7 @@ class TritonBackend:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """forward() with the rotary embedding of q and k fused in (full rotary). q may be rotated in place
         (prefill path) or only in registers (fused decode): callers must not read q afterwards."""
-        if meta.is_decode and self.fused_decode:
+        if meta.is_decode and self.fused_decode and meta.num_seqs <= self.fused_decode_max_seqs:
             return self._decode(q, k, v, k_cache, v_cache, meta, scale, (positions, cos_cache, sin_cache))
         rotary_kv_cache_write(q, k, v, k_cache, v_cache, meta.slot_mapping, positions, cos_cache, sin_cache)
         return self._attend(q, k_cache, v_cache, meta, scale)
