@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,10 @@ from quanta.lora.adapter import (
 )
 from quanta.lora.config import HF_TARGETS, LoraConfig, LoRARequest
 from quanta.lora.layers import LoRAContext, LoRALinear
+
+# Projections (attribute names, e.g. "o_proj,down_proj") kept unfolded: their LoRA runs base GEMM + shrink +
+# expand instead of one GEMM on the folded weight + one kernel (A/B runs of kernels/lora_folded.py's choice).
+FOLD_SKIP = {s for s in os.environ.get("QUANTA_LORA_FOLD_SKIP", "").split(",") if s}
 
 logger = logging.getLogger("quanta")
 
@@ -62,7 +67,8 @@ class LoRAManager:
         for path, target in self.table.targets.items():
             parent_path, attr = path.rsplit(".", 1)
             parent = model.get_submodule(parent_path)
-            wrapper = LoRALinear(getattr(parent, attr), self.ctx, target.shards, self.max_rank, dtype, device)
+            fold = attr not in FOLD_SKIP
+            wrapper = LoRALinear(getattr(parent, attr), self.ctx, target.shards, self.max_rank, dtype, device, fold)
             setattr(parent, attr, wrapper)  # module swap: the model file stays as it is
             self.layers[path] = wrapper
         if device.type == "cuda":  # folded layers copied their base weights into w_full: free the old blocks
