@@ -19,6 +19,11 @@ for part in "$@"; do
     b8long) timeout 200 python -m quanta.cli bench throughput "$C/llama-3.1-8b.json" --num-requests 512 --input-len 1000 --output-len 1000 --json "$OUT/b8_1k.json" 2>&1 | tail -6 ;;
     prof1) timeout 120 python benchmarks/profile_step.py "$C/llama-3.2-1b.json" --batch 1 --steps 64 --trace ${PROF_ARGS:-} 2>&1 | tail -40 ;;
     gemv) timeout 150 python benchmarks/bench_gemv.py --json "$OUT/gemv.json" 2>&1 | tail -80 ;;
+    # A/B of this session's paths in one run: "0" = fused decode attention + fused GEMVs + LoRA folding off
+    lat1ab|lat8ab) cfg=$C/llama-3.2-1b.json; [ $part = lat8ab ] && cfg=$C/llama-3.1-8b.json
+      for on in 0 1; do QUANTA_FUSED_DECODE=$on QUANTA_FUSED_GEMV_ROWS=$on timeout 120 python -m quanta.cli bench latency "$cfg" --json "$OUT/${part}_$on.json" 2>&1 | tail -1; done ;;
+    loraab) for rows in 0 64; do QUANTA_LORA_FOLD_MAX_ROWS=$rows timeout ${LORA_S:-150} python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --repeats ${LORA_REPEATS:-5} --out "$OUT/lora_fold$rows.json" 2>&1 | tail -1; done ;;
+    fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
 done
