@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
 from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_precision, _head_dim_pad, _num_sms
 from quanta.kernels.paged_attention_decode import (
@@ -183,23 +184,9 @@ def _decode_fused_kernel(
 
 
 # ------------------------------------------------------------------ per-(sequence, kv head) counters
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # grown-out buffers stay alive: captured graphs may still point at them
-
-
 def decode_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed int32 counters (>= n), one buffer per device, shared by every layer (launches on one stream run
-    one after another and each leaves its counters at 0). None while capturing a CUDA graph if the buffer is too
-    small (the caller then runs with one split); the eager warm-up before capture allocates it."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
+    """Zeroed int32 counters (>= n) for the split decode kernel (kernels/counters.py)."""
+    return zeroed_counters("decode_attention", device, n)
 
 
 def decode_attention_fused(

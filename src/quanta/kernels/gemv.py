@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+from quanta.kernels.counters import zeroed_counters
 
 MAX_M = 16  # the GEMV handles M <= MAX_M rows; larger M is a GEMM
 NUM_SMS_DEFAULT = 132  # H100 SXM; the real count is read from the device when there is one
@@ -123,22 +124,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int) -> list[GemvConfig]:
 
 
 # ------------------------------------------------------------------ split-K bookkeeping
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # grown-out buffers stay alive: captured graphs may still point at them
-
-
 def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed int32 counters (>= n), one buffer per device; None during CUDA-graph capture if none is big enough
-    yet (the caller then runs without split-K). Every launch leaves the counters it used at 0."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
+    """Zeroed int32 counters (>= n) for split-K GEMV (kernels/counters.py: None while capturing if too small)."""
+    return zeroed_counters("gemv", device, n)
 
 
 def resolve_split(cfg: GemvConfig, n: int, k: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
