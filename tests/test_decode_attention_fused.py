@@ -112,6 +112,7 @@ def backend_check(name: str, device: str = "cpu", dtype=torch.float32) -> float 
     b, (pos, cos, sin) = decode_batch([(300, 1), (7, 1), (0, 1), (40, 0)], 8, 2, 64, 16, dtype, device, seed=5)
     caches = (b.k_cache.clone(), b.v_cache.clone())
     triton_backend = get_backend("triton")
+    triton_backend.fused_decode_max_seqs = 64  # this batch of 4 through the one-launch kernel (default: batch 1)
     if name == "backend_forward_rope_decode":
         out = triton_backend.forward_rope(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, 0.125, pos, cos, sin)
         q, k = apply_rotary_emb_ref(b.q, b.k, pos, cos, sin, inplace=False)

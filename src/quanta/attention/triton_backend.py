@@ -22,9 +22,9 @@ class TritonBackend:
     name = "triton"
     # NOTE: False = the three-launch decode path (cache write, split kernel, reduce kernel), for A/B timing
     # (env QUANTA_FUSED_DECODE=0). The one-launch kernel is measured only at small batches (H200, Llama-3.2-1B
-    # batch 1: 1.067 vs 1.080 ms/step); larger decode batches keep the three-launch path.
+    # batch 1: 1.067 vs 1.080 ms/step), so it runs there; larger decode batches keep the three-launch path.
     fused_decode: bool = os.environ.get("QUANTA_FUSED_DECODE", "1") != "0"
-    fused_decode_max_seqs: int = int(os.environ.get("QUANTA_FUSED_DECODE_MAX_SEQS", "8"))
+    fused_decode_max_seqs: int = int(os.environ.get("QUANTA_FUSED_DECODE_MAX_SEQS", "1"))
 
     def forward(
         self,
