@@ -133,14 +133,15 @@ def main() -> None:
                 ref4 = w_int_linear_ref(x.float(), p4, s4.float(), None, 4, 128, k)
                 old4 = sweep(lambda c, x=x, p=p4, s=s4, k=k: w_int_gemm(x, p, s, None, 4, 128, k), [None], ref4, 2e-2,
                              impl="w4_old", nbytes=w4b + io, **kw)
-                c4 = candidate_configs("w4", m, n, k) + extra
+                c4 = candidate_configs("w4", m, n, k) + extra  # incl. the swap-AB "_dott" / "_dotto" ones
                 new4 = sweep(lambda c, x=x, p=p4, s=s4, k=k: w_int_gemv(x, p, s, None, 4, 128, k, None, c),
-                             c4 + extra, ref4, 2e-2, impl="w4_gemv",
+                             c4, ref4, 2e-2, impl="w4_gemv",
                              nbytes=w4b + io, **kw)
                 ref8 = w_int_linear_ref(x.float(), p8, s8.float(), None, 8, k, k)
                 c8 = candidate_configs("w8", m, n, k)
                 new8 = sweep(lambda c, x=x, p=p8, s=s8, k=k: w_int_gemv(x, p, s, None, 8, k, k, None, c),
-                             c8 if a.full or a.dry_run else c8[:2] + extra, ref8, 2e-2, impl="w8_gemv",
+                             c8 if a.full or a.dry_run else c8[:2] + [c for c in c8 if c.use_dot_t] + extra,
+                             ref8, 2e-2, impl="w8_gemv",
                              nbytes=w8b + io, **kw)
 
                 def us(r):

@@ -73,6 +73,18 @@ W_INT_GEMV_CASES = [
     ("wgemv4_m8_g32_zp_dot_fp16", 8, 40, 160, 32, 4, True, True, "float16", "bn16_bk64_sk2_dot"),
     ("wgemv8_m8_g128_dot_fp16", 8, 40, 300, 128, 8, False, False, "float16", "bn16_bk256_sk2_dot"),
     ("wgemv4_m3_g128_dispatch", 3, 24, 256, 128, 4, False, True, "float32", None),
+    # swap-AB (y^T = W x^T): "_dott" dots q - z, "_dotto" OFFSET + q; bk <= group: scale after the dot
+    ("wgemv4_m16_g128_dott_ragged_n_fp16", 16, 70, 512, 128, 4, False, True, "float16", "bn64_bk128_sk1_dott"),
+    ("wgemv4_m3_g64_zp_dott_split3_fp16", 3, 40, 384, 64, 4, True, False, "float16", "bn32_bk64_sk3_dott"),
+    ("wgemv4_m1_g128_zp_bk32_dott_fp16", 1, 37, 512, 128, 4, True, True, "float16", "bn16_bk32_sk2_dott"),
+    ("wgemv4_m3_g32_dott_bk128_4groups_fp16", 3, 24, 256, 32, 4, False, False, "float16", "bn16_bk128_sk2_dott"),
+    ("wgemv4_m16_g64_zp_dotto_split2_fp16", 16, 50, 320, 64, 4, True, True, "float16", "bn32_bk64_sk2_dotto"),
+    ("wgemv4_m1_g128_dotto_ragged_k_fp16", 1, 33, 300, 128, 4, False, False, "float16", "bn32_bk128_sk0_dotto"),
+    ("wgemv4_m3_g32_zp_dotto_bk64_2groups_fp16", 3, 21, 192, 32, 4, True, False, "float16", "bn16_bk64_sk1_dotto"),
+    ("wgemv8_m16_g128_zp_dott_split2_fp16", 16, 40, 384, 128, 8, True, False, "float16", "bn32_bk64_sk2_dott"),
+    ("wgemv8_m3_per_channel_dotto_fp16", 3, 21, 512, 512, 8, False, True, "float16", "bn16_bk128_sk0_dotto"),
+    ("wgemv8_m1_g32_zp_dott_bk64_2groups_fp16", 1, 19, 256, 32, 8, True, False, "float16", "bn16_bk64_sk1_dott"),
+    ("wgemv4_m3_g64_dott_fp32_fallback", 3, 19, 200, 64, 4, True, False, "float32", "bn64_bk128_sk2_dott"),
 ]
 # (name, tokens, in, rank per slot (zero-padded to the largest; the last slot gets no token), output splits,
 #  out, fused (block_n, n_tiles, block_k, block_m_max) or None = FUSED_TABLE): LoRA fused and shrink + expand

@@ -121,3 +121,37 @@ def test_fast_linear_tune_and_cuda_graph() -> None:
         assert rel_err(y2, gemv_ref(x2.float(), w2.float())) < 1e-2
     set_linear_choice(1, 2048, 8192, torch.bfloat16, None)
     set_linear_choice(4, 2048, 2048, torch.bfloat16, None)
+
+
+# swap-AB int GEMV (y^T = W x^T, w_int_gemv_t.py): "_dott" dots q - z, "_dotto" OFFSET + q; bk <= group puts the
+# scale after the dot, bk > group (bk256 with g128 / g32) before it; sk3 / bk32 force split-K and small steps
+DOT_T_CONFIGS = ["bn64_bk128_sk0_w4_dott", "bn128_bk128_sk0_w4_dott", "bn256_bk128_sk0_w8_dott",
+                 "bn64_bk256_sk0_w4_dott", "bn64_bk128_sk0_w4_dotto", "bn128_bk128_sk0_w4_dotto",
+                 "bn256_bk128_sk0_w8_dotto", "bn64_bk64_sk3_w4_dott", "bn32_bk32_sk0_w4_dotto"]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("shape", [(6144, 4096), (28672, 4096), (4096, 14336), (2048 + 40, 2048)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("bits,group,zp", [(4, 128, False), (4, 128, True), (4, 32, True), (8, 0, False),
+                                           (8, 128, True)], ids=["w4g128", "w4g128zp", "w4g32zp", "w8pc", "w8g128zp"])
+def test_w_int_gemv_dot_t(shape, m, bits, group, zp) -> None:
+    n, k = shape
+    group = group or k
+    x, p, s, z = _int_case(m, n, k, bits, group, zp, seed=3)
+    b = torch.randn(n, device="cuda").bfloat16()
+    ref = w_int_linear_ref(x.float(), p, s.float(), z, bits, group, k, b.float())
+    for cfg in DOT_T_CONFIGS:
+        out = w_int_gemv(x, p, s, z, bits, group, k, b, GemvConfig.parse(cfg))
+        assert rel_err(out, ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("bits,group,zp", [(4, 128, True), (8, 64, True)])
+def test_w_int_gemv_dot_t_fp16(m, bits, group, zp) -> None:
+    """fp16 activations: `_dotto` builds 1024 + q (int4 and int8) from the fp16 bits."""
+    n, k = 4096 + 24, 4096
+    x, p, s, z = _int_case(m, n, k, bits, group, zp, dtype=torch.float16, seed=4)
+    ref = w_int_linear_ref(x.float(), p, s.float(), z, bits, group, k)
+    for cfg in DOT_T_CONFIGS:
+        assert rel_err(w_int_gemv(x, p, s, z, bits, group, k, None, GemvConfig.parse(cfg)), ref) < 1e-2, cfg

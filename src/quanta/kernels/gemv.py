@@ -50,19 +50,25 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     use_dot: bool = False  # tl.dot on a 16-row tile (fp16 / bf16 only) instead of a broadcast multiply
+    # int GEMV only (w4 / w8; fp16 / bf16, block_n >= 16): swap-AB tl.dot, y^T = W x^T (w_int_gemv_t.py), suffix
+    # "_dott"; with dot_t_offset ("_dotto") the weights enter the dot as OFFSET + q straight from their bits
+    use_dot_t: bool = False
+    dot_t_offset: bool = False
 
     def __str__(self) -> str:
         s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
-        return s + ("_dot" if self.use_dot else "")
+        s += "_dot" if self.use_dot else ""
+        return s + (("_dotto" if self.dot_t_offset else "_dott") if self.use_dot_t else "")
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'bn4_bk512_sk0_w4_s3[_dot]' (any subset of the fields, in any order) -> GemvConfig."""
+        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto]' (any subset of the fields, in any order) -> GemvConfig."""
         keys = {"bn": "block_n", "bk": "block_k", "sk": "split_k", "w": "num_warps", "s": "num_stages"}
+        flags = {"dot": ("use_dot",), "dott": ("use_dot_t",), "dotto": ("use_dot_t", "dot_t_offset")}
         kw: dict = {}
         for part in text.strip().lower().split("_"):
-            if part == "dot":
-                kw["use_dot"] = True
+            if part in flags:
+                kw.update(dict.fromkeys(flags[part], True))
                 continue
             head = part.rstrip("0123456789")
             if head not in keys or head == part:
@@ -119,6 +125,10 @@ def candidate_configs(kind: str, m: int, n: int, k: int) -> list[GemvConfig]:
             out.append(GemvConfig(block_n=bn, block_k=bk * step, num_warps=w))
     for bn, bk, w in ((32, 256, 4), (64, 256, 8), (16, 512, 4)):
         out.append(GemvConfig(block_n=bn, block_k=bk if bits == 16 else 2 * bk, num_warps=w, use_dot=True))
+    if bits < 16:  # swap-AB int GEMV at every M (issue 6): to be timed before any default uses it
+        for bn, bk, w, off in ((64, 128, 4, False), (128, 128, 4, False), (128, 128, 8, False), (256, 128, 8, False),
+                               (64, 256, 4, False), (64, 128, 4, True), (128, 128, 4, True), (256, 128, 8, True)):
+            out.append(GemvConfig(block_n=bn, block_k=bk, num_warps=w, use_dot_t=True, dot_t_offset=off))
     seen: set = set()
     return [c for c in out if not (c in seen or seen.add(c))]
 

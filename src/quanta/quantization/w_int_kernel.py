@@ -4,6 +4,7 @@ registers, so the weight is read from memory in its packed form (0.5 or 1 byte p
 Reads quanta's canonical layout directly (int_quant.py): weight_packed [N, K_pad * bits / 8] uint8 (int4: low
 nibble = even k), weight_scale [N, G], weight_zero_point [N, G] uint8 or none (symmetric: 2^(bits-1)).
 `w_int_linear_ref` is its PyTorch twin (dequantize, then matmul): what the CPU runs.
+GEMV configs with `_dott` / `_dotto` run the swap-AB kernel of w_int_gemv_t.py (y^T = W x^T) instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, resolve_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
+from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 
 
 # fmt: off
@@ -236,7 +238,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         return y.reshape(*x.shape[:-1], n)
     k_pad = packed.shape[1] * 8 // bits
     cfg = config or gemv_config(f"w{bits}", m, n, k)
-    use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
+    half = x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
+    use_dot_t = cfg.use_dot_t and half  # swap-AB (w_int_gemv_t.py)
+    use_dot = cfg.use_dot and half and not use_dot_t
     tile = gemv_tile(bits, group_size, cfg.block_k)
     if tile is None:
         raise ValueError(f"no GEMV tile for group_size={group_size}, bits={bits}")
@@ -246,18 +250,18 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     k_split = triton.cdiv(triton.cdiv(k_pad, split), bk) * bk
     split = triton.cdiv(k_pad, k_split)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    # fmt: off
-    _w_int_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
-        cnt if split > 1 else y,
-        m, n, k, k_pad, k_split, split,
-        x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
-        GROUP=group_size, SUB=sub, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
-        USE_SPLIT=split > 1, USE_DOT=use_dot, NUM_M=m,
-        BLOCK_M=16 if use_dot else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=bk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    # fmt: on
+    args = (x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
+            cnt if split > 1 else y, m, n, k, k_pad, k_split, split,
+            x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0))
+    common = dict(GROUP=group_size, SUB=sub, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
+                  USE_SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    if use_dot_t:
+        off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
+        _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
+    else:
+        _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m), **common)
     return y.reshape(*x.shape[:-1], n)
 
 
