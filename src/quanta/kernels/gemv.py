@@ -139,11 +139,18 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
     return zeroed_counters("gemv", device, n)
 
 
-def resolve_split(cfg: GemvConfig, n: int, k: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
-    split = cfg.split_k or auto_split_k(cfg, n, k, num_sms(device))
+def plan_split(cfg: GemvConfig, m: int, n: int, k: int, out: torch.Tensor):
+    """Split-K plan of one GEMV launch: (split, K range per split (whole cfg.block_k steps), fp32 partial
+    workspace [split, m, n], counters). Without split-K the workspace and counters are `out` (unused)."""
+    split = cfg.split_k or auto_split_k(cfg, n, k, num_sms(out.device))
     split = max(1, min(split, _cdiv(k, cfg.block_k)))
-    cnt = split_counters(device, _cdiv(n, cfg.block_n)) if split > 1 else None
-    return (split, cnt) if cnt is not None else (1, None)
+    cnt = split_counters(out.device, _cdiv(n, cfg.block_n)) if split > 1 else None
+    if cnt is None:
+        return 1, _cdiv(k, cfg.block_k) * cfg.block_k, out, out
+    k_split = _cdiv(_cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = _cdiv(k, k_split)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=out.device) if split > 1 else out
+    return split, k_split, ws, cnt if split > 1 else out
 
 
 # fmt: off
@@ -232,13 +239,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return y.reshape(*x.shape[:-1], n)
     cfg = config or gemv_config("w16", m, n, k)
     use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
-    split, cnt = resolve_split(cfg, n, k, x.device)
-    k_split = _cdiv(_cdiv(k, split), cfg.block_k) * cfg.block_k
-    split = _cdiv(k, k_split)
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     # fmt: off
     _gemv_kernel[(_cdiv(n, cfg.block_n), split)](
-        x2, weight, bias if bias is not None else weight, y, ws, cnt if split > 1 else y,
+        x2, weight, bias if bias is not None else weight, y, ws, cnt,
         m, n, k, k_split, split,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, USE_SPLIT=split > 1, USE_DOT=use_dot,

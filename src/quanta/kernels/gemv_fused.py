@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
-from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_epilogue, resolve_split
+from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_epilogue, plan_split
 
 PRO_NORM = 1  # x = RMSNorm(x + residual) * norm_weight
 PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
@@ -127,15 +127,12 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
     cfg = config or fused_config(prologue, m, n, k)
     use_dot = cfg.use_dot and x2.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
     block_m = 16 if use_dot else next_pow2(m)
-    split, cnt = resolve_split(cfg, n, k, x2.device)
-    k_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(k, k_split)
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
+    split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     r_arg = r2 if r2 is not None else x2
     # fmt: off
     _gemv_prologue_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, r_arg, nw if nw is not None else weight, res_out if res_out is not None else y, weight,
-        bias if bias is not None else weight, y, ws, cnt if split > 1 else y,
+        bias if bias is not None else weight, y, ws, cnt,
         m, n, k, k_split, split, eps,
         x2.stride(0), r_arg.stride(0), res_out.stride(0) if res_out is not None else 0, weight.stride(0), y.stride(0),
         PROLOGUE=prologue, HAS_RES=r2 is not None, HAS_BIAS=bias is not None, USE_SPLIT=split > 1,

@@ -82,7 +82,7 @@ def _fusable(linear, x: torch.Tensor, max_bytes: int) -> bool:
         and linear.quant_method is None
         and x.dtype in (torch.bfloat16, torch.float16)
         and linear.weight.dtype == x.dtype
-        and x.numel() <= FUSED_GEMV_MAX_ROWS * x.shape[-1]
+        and x.numel() // x.shape[-1] <= FUSED_GEMV_MAX_ROWS
         and linear.weight.numel() * linear.weight.element_size() <= max_bytes
     )
 
@@ -101,7 +101,7 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 
 def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
     """linear(SiLU(gate) * up) for gate_up = gate | up."""
-    if _fusable(linear, gate_up[..., : gate_up.shape[-1] // 2], FUSED_SILU_MAX_BYTES):
+    if _fusable(linear, gate_up, FUSED_SILU_MAX_BYTES):
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
-from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, resolve_split
+from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 
@@ -246,12 +246,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         raise ValueError(f"no GEMV tile for group_size={group_size}, bits={bits}")
     bk, sub = tile
     cfg = replace(cfg, block_k=bk)
-    split, cnt = resolve_split(cfg, n, k_pad, x.device)
-    k_split = triton.cdiv(triton.cdiv(k_pad, split), bk) * bk
-    split = triton.cdiv(k_pad, k_split)
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    split, k_split, ws, cnt = plan_split(cfg, m, n, k_pad, y)
     args = (x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
-            cnt if split > 1 else y, m, n, k, k_pad, k_split, split,
+            cnt, m, n, k, k_pad, k_split, split,
             x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0))
     common = dict(GROUP=group_size, SUB=sub, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
                   USE_SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
