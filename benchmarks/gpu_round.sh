@@ -23,6 +23,17 @@ for part in "$@"; do
     lat1ab|lat8ab) cfg=$C/llama-3.2-1b.json; [ $part = lat8ab ] && cfg=$C/llama-3.1-8b.json
       for on in 0 1; do QUANTA_FUSED_DECODE=$on QUANTA_FUSED_GEMV_ROWS=$on timeout 120 python -m quanta.cli bench latency "$cfg" --json "$OUT/${part}_$on.json" 2>&1 | tail -1; done ;;
     loraab) for rows in 0 64; do QUANTA_LORA_FOLD_MAX_ROWS=$rows timeout ${LORA_S:-150} python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --repeats ${LORA_REPEATS:-5} --out "$OUT/lora_fold$rows.json" 2>&1 | tail -1; done ;;
+    pdltest) timeout 200 python -m pytest -q -x tests/gpu/test_pdl_gpu.py tests/gpu/test_gemv_fused_gpu.py tests/gpu/test_decode_attention_fused_gpu.py --timeout 150 2>&1 | tail -6 ;;
+    # PDL (kernels/pdl.py) A/B on 1B batch-1 latency, one run per variant, same machine: env settings per variant
+    pdlab) cfg=$C/llama-3.2-1b.json; [ -n "$PDL_8B" ] && cfg=$C/llama-3.1-8b.json
+      for v in ${PDL_VARIANTS:-base pdl oproj pdl_oproj pdl_oproj_nopf pdl_oproj_gateup}; do
+        env_v="QUANTA_PDL=0"
+        case $v in pdl) env_v="QUANTA_PDL=1" ;; oproj) env_v="QUANTA_GEMV_LINEAR_MB=16" ;;
+          pdl_oproj) env_v="QUANTA_PDL=1 QUANTA_GEMV_LINEAR_MB=16" ;;
+          pdl_oproj_nopf) env_v="QUANTA_PDL=1 QUANTA_PDL_PREFETCH=0 QUANTA_GEMV_LINEAR_MB=16" ;;
+          pdl_oproj_gateup) env_v="QUANTA_PDL=1 QUANTA_GEMV_LINEAR_MB=16 QUANTA_FUSED_NORM_MAX_MB=80" ;; esac
+        echo "$v: $env_v"; env $env_v timeout 120 python -m quanta.cli bench latency "$cfg" --json "$OUT/pdlab_$v.json" 2>&1 | tail -1
+      done ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

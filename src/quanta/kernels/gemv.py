@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, pdl_prefetch_rows, prefetch_enabled
 
 MAX_M = 16  # the GEMV handles M <= MAX_M rows; larger M is a GEMM
 NUM_SMS_DEFAULT = 132  # H100 SXM; the real count is read from the device when there is one
@@ -190,6 +191,8 @@ def _gemv_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
+    PF_COLS: tl.constexpr = 64,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
     K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split."""
@@ -204,6 +207,9 @@ def _gemv_kernel(
     mask_m = offs_m[:, None] < M
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if PREFETCH:  # PDL: this program's weights HBM -> L2 while the previous kernel finishes (kernels/pdl.py)
+        pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
+    pdl_begin(USE_PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -240,6 +246,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or gemv_config("w16", m, n, k)
     use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
     split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
+    use_pdl = pdl_enabled(x.device)
     # fmt: off
     _gemv_kernel[(_cdiv(n, cfg.block_n), split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt,
@@ -247,7 +254,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, USE_SPLIT=split > 1, USE_DOT=use_dot,
         BLOCK_M=16 if use_dot else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
+        PF_COLS=max(1, 256 // cfg.block_n),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_epilogue, plan_split
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, pdl_prefetch_rows, prefetch_enabled
 
 PRO_NORM = 1  # x = RMSNorm(x + residual) * norm_weight
 PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
@@ -54,6 +55,8 @@ def _gemv_prologue_kernel(
     PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
     USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
+    PF_COLS: tl.constexpr = 64,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
     with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up)."""
@@ -68,6 +71,11 @@ def _gemv_prologue_kernel(
     w_rows = w_ptr + rows[:, None] * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     r_rows = r_ptr + offs_m[:, None].to(tl.int64) * stride_rm
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if PREFETCH:  # PDL: this program's weights HBM -> L2 while the previous kernel finishes (kernels/pdl.py)
+        pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
+    pdl_begin(USE_PDL)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == 1:  # pass 1: each row's mean square of h = x + residual (rounded as the norm kernel does)
         offs_nb = tl.arange(0, NORM_BLOCK)
@@ -81,8 +89,6 @@ def _gemv_prologue_kernel(
             hf = h.to(tl.float32)
             ss += tl.sum(hf * hf, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
-    k_lo = pid_k * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -129,6 +135,7 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
     block_m = 16 if use_dot else next_pow2(m)
     split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     r_arg = r2 if r2 is not None else x2
+    use_pdl = pdl_enabled(x2.device)
     # fmt: off
     _gemv_prologue_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, r_arg, nw if nw is not None else weight, res_out if res_out is not None else y, weight,
@@ -138,7 +145,9 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
         PROLOGUE=prologue, HAS_RES=r2 is not None, HAS_BIAS=bias is not None, USE_SPLIT=split > 1,
         USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NORM_BLOCK=max(16, min(next_pow2(k), 2048 // block_m)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
+        PF_COLS=max(1, 256 // cfg.block_n),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return y, res_out

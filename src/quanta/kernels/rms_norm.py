@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs
 
 
 # fmt: off
@@ -20,7 +21,9 @@ def _rms_norm_kernel(
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_begin(USE_PDL)  # kernels/pdl.py: under PDL, wait for the kernel before this one
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n_cols
@@ -49,6 +52,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_rows = x2.shape[0]
     if num_rows > 0:
         block_n = next_pow2(hidden)
+        use_pdl = pdl_enabled(x.device)
         # fmt: off
         _rms_norm_kernel[(num_rows,)](
             x2, res2, weight, out, res_out,
@@ -56,7 +60,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             hidden, eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK_N=block_n,
-            num_warps=min(max(block_n // 512, 1), 16),
+            USE_PDL=use_pdl,
+            num_warps=min(max(block_n // 512, 1), 16), **pdl_launch_kwargs(use_pdl),
         )
         # fmt: on
     return out.view(x.shape), res_out.view(x.shape)

@@ -22,6 +22,9 @@ FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "1"))
 # keeps the large gate_up one).
 FUSED_NORM_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_NORM_MAX_MB", "16")) << 20
 FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 20
+# Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
+# of cuBLAS at batch 1, so that with PDL (kernels/pdl.py) their weights stream in while attention runs; 0 = cuBLAS.
+GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "0")) << 20
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -99,6 +102,15 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
     return linear(h), residual
 
 
+def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
+    if GEMV_LINEAR_MAX_BYTES and _fusable(linear, x, GEMV_LINEAR_MAX_BYTES):
+        from quanta.kernels.gemv import gemv
+
+        return gemv(x, linear.weight, linear.bias)
+    return linear(x)
+
+
 def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
     """linear(SiLU(gate) * up) for gate_up = gate | up."""
     if _fusable(linear, gate_up, FUSED_SILU_MAX_BYTES):
@@ -106,4 +118,3 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
     return linear(silu_and_mul(gate_up))
-

@@ -49,7 +49,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, rope=(self.rotary, positions)))
+        return fast_ops.decode_linear(self.o_proj, self.attn(q, k, v, rope=(self.rotary, positions)))
 
 
 class LlamaMLP(nn.Module):
