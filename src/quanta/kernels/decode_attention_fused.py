@@ -10,11 +10,22 @@ bumps a per-(sequence, kv head) counter with an acq_rel atomic; the program that
 merges the partials exactly as `_decode_reduce_kernel` does (read with .cg: L2, not a stale L1), stores the
 output and resets the counter. Counters are zeroed once and every launch leaves them at 0: no memset.
 
+Order: at short contexts the time is a chain of dependent global-memory round trips, not bytes, so each step
+issues everything that needs only the one before: (1) qsl[seq], qsl[seq + 1] and seq_lens[seq] together; programs
+with no query token or past n_eff return; (2) the block-table entries of the split's first two tiles, q, the
+position, the slot, the new k and v rows; (3) the cos/sin rows and the first tile's K and V; then the dots. Each
+tile's K and V load together; with PREFETCH (K/V tiles of <= PREFETCH_TILE_BYTES, e.g. 64 keys x head_dim 64 at
+16 bits) tile j + 1's load is issued before tile j's dots, else after them; block-table entries run one tile ahead.
+With PDL on (kernels/pdl.py, QUANTA_PDL=1, Hopper+) the kernel may launch while the previous one drains and waits
+for it before its first load (it reads nothing that earlier kernels do not write).
+
 KV write (k, v given): the program whose key range holds position seq_len - 1 (the new token; in a decode step
-slot_mapping[token] is that position's slot, as the model runner builds it) rotates k, stores k and v at the
-slot, syncs its threads, then reads its tiles; no other program reads that tile. Slot < 0 (padding): no write.
-q is rotated in registers only: the q tensor is left as it is. Rotary is full-rotary neox style with the
-conventions of kernels/rotary.py (cos/sin rows picked by `positions[token]`, rounded once to the input dtype).
+slot_mapping[token] is that position's slot, as the model runner builds it) rotates k, rounds k and v as the
+cache stores them and stores them at the slot for later steps; its tile takes that row from registers (tl.where),
+not from the cache, so the tile loads neither wait for the store nor need a barrier. No other program reads that
+tile. Slot < 0 (padding): no write, and the row is what the cache holds (as in the twin). q is rotated in
+registers only: the q tensor is left as it is. Rotary is full-rotary neox style with the conventions of
+kernels/rotary.py (cos/sin rows picked by `positions[token]`, rounded once to the input dtype).
 
 Twin: decode_attention_fused_ref = apply_rotary_emb_ref + kv_cache_write_ref + paged_attention_ref.
 """
@@ -26,7 +37,7 @@ import torch
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
-from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_precision, _head_dim_pad, _num_sms
+from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
 from quanta.kernels.paged_attention_decode import (
     DECODE_MIN_TOKENS_PER_SPLIT,
     DECODE_NUM_WARPS,
@@ -34,44 +45,75 @@ from quanta.kernels.paged_attention_decode import (
     decode_num_splits,
 )
 from quanta.kernels.paged_attention_ref import paged_attention_ref
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs
 from quanta.kernels.rotary import apply_rotary_emb_ref
+
+# A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
+PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a thread for the 4 tiles (4 warps)
 
 
 # fmt: off
 @triton.jit
-def _rope_load(row_ptr, offs_d, mask, pos, cos_ptr, sin_ptr, stride_cos, stride_sin,
-               HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    # Load rows (row_ptr: [R, 1] or a scalar pointer) and rotate them: out[d] = x[d] * cos - x[d + half] * sin
-    # for d < half, x[d] * cos + x[d - half] * sin above (the same products as kernels/rotary.py), in float32.
+def _rope_rows(row_ptr, offs_d, mask, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    # Rows x (row_ptr: [R, 1] or a scalar pointer) and, with rotary, their rotation partners x[d +- half].
     x = tl.load(row_ptr + offs_d, mask=mask, other=0.0)
+    partner = x
     if HAS_ROPE:
-        lo = offs_d < HALF
-        partner = tl.load(row_ptr + tl.where(lo, offs_d + HALF, offs_d - HALF), mask=mask, other=0.0)
-        f = offs_d % HALF
-        cs_mask = offs_d < 2 * HALF
-        cos = tl.load(cos_ptr + pos * stride_cos + f, mask=cs_mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_sin + f, mask=cs_mask, other=0.0).to(tl.float32)
-        x = x.to(tl.float32) * cos + partner.to(tl.float32) * tl.where(lo, -sin, sin)
+        partner = tl.load(row_ptr + tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF), mask=mask, other=0.0)
+    return x, partner
+
+
+@triton.jit
+def _rope(x, partner, cos, sin, offs_d, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    # out[d] = x[d] * cos - x[d + half] * sin for d < half, x[d] * cos + x[d - half] * sin above (the same
+    # products as kernels/rotary.py), in float32.
+    if HAS_ROPE:
+        x = x.to(tl.float32) * cos + partner.to(tl.float32) * tl.where(offs_d < HALF, -sin, sin)
     return x
 
 
 @triton.jit
-def _write_new_kv(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, slot, kv_head, pos, cos_ptr, sin_ptr, stride_cos, stride_sin,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch,
-    offs_d, d_valid,
-    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr,
-):
-    # This token's k (rotated) and v of one kv head -> the paged cache at `slot` (rounded as the twin rounds).
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    k = _rope_load(k_ptr + tok * stride_kt + kv_head * stride_kh, offs_d, d_valid, pos, cos_ptr, sin_ptr,
-                   stride_cos, stride_sin, HALF, HAS_ROPE)
-    k = k.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
-    tl.store(k_cache_ptr + blk * stride_kb + off * stride_ko + kv_head * stride_kch + offs_d, k, mask=d_valid)
-    v = tl.load(v_ptr + tok * stride_vt + kv_head * stride_vh + offs_d, mask=d_valid)
-    tl.store(v_cache_ptr + blk * stride_vb + off * stride_vo + kv_head * stride_vch + offs_d,
-             v.to(v_cache_ptr.dtype.element_ty), mask=d_valid)
+def _tile_blocks(bt_row, j, kv_lo, kv_end, offs_n, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    # Physical block of each key of tile j (keys outside [kv_lo, kv_end) masked: block 0, not loaded).
+    k_pos = j * TILE_N + offs_n
+    valid = (k_pos >= kv_lo) & (k_pos < kv_end)
+    return tl.load(bt_row + k_pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+
+
+@triton.jit
+def _load_kv(k_cache_ptr, v_cache_ptr, blk, j, kv_lo, kv_end, kv_head, offs_n, offs_d, d_valid,
+             stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch,
+             BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    # K and V of tile j, issued together ([TILE_N, D_PAD] each; masked keys 0).
+    k_pos = j * TILE_N + offs_n
+    in_blk = (k_pos % BLOCK_SIZE).to(tl.int64)
+    mask = ((k_pos >= kv_lo) & (k_pos < kv_end))[:, None] & d_valid[None, :]
+    kt = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ko + kv_head * stride_kch
+                 + offs_d[None, :], mask=mask, other=0.0)
+    vt = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vo + kv_head * stride_vch
+                 + offs_d[None, :], mask=mask, other=0.0)
+    return kt, vt
+
+
+@triton.jit
+def _attend_loaded(q, m_i, l_i, acc, kt, vt, j, kv_lo, kv_end, offs_n, new_pos, k_new, v_new, scale_log2,
+                   TILE_N: tl.constexpr, WRITE_KV: tl.constexpr, DOT_PREC: tl.constexpr):
+    # One online-softmax step over loaded tile j (the arithmetic of paged_attention._attend_tile). The row at
+    # position new_pos takes the new token's k and v from registers: the values just stored to the cache.
+    k_pos = j * TILE_N + offs_n
+    if WRITE_KV:
+        is_new = (k_pos == new_pos)[:, None]
+        kt = tl.where(is_new, k_new[None, :], kt)
+        vt = tl.where(is_new, v_new[None, :], vt)
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2  # [G_PAD, TILE_N]
+    s = tl.where(((k_pos >= kv_lo) & (k_pos < kv_end))[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -105,61 +147,101 @@ def _decode_fused_kernel(
     QUERIES_PER_KV: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_begin(USE_PDL)  # everything below reads what earlier kernels wrote
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Round trip 1: the three independent scalars together.
     q_start = tl.load(qsl_ptr + seq)
-    if tl.load(qsl_ptr + seq + 1) - q_start != 1:  # no query token: nothing to write, nothing to read
+    q_end = tl.load(qsl_ptr + seq + 1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if q_end - q_start != 1:  # no query token: nothing to write, nothing to read
         return
     # The split plan, from the device-side length; identical in every program of this (seq, kv head).
-    seq_len = tl.load(seq_lens_ptr + seq)
     num_tiles = tl.cdiv(seq_len, TILE_N)
-    k_lo = 0
+    kv_lo = 0
     if HAS_WINDOW:
-        k_lo = tl.maximum(seq_len - window, 0)
-    first_tile = k_lo // TILE_N
+        kv_lo = tl.maximum(seq_len - window, 0)
+    first_tile = kv_lo // TILE_N
     tiles_per_split = tl.maximum(tl.cdiv(num_tiles - first_tile, num_splits), MIN_TILES)
     n_eff = tl.maximum(tl.cdiv(num_tiles - first_tile, tiles_per_split), 1)  # splits with work (seq_len 0: 1)
     if split >= n_eff:
         return
     tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    kv_end = tl.minimum(seq_len, tile_hi * TILE_N)  # keys past this split's tiles are masked
+
+    # Round trip 2: what needs only the token index and the plan (the first tiles' blocks, q, position, slot,
+    # the new k and v rows).
+    HALF: tl.constexpr = HEAD_DIM // 2
     tok = q_start.to(tl.int64)
-    pos = 0
-    if HAS_ROPE:
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_valid = offs_d < HEAD_DIM
-    if WRITE_KV:
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
-        last_tile = (seq_len - 1) // TILE_N
-        if (slot >= 0) & (last_tile >= tile_lo) & (last_tile < tile_hi):  # this program reads the new key's tile
-            _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, slot, kv_head, pos, cos_ptr, sin_ptr,
-                          stride_cos, stride_sin, stride_kt, stride_kh, stride_vt, stride_vh,
-                          stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, offs_d, d_valid,
-                          BLOCK_SIZE, HEAD_DIM // 2, HAS_ROPE)
-        tl.debug_barrier()  # every thread's cache stores land before any thread loads the tile
-
+    offs_n = tl.arange(0, TILE_N)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    blk = _tile_blocks(bt_row, tile_lo, kv_lo, kv_end, offs_n, BLOCK_SIZE, TILE_N)
+    blk_next = _tile_blocks(bt_row, tile_lo + 1, kv_lo, kv_end, offs_n, BLOCK_SIZE, TILE_N)
     offs_g = tl.arange(0, G_PAD)
     g_valid = offs_g < QUERIES_PER_KV
     head = kv_head * QUERIES_PER_KV + offs_g
     io_mask = g_valid[:, None] & d_valid[None, :]
-    q = _rope_load(q_ptr + tok * stride_qt + head[:, None] * stride_qh, offs_d, io_mask, pos, cos_ptr, sin_ptr,
-                   stride_cos, stride_sin, HEAD_DIM // 2, HAS_ROPE).to(q_ptr.dtype.element_ty)  # [G_PAD, D_PAD]
+    q, q_partner = _rope_rows(q_ptr + tok * stride_qt + head[:, None] * stride_qh, offs_d, io_mask, HALF, HAS_ROPE)
+    pos = 0
+    if HAS_ROPE:
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+    k_new = 0.0
+    v_new = 0.0
+    new_pos = -1
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        k_new, k_partner = _rope_rows(k_ptr + tok * stride_kt + kv_head * stride_kh, offs_d, d_valid, HALF, HAS_ROPE)
+        v_new = tl.load(v_ptr + tok * stride_vt + kv_head * stride_vh + offs_d, mask=d_valid, other=0.0)
+
+    # Round trip 3: the cos/sin rows and the first tile's K and V.
+    cos = 0.0
+    sin = 0.0
+    if HAS_ROPE:
+        cs_mask = offs_d < 2 * HALF
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d % HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_sin + offs_d % HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    kt, vt = _load_kv(k_cache_ptr, v_cache_ptr, blk, tile_lo, kv_lo, kv_end, kv_head, offs_n, offs_d, d_valid,
+                      stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, BLOCK_SIZE, TILE_N)
+    q = _rope(q, q_partner, cos, sin, offs_d, HALF, HAS_ROPE).to(q_ptr.dtype.element_ty)  # [G_PAD, D_PAD]
+    if WRITE_KV:  # the new token: rounded as the twin stores it, kept in registers for its tile
+        k_new = _rope(k_new, k_partner, cos, sin, offs_d, HALF, HAS_ROPE)
+        k_new = k_new.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        last_tile = (seq_len - 1) // TILE_N
+        owner = (slot >= 0) & (last_tile >= tile_lo) & (last_tile < tile_hi)  # one program stores it
+        own_d = offs_d < tl.where(owner, HEAD_DIM, 0)  # (d_valid & owner: the interpreter's scalar & misbehaves)
+        s_blk = tl.maximum(slot, 0) // BLOCK_SIZE
+        s_off = tl.maximum(slot, 0) % BLOCK_SIZE
+        tl.store(k_cache_ptr + s_blk * stride_kb + s_off * stride_ko + kv_head * stride_kch + offs_d, k_new,
+                 mask=own_d)
+        tl.store(v_cache_ptr + s_blk * stride_vb + s_off * stride_vo + kv_head * stride_vch + offs_d, v_new,
+                 mask=own_d)
+        new_pos = tl.where(slot >= 0, seq_len - 1, -1)  # slot < 0 (padding): the tile keeps what the cache holds
+
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HEAD_DIM_PAD], tl.float32)
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    offs_n = tl.arange(0, TILE_N)
     for j in range(tile_lo, tile_hi):
-        k_pos = j * TILE_N + offs_n
-        m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_pos, (k_pos < seq_len) & (k_pos >= k_lo), k_pos, kv_head, bt_row, offs_d, d_valid,
-            k_cache_ptr, v_cache_ptr, stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch,
-            scale_log2, window, BLOCK_SIZE, False, False, DOT_PREC,
-        )
+        if PREFETCH:  # tile j + 1's K and V in flight during tile j's dots (two tiles in registers)
+            kt_next, vt_next = _load_kv(k_cache_ptr, v_cache_ptr, blk_next, j + 1, kv_lo, kv_end, kv_head, offs_n,
+                                        offs_d, d_valid, stride_kb, stride_ko, stride_kch, stride_vb, stride_vo,
+                                        stride_vch, BLOCK_SIZE, TILE_N)
+            blk_next = _tile_blocks(bt_row, j + 2, kv_lo, kv_end, offs_n, BLOCK_SIZE, TILE_N)
+        m_i, l_i, acc = _attend_loaded(q, m_i, l_i, acc, kt, vt, j, kv_lo, kv_end, offs_n, new_pos, k_new, v_new,
+                                       scale_log2, TILE_N, WRITE_KV, DOT_PREC)
+        if PREFETCH:
+            kt, vt = kt_next, vt_next
+        else:
+            kt, vt = _load_kv(k_cache_ptr, v_cache_ptr, blk_next, j + 1, kv_lo, kv_end, kv_head, offs_n, offs_d,
+                              d_valid, stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch,
+                              BLOCK_SIZE, TILE_N)
+            blk_next = _tile_blocks(bt_row, j + 2, kv_lo, kv_end, offs_n, BLOCK_SIZE, TILE_N)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if MULTI_SPLIT:
@@ -236,6 +318,7 @@ def decode_attention_fused(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = cnt = out  # unused
+    use_pdl = pdl_enabled(q.device)
     kk, vv, slots = (k, v, slot_mapping) if write_kv else (q, q, seq_lens)  # placeholders when unused
     # fmt: off
     _decode_fused_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -249,7 +332,9 @@ def decode_attention_fused(
         QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-DECODE_MIN_TOKENS_PER_SPLIT // tile_n),
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
-        MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype), num_warps=DECODE_NUM_WARPS,
+        MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
+        PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
+        num_warps=DECODE_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out
