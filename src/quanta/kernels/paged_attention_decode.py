@@ -7,6 +7,7 @@ the cache write and the merge folded in); this pair stays for `TritonBackend.fus
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -16,7 +17,7 @@ from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_pre
 # Tunables (H100 first guesses; benchmarks/bench_kernels.py measures them).
 DECODE_TILE_N = 64
 DECODE_NUM_WARPS = 4
-DECODE_MIN_TOKENS_PER_SPLIT = 128  # a decode split reads at least this many keys
+DECODE_MIN_TOKENS_PER_SPLIT = int(os.environ.get("QUANTA_DECODE_MIN_SPLIT_TOKENS", "128"))  # keys a split reads, at least
 DECODE_MAX_SPLITS = 64
 DECODE_WAVES = 2  # aim for this many programs per SM when splitting
 
