@@ -239,6 +239,8 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     k_pad = packed.shape[1] * 8 // bits
     cfg = config or gemv_config(f"w{bits}", m, n, k)
     half = x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
+    if cfg.use_dot_t and not half:  # fp32 activations: the broadcast path, small tiles
+        cfg = GemvConfig(block_n=4, block_k=128, num_warps=4)
     use_dot_t = cfg.use_dot_t and half  # swap-AB (w_int_gemv_t.py)
     use_dot = cfg.use_dot and half and not use_dot_t
     tile = gemv_tile(bits, group_size, cfg.block_k)
