@@ -18,6 +18,7 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
+from quanta.quantization.w_int_gemv_words import _w_int_gemv_words_kernel, as_words, words_ok
 
 
 # fmt: off
@@ -259,6 +260,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if use_dot_t:
         off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
+    elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
+        args = args[:1] + (as_words(packed),) + args[2:15] + (packed.stride(0) // 4,) + args[16:]
+        _w_int_gemv_words_kernel[grid](*args, NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
         _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m), **common)
     return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,123 @@
+"""W4A16 / W8A16 decode GEMV at 1-2 rows: the byte kernel vs the int32-word kernel (issue 6), per Llama layer.
+
+    python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
+
+Each variant is `kernel:config` (kernel = bytes | words). Times are medians of CUDA-graph replays after a 256 MiB L2
+flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
+variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
+(x layers, lm_head in bf16 through cuBLAS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SHAPES = {  # model: (layers, [(name, N, K)], lm_head (N, K))
+    "1b": (
+        16,
+        [("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192)],
+        (128256, 2048),
+    ),
+    "8b": (
+        32,
+        [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
+        (128256, 4096),
+    ),
+}
+VARIANTS = [
+    "bytes:bn4_bk2048_sk0_w4_s3",  # the byte kernel's M = 1 default before the word kernel
+    "words:bn32_bk512_sk0_w4_s3",  # the word kernel's default
+    "words:bn64_bk256_sk0_w4_s3",
+    "words:bn32_bk256_sk0_w2_s3",
+    "words:bn16_bk512_sk0_w2_s3",
+    "words:bn32_bk1024_sk0_w4_s3",
+    "words:bn32_bk512_sk0_w4_s4",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="8b")
+    ap.add_argument("--ms", default="1,2")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--zero-point", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    from quanta.kernels.gemv import GemvConfig, time_cuda
+    from quanta.quantization import w_int_gemv_words
+    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
+
+    dev, bits, group = "cuda", a.bits, a.group
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
+    rows, t0 = [], time.time()
+    print(f"device: {torch.cuda.get_device_name()}  int{bits} group {group} zero point {a.zero_point}", flush=True)
+    for model in a.models.split(","):
+        layers, shapes, (n_lm, k_lm) = SHAPES[model]
+        for m in (int(v) for v in a.ms.split(",")):
+            total = {"cublas": 0.0}
+            for name, n, k in shapes:
+                g = torch.Generator(device=dev).manual_seed(n + k)
+                packed = torch.randint(0, 256, (n, k * bits // 8), device=dev, generator=g, dtype=torch.uint8)
+                scale = (torch.rand(n, k // group, device=dev, generator=g) * 0.01 + 0.001).bfloat16()
+                zero = (
+                    torch.randint(0, 2**bits, (n, k // group), device=dev, generator=g, dtype=torch.uint8)
+                    if a.zero_point
+                    else None
+                )
+                x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+                w_bf16 = torch.randn(n, k, device=dev, generator=g).bfloat16()
+                t_ref = time_cuda(partial(F.linear, x, w_bf16), a.reps, flush=flush)
+                del w_bf16
+                total["cublas"] += layers * t_ref
+                ref = w_int_linear_ref(x.float(), packed, scale.float(), zero, bits, group, k)
+                nbytes = packed.numel() + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
+                line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
+                for v in a.variants.split(","):
+                    kind, cfg_s = v.split(":")
+                    cfg = GemvConfig.parse(cfg_s)
+                    w_int_gemv_words.WORDS_ENABLED = kind == "words"
+                    fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg)
+                    try:
+                        err = float((fn().float() - ref).abs().max() / ref.abs().max())
+                        t = time_cuda(fn, a.reps, flush=flush) if err < 2e-2 else float("nan")
+                    except Exception as e:  # a config that does not compile here is reported, not fatal
+                        err, t = f"{type(e).__name__}: {str(e)[:60]}", float("nan")
+                    total[v] = total.get(v, 0.0) + layers * t
+                    gbps = nbytes / t / 1e3 if t == t else float("nan")
+                    rows.append(
+                        dict(
+                            model=model, layer=name, n=n, k=k, m=m, variant=v, us=t, gbps=gbps, cublas_us=t_ref, err=err
+                        )
+                    )
+                    line += f" {v.split(':')[0][0]}:{cfg_s.rsplit('_sk', 1)[0]} {t:6.1f}"
+                w_int_gemv_words.WORDS_ENABLED = True
+                print(line, flush=True)
+            x = torch.randn(m, k_lm, device=dev).bfloat16()
+            w = torch.randn(n_lm, k_lm, device=dev).bfloat16()
+            t_lm = time_cuda(partial(F.linear, x, w), a.reps, flush=flush)
+            del w
+            print(f"{model} M={m}: per step (x{layers} layers + lm_head bf16 {t_lm:.0f} us):")
+            for v, t in total.items():
+                step = t + t_lm
+                print(f"   {v:32s} {step:8.1f} us  ({(total['cublas'] + t_lm) / step:.2f}x cuBLAS bf16)")
+            rows.append(dict(model=model, m=m, summary={v: t + t_lm for v, t in total.items()}, lm_head_us=t_lm))
+    print(f"(elapsed {time.time() - t0:.0f} s)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
