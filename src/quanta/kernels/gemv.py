@@ -103,8 +103,6 @@ def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
         return GemvConfig(block_n=64, block_k=128, num_warps=4, use_dot_t=True)
     if m > 4:  # M in 5..16: one 16-row tl.dot tile
         return GemvConfig(block_n=32, block_k=256, num_warps=4, use_dot=True)
-    if bits < 16 and m == 1:  # the int32-word GEMV (quantization/w_int_gemv_words.py; ~4.7 SASS instructions a
-        return GemvConfig(block_n=32, block_k=512, num_warps=4)  # weight at sm_90 vs 7.1 for the byte kernel)
     bn = 4 if m <= 2 else 8
     bk = 2048 * 8 // bits // 2 if bits < 16 else 512  # ~1 KiB of each weight row per step (int4: 2048 / 2)
     if bits == 16:  # the [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator: <= 64 registers a thread at 4 warps

@@ -14,7 +14,11 @@ then one FMA with x[k]: ~3 instructions per weight. As in the byte kernel, zero 
 x is read with stride VPW per value index (a few KiB, from L1 / L2), its per-chunk sums shared by the rows.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
-Env QUANTA_INT_GEMV_WORDS=0 sends these shapes back to the byte kernel.
+
+MEASURED SLOWER, so OFF by default (env QUANTA_INT_GEMV_WORDS=1 turns it on; it then wants the GEMV config
+bn16_bk512_sk0_w2_s3 or bn64_bk256_sk0_w4_s3): H100, 8B shapes at one row (benchmarks/bench_int_gemv.py,
+benchmarks/results/h100_s4_int_gemv_8b.json) qkv 16.4-20.4 us vs 13.5 for the byte kernel, gate_up 47.0 vs 43.6,
+down 28.0 vs 25.8. Fewer instructions per weight did not make it faster: the byte kernel is not issue-bound there.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 
-WORDS_ENABLED = os.environ.get("QUANTA_INT_GEMV_WORDS", "1") == "1"
+WORDS_ENABLED = os.environ.get("QUANTA_INT_GEMV_WORDS", "0") == "1"
 
 
 def words_ok(bits: int, packed: torch.Tensor, m: int, sub: int, half_dot: bool, even_k: bool) -> bool:
