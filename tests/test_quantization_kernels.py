@@ -38,12 +38,23 @@ W_INT_CASES = [
     ("bytes_w8_m1_g128_zp_ragged", 1, 24, 384, 128, 8, True, False, torch.float32),
     ("bytes_w4_m2_g128_fp16", 2, 32, 512, 128, 4, False, False, torch.float16),
     ("bytes_w4_m3_g64_zp_bias", 3, 40, 256, 64, 4, True, True, torch.float32),
+    # >= DEQUANT_MIN_ROWS rows: dequantize (w_int_dequant.py), then the matmul
+    ("dequant_w4_m64_g32_zp_ragged", 64, 40, 172, 32, 4, True, True, torch.float32),
+    ("dequant_w4_m80_g128_fp16", 80, 48, 256, 128, 4, False, False, torch.float16),
 ]
 # the tl.dot GEMM forced at small M (w_int_linear sends M <= 16 to the GEMV)
 W_INT_GEMM_CASES = [
     ("gemm_w4_m1_g32_ragged_k", 1, 96, 172, 32, 4, False, False, torch.float32),
     ("gemm_w4_m5_g64_zp_bias", 5, 64, 128, 64, 4, True, True, torch.float32),
     ("gemm_w8_m3_g128", 3, 40, 256, 128, 8, False, False, torch.float32),
+]
+
+
+# (name, N, K, group, bits, zero point, scale dtype, output dtype): w_int_dequant must equal dequantize_groups exactly
+DEQUANT_EXACT_CASES = [
+    ("exact_dequant_w4_g32_zp_ragged_fp32scale_to_fp16", 40, 172, 32, 4, True, torch.float32, torch.float16),
+    ("exact_dequant_w4_g128_fp16", 33, 512, 128, 4, False, torch.float16, torch.float16),
+    ("exact_dequant_w8_g64_zp_fp32", 17, 320, 64, 8, True, torch.float32, torch.float32),
 ]
 
 
@@ -76,6 +87,18 @@ def _run_all() -> dict:
             results[name] = _rel(fn(x, p, s, z, bits, group, k, b), w_int_linear_ref(x, p, s, z, bits, group, k, b))
         except Exception as e:  # report per case
             results[name] = f"{type(e).__name__}: {e}"
+    from quanta.quantization.int_quant import dequantize_groups, unpack_int4
+    from quanta.quantization.w_int_dequant import w_int_dequant
+
+    # the dequantized weight itself, bit for bit against the twin's (scales stored in fp32 and in the x dtype)
+    for name, n, k, group, bits, zp, scale_dtype, dtype in DEQUANT_EXACT_CASES:
+        try:
+            _, p, s, z, _ = _case(1, n, k, group, bits, zp, False, scale_dtype)
+            want = dequantize_groups(unpack_int4(p) if bits == 4 else p, s, z, bits, group, k, dtype)
+            got = w_int_dequant(p, s, z, bits, group, k, dtype)
+            results[name] = float((got.float() - want.float()).abs().max())
+        except Exception as e:
+            results[name] = f"{type(e).__name__}: {e}"
     return results
 
 
@@ -105,6 +128,11 @@ def test_word_gemv_takes_single_rows_of_whole_steps(monkeypatch) -> None:
         k_pad = packed.shape[1] * 8 // bits
         even = k == k_pad and k_pad % bk == 0
         assert words_ok(bits, packed, m, sub, False, even) == name.startswith("words_"), name
+
+
+@pytest.mark.parametrize("name", [c[0] for c in DEQUANT_EXACT_CASES])
+def test_w_int_dequant_interpreted_is_exact(interpreted: dict, name: str) -> None:
+    assert interpreted.get(name, "missing") == 0.0, interpreted.get(name, "missing")
 
 
 @pytest.mark.parametrize("name", [c[0] for c in W_INT_CASES + W_INT_GEMM_CASES])

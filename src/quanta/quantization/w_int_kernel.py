@@ -5,6 +5,8 @@ Reads quanta's canonical layout directly (int_quant.py): weight_packed [N, K_pad
 nibble = even k), weight_scale [N, G], weight_zero_point [N, G] uint8 or none (symmetric: 2^(bits-1)).
 `w_int_linear_ref` is its PyTorch twin (dequantize, then matmul): what the CPU runs.
 GEMV configs with `_dott` / `_dotto` run the swap-AB kernel of w_int_gemv_t.py (y^T = W x^T) instead.
+`w_int_linear` dispatches: the GEMV up to 16 rows, this GEMM up to w_int_dequant.DEQUANT_MIN_ROWS, then
+dequantize-once + cuBLAS (w_int_dequant.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
+from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
 from quanta.quantization.w_int_gemv_words import _w_int_gemv_words_kernel, as_words, words_ok
 
 
@@ -270,8 +273,11 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
 
 def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype: the GEMV for <= 16 rows, else the GEMM."""
+    """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype: the GEMV for <= 16 rows, the int GEMM up
+    to DEQUANT_MIN_ROWS, then the dequantized weight through cuBLAS."""
     m = x.numel() // max(in_features, 1)
+    if 0 < DEQUANT_MIN_ROWS <= m:  # many rows: dequantize once, then cuBLAS (w_int_dequant.py)
+        return F.linear(x, w_int_dequant(packed, scale, zero, bits, group_size, in_features, x.dtype), bias)
     if bits in (4, 8) and m <= MAX_M:
         cfg = gemv_config(f"w{bits}", m, packed.shape[0], in_features)
         if gemv_tile(bits, group_size, cfg.block_k) is not None:
