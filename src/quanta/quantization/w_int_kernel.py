@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
-from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
+from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 from quanta.quantization.w_int_gemv_words import _w_int_gemv_words_kernel, as_words, words_ok
 
 
