@@ -34,6 +34,10 @@ for part in "$@"; do
           pdl_oproj_gateup) env_v="QUANTA_PDL=1 QUANTA_GEMV_LINEAR_MB=16 QUANTA_FUSED_NORM_MAX_MB=80" ;; esac
         echo "$v: $env_v"; env $env_v timeout 120 python -m quanta.cli bench latency "$cfg" --json "$OUT/pdlab_$v.json" 2>&1 | tail -1
       done ;;
+    # lm_head on the skinny GEMV at batch 1 (fast_ops.GEMV_LMHEAD) vs cuBLAS, 1B and 8B, same machine
+    lmab) for cfg in llama-3.2-1b llama-3.1-8b; do for on in 0 1; do echo "$cfg QUANTA_GEMV_LMHEAD=$on"
+        QUANTA_GEMV_LMHEAD=$on timeout 120 python -m quanta.cli bench latency "$C/$cfg.json" --json "$OUT/lmab_${cfg}_$on.json" 2>&1 | tail -1
+      done; done ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -84,3 +84,25 @@ def test_engine_fused_vs_unfused_bf16(tmp_path, monkeypatch) -> None:
     n = min(same + 1, len(l0), len(l4))  # logits of identical contexts only
     assert same >= 2, (ids0, ids4)
     assert ((l0[:n] - l4[:n]).norm() / l0[:n].norm()) < 3e-2
+
+
+def test_engine_lm_head_gemv_bf16(tmp_path, monkeypatch) -> None:
+    """Batch-1 bf16 decode with the lm_head on the skinny GEMV (QUANTA_GEMV_LMHEAD) gives cuBLAS's tokens and
+    logits within bf16 tolerance."""
+    from quanta import LLM, SamplingParams
+    from quanta.layers import fast_ops
+
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    prompt = [1, 5, 9, 33, 7, 100, 42]
+    params = SamplingParams(max_tokens=8, ignore_eos=True, return_generation_logits=True)
+    logits = {}
+    for on in (False, True):
+        monkeypatch.setattr(fast_ops, "GEMV_LMHEAD", on)
+        with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16") as llm:
+            out = llm.generate(prompt, params)
+        logits[on] = (out.outputs[0].token_ids, out.outputs[0].generation_logits.float())
+    (ids0, l0), (ids1, l1) = logits[False], logits[True]
+    same = next((i for i, (a, b) in enumerate(zip(ids0, ids1)) if a != b), len(ids0))
+    n = min(same + 1, len(l0), len(l1))
+    assert same >= 2, (ids0, ids1)
+    assert ((l0[:n] - l1[:n]).norm() / l0[:n].norm()) < 3e-2

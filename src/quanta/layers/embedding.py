@@ -25,5 +25,7 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
-        logits = F.linear(hidden, self.weight)
+        from quanta.layers import fast_ops
+
+        logits = fast_ops.lm_head_linear(hidden, self.weight)
         return logits.float() if float32 else logits

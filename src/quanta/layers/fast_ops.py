@@ -25,6 +25,9 @@ FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 
 # Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
 # of cuBLAS at batch 1, so that with PDL (kernels/pdl.py) their weights stream in while attention runs; 0 = cuBLAS.
 GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "0")) << 20
+# The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
+# 347.7 vs 380.9 for the 8B one in bench_gemv (H100, cold weights); off until measured in the engine.
+GEMV_LMHEAD = os.environ.get("QUANTA_GEMV_LMHEAD", "0") == "1"
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -118,3 +121,19 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
     return linear(silu_and_mul(gate_up))
+
+
+def lm_head_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T for the logits; one half-precision row on CUDA may take the skinny GEMV (GEMV_LMHEAD)."""
+    if (
+        GEMV_LMHEAD
+        and _USE_KERNELS
+        and hidden.is_cuda
+        and hidden.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == hidden.dtype
+        and hidden.numel() == hidden.shape[-1]
+    ):
+        from quanta.kernels.gemv import GemvConfig, gemv
+
+        return gemv(hidden, weight, None, GemvConfig(block_n=2, block_k=1024))
+    return F.linear(hidden, weight)
