@@ -30,6 +30,9 @@ NORM_CONFIGS = [
     "bn4_bk512_sk1_w4_s3",
     "bn32_bk256_sk1_w4_s3_dot",
     "bn64_bk128_sk1_w4_s3_dot",
+    "bn4_bk512_sk1_w4_s3_nx",  # "_nx": the next K step's loads before this step's math
+    "bn4_bk256_sk1_w4_s3_nx",
+    "bn8_bk256_sk1_w4_s3_nx",
 ]
 SILU_CONFIGS = [
     "bn4_bk512_sk0_w4_s3",
@@ -39,6 +42,10 @@ SILU_CONFIGS = [
     "bn4_bk512_sk4_w4_s3",
     "bn8_bk256_sk8_w4_s3",
     "bn32_bk256_sk0_w4_s3_dot",
+    "bn2_bk1024_sk0_w4_s3",
+    "bn2_bk1024_sk0_w4_s3_nx",
+    "bn4_bk512_sk0_w4_s3_nx",
+    "bn2_bk512_sk0_w4_s3_nx",
 ]
 
 

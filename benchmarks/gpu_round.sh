@@ -38,6 +38,10 @@ for part in "$@"; do
     lmab) for cfg in llama-3.2-1b llama-3.1-8b; do for on in 0 1; do echo "$cfg QUANTA_GEMV_LMHEAD=$on"
         QUANTA_GEMV_LMHEAD=$on timeout 120 python -m quanta.cli bench latency "$C/$cfg.json" --json "$OUT/lmab_${cfg}_$on.json" 2>&1 | tail -1
       done; done ;;
+    # the fused batch-1 GEMVs with the next K step's loads in flight ("_nx") vs the defaults, 1B latency
+    nxab) for v in default nx; do cfgs=""; [ $v = nx ] && cfgs="QUANTA_GEMV_FUSED_CONFIG_NORM=bn4_bk512_sk1_w4_s3_nx QUANTA_GEMV_FUSED_CONFIG_SILU=bn2_bk1024_sk0_w4_s3_nx"
+        echo "$v $cfgs"; env $cfgs timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/nxab_$v.json" 2>&1 | tail -1
+      done ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -30,6 +30,11 @@ CASES = [
     ("silu_m3_split3_bias_f32", "silu", 3, 19, 200, False, True, "float32", "bn4_bk64_sk3"),
     ("silu_m8_dot_split2_f16", "silu", 8, 40, 160, False, False, "float16", "bn16_bk32_sk2_dot"),
     ("silu_m1_default_f16", "silu", 1, 24, 768, False, False, "float16", None),
+    # "_nx": the next K step's loads issued before this step's math
+    ("norm_m1_res_next_f32", "norm", 1, 37, 300, True, False, "float32", "bn4_bk64_sk1_nx"),
+    ("norm_m3_res_split3_next_f32", "norm", 3, 19, 200, True, True, "float32", "bn4_bk32_sk3_nx"),
+    ("silu_m1_split2_next_f32", "silu", 1, 37, 300, False, True, "float32", "bn4_bk64_sk2_nx"),
+    ("silu_m8_dot_next_f16", "silu", 8, 40, 160, False, False, "float16", "bn16_bk32_sk1_dot_nx"),
 ]
 
 

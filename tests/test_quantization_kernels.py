@@ -38,6 +38,9 @@ W_INT_CASES = [
     ("bytes_w8_m1_g128_zp_ragged", 1, 24, 384, 128, 8, True, False, torch.float32),
     ("bytes_w4_m2_g128_fp16", 2, 32, 512, 128, 4, False, False, torch.float16),
     ("bytes_w4_m3_g64_zp_bias", 3, 40, 256, 64, 4, True, True, torch.float32),
+    ("next_w4_m1_g32_ragged__bn4_bk64_sk1_nx", 1, 24, 300, 32, 4, True, False, torch.float32),
+    ("next_w4_m2_g128_split2__bn8_bk128_sk2_nx", 2, 40, 1024, 128, 4, False, True, torch.float32),
+    ("next_w8_m1_g64__bn4_bk128_sk1_nx", 1, 24, 512, 64, 8, True, True, torch.float32),
     # >= DEQUANT_MIN_ROWS rows: dequantize (w_int_dequant.py), then the matmul
     ("dequant_w4_m64_g32_zp_ragged", 64, 40, 172, 32, 4, True, True, torch.float32),
     ("dequant_w4_m80_g128_fp16", 80, 48, 256, 128, 4, False, False, torch.float16),
@@ -77,11 +80,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run_all() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from quanta.quantization.w_int_kernel import w_int_gemm, w_int_linear, w_int_linear_ref
+    from functools import partial
+
+    from quanta.kernels.gemv import GemvConfig
+    from quanta.quantization.w_int_kernel import w_int_gemm, w_int_gemv, w_int_linear, w_int_linear_ref
 
     results: dict = {}
     for name, m, n, k, group, bits, zp, bias, dtype in W_INT_CASES + W_INT_GEMM_CASES:
         fn = w_int_gemm if name.startswith("gemm_") else w_int_linear
+        if name.startswith("next_"):  # the byte GEMV with the next step's weights loaded early ("_nx")
+            fn = partial(w_int_gemv, config=GemvConfig.parse(name.split("__")[1]))
         try:
             x, p, s, z, b = _case(m, n, k, group, bits, zp, bias, dtype)
             results[name] = _rel(fn(x, p, s, z, bits, group, k, b), w_int_linear_ref(x, p, s, z, bits, group, k, b))

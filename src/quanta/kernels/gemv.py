@@ -55,17 +55,22 @@ class GemvConfig:
     # "_dott"; with dot_t_offset ("_dotto") the weights enter the dot as OFFSET + q straight from their bits
     use_dot_t: bool = False
     dot_t_offset: bool = False
+    # the next K step's loads issued before this step's math (two steps in flight a program), suffix "_nx";
+    # kernels/gemv_fused.py and the int byte GEMV (quantization/w_int_kernel.py) honour it
+    next_step: bool = False
 
     def __str__(self) -> str:
         s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
         s += "_dot" if self.use_dot else ""
-        return s + (("_dotto" if self.dot_t_offset else "_dott") if self.use_dot_t else "")
+        s += ("_dotto" if self.dot_t_offset else "_dott") if self.use_dot_t else ""
+        return s + ("_nx" if self.next_step else "")
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto]' (any subset of the fields, in any order) -> GemvConfig."""
+        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto][_nx]' (any subset of the fields, in any order) -> GemvConfig."""
         keys = {"bn": "block_n", "bk": "block_k", "sk": "split_k", "w": "num_warps", "s": "num_stages"}
-        flags = {"dot": ("use_dot",), "dott": ("use_dot_t",), "dotto": ("use_dot_t", "dot_t_offset")}
+        flags = {"dot": ("use_dot",), "dott": ("use_dot_t",), "dotto": ("use_dot_t", "dot_t_offset"),
+                 "nx": ("next_step",)}
         kw: dict = {}
         for part in text.strip().lower().split("_"):
             if part in flags:
@@ -126,6 +131,9 @@ def candidate_configs(kind: str, m: int, n: int, k: int) -> list[GemvConfig]:
             if bits == 16 and next_pow2(m) * bn * bk // (32 * w) > 128:
                 continue
             out.append(GemvConfig(block_n=bn, block_k=bk * step, num_warps=w))
+    if bits < 16 and m <= 4:  # the byte GEMV with the next step's weights in flight ("_nx"): to be timed
+        for bn, bk in ((4, 2048), (4, 1024), (8, 1024), (2, 2048)):
+            out.append(GemvConfig(block_n=bn, block_k=bk * 4 // bits, num_warps=4, next_step=True))
     for bn, bk, w in ((32, 256, 4), (64, 256, 8), (16, 512, 4)):
         out.append(GemvConfig(block_n=bn, block_k=bk if bits == 16 else 2 * bk, num_warps=w, use_dot=True))
     if bits < 16:  # swap-AB int GEMV at every M (issue 6): to be timed before any default uses it

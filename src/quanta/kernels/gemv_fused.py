@@ -50,6 +50,27 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
 
 # fmt: off
 @triton.jit
+def _step_loads(k0, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K, PROLOGUE: tl.constexpr,
+                HAS_RES: tl.constexpr):
+    """The loads of the K step at k0 (none past k_hi): the weight tile and the prologue's inputs, (w, a, b, c) =
+    norm: (W, x, residual or x, norm weight); SiLU: (W, gate, up, up again: unused)."""
+    kk = k0 + offs_k
+    live = kk < k_hi
+    msk = mask_m & live[None, :]
+    w = tl.load(w_rows + kk[None, :], mask=live[None, :], other=0.0)
+    a = tl.load(x_rows + kk[None, :], mask=msk, other=0.0)
+    if PROLOGUE == 1:
+        b = a
+        if HAS_RES:
+            b = tl.load(r_rows + kk[None, :], mask=msk, other=0.0)
+        c = tl.load(nw_ptr + kk, mask=live, other=0.0)
+    else:
+        b = tl.load(x_rows + K + kk[None, :], mask=msk, other=0.0)
+        c = b  # unused
+    return w, a, b, c
+
+
+@triton.jit
 def _gemv_prologue_kernel(
     x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_SPLIT, num_splits, eps,
@@ -58,10 +79,11 @@ def _gemv_prologue_kernel(
     USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
-    PF_COLS: tl.constexpr = 64,
+    PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
-    with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up)."""
+    with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up).
+    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx")."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
@@ -95,27 +117,32 @@ def _gemv_prologue_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    w, a, b, c = _step_loads(k_lo, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K, PROLOGUE, HAS_RES)
     for k0 in range(k_lo, k_hi, BLOCK_K):
+        if NEXT:  # issue the next step's loads before this step's math: two steps in flight per program
+            w_n, a_n, b_n, c_n = _step_loads(k0 + BLOCK_K, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K,
+                                             PROLOGUE, HAS_RES)
         kk = k0 + offs_k
-        msk = mask_m & (kk[None, :] < K)
         if PROLOGUE == 1:
-            h = tl.load(x_rows + kk[None, :], mask=msk, other=0.0)
+            h = a
             if HAS_RES:
-                h = (h.to(tl.float32) + tl.load(r_rows + kk[None, :], mask=msk, other=0.0).to(tl.float32)).to(dtype)
+                h = (a.to(tl.float32) + b.to(tl.float32)).to(dtype)
                 own = (offs_m[:, None] < tl.where(pid_n == 0, M, 0)) & (kk[None, :] < K)  # row block 0 stores
                 tl.store(res_out_ptr + offs_m[:, None].to(tl.int64) * stride_om + kk[None, :], h, mask=own)
             hn = (h.to(tl.float32) * rstd[:, None]).to(dtype)
-            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x = (nw[None, :] * hn.to(tl.float32)).to(dtype)
+            x = (c.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
         else:
-            g = tl.load(x_rows + kk[None, :], mask=msk, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + kk[None, :], mask=msk, other=0.0).to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g)) * u).to(dtype)
-        w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            g = a.to(tl.float32)
+            x = (g / (1.0 + tl.exp(-g)) * b.to(tl.float32)).to(dtype)
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w))
         else:
             acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if NEXT:
+            w, a, b, c = w_n, a_n, b_n, c_n
+        else:  # the next step's loads after this step's math (one step in flight)
+            w, a, b, c = _step_loads(k0 + BLOCK_K, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K,
+                                     PROLOGUE, HAS_RES)
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
@@ -148,7 +175,7 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
         USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NORM_BLOCK=max(16, min(next_pow2(k), 2048 // block_m)),
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
-        PF_COLS=max(1, 256 // cfg.block_n),
+        PF_COLS=max(1, 256 // cfg.block_n), NEXT=cfg.next_step,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on

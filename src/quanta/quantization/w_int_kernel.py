@@ -128,9 +128,10 @@ def _w_int_gemv_kernel(
     stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr, NUM_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NEXT: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k) streams BLOCK_N packed rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps).
+    NEXT (config suffix "_nx"): the next step's weight bytes are loaded before this step's math.
     A step is a [BLOCK_N, BLOCK_K * BITS / 8] byte tile viewed as [BLOCK_N, NG, CB]: NG chunks of SUB values
     (SUB = the group, or BLOCK_K when the group is wider), each with one scale / zero per row.
     int4: low nibbles = even k, high = odd k, so x's chunk splits into its even / odd columns.
@@ -154,9 +155,17 @@ def _w_int_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, NG), dtype=tl.float32)
+    if NEXT:
+        bb = k_lo * BITS // 8 + offs_b
+        q_next = tl.load(w_rows + bb[None, :], mask=bb[None, :] < k_hi * BITS // 8, other=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        bb = k0 * BITS // 8 + offs_b
-        q = tl.load(w_rows + bb[None, :], mask=bb[None, :] < K_PAD * BITS // 8, other=0).to(tl.int32)
+        if NEXT:  # two steps of weights in flight a program
+            q = q_next.to(tl.int32)
+            bb = (k0 + BLOCK_K) * BITS // 8 + offs_b
+            q_next = tl.load(w_rows + bb[None, :], mask=bb[None, :] < k_hi * BITS // 8, other=0)
+        else:
+            bb = k0 * BITS // 8 + offs_b
+            q = tl.load(w_rows + bb[None, :], mask=bb[None, :] < K_PAD * BITS // 8, other=0).to(tl.int32)
         q3 = tl.reshape(q, (BLOCK_N, NG, CB))
         kg = k0 + offs_g * SUB
         gidx = kg // GROUP
@@ -267,7 +276,8 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         args = args[:1] + (as_words(packed),) + args[2:15] + (packed.stride(0) // 4,) + args[16:]
         _w_int_gemv_words_kernel[grid](*args, NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
-        _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m), **common)
+        _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m),
+                                 NEXT=cfg.next_step, **common)
     return y.reshape(*x.shape[:-1], n)
 
 
