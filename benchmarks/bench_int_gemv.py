@@ -1,8 +1,8 @@
-"""W4A16 / W8A16 decode GEMV at 1-2 rows: the byte kernel vs the int32-word kernel (issue 6), per Llama layer.
+"""W4A16 / W8A16 decode GEMV at 1-2 rows by kernel and config (issue 6), per Llama layer.
 
     python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
 
-Each variant is `kernel:config` (kernel = bytes | words). Times are medians of CUDA-graph replays after a 256 MiB L2
+Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV | words: w_int_gemv_words.py). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
@@ -35,13 +35,13 @@ SHAPES = {  # model: (layers, [(name, N, K)], lm_head (N, K))
     ),
 }
 VARIANTS = [
-    "bytes:bn4_bk2048_sk0_w4_s3",  # the byte kernel's M = 1 default before the word kernel
-    "words:bn32_bk512_sk0_w4_s3",  # the word kernel's default
+    "bytes:bn4_bk2048_sk0_w4_s3",  # the default at one row
+    "bytes:bn4_bk2048_sk0_w4_s3_nx",  # "_nx": the next K step's weights loaded before this step's math
+    "bytes:bn4_bk1024_sk0_w4_s3_nx",
+    "bytes:bn8_bk1024_sk0_w4_s3_nx",
+    "bytes:bn2_bk2048_sk0_w4_s3_nx",
+    "words:bn16_bk512_sk0_w2_s3",  # the int32-word kernel (off by default), its best two configs on the H100
     "words:bn64_bk256_sk0_w4_s3",
-    "words:bn32_bk256_sk0_w2_s3",
-    "words:bn16_bk512_sk0_w2_s3",
-    "words:bn32_bk1024_sk0_w4_s3",
-    "words:bn32_bk512_sk0_w4_s4",
 ]
 
 

@@ -42,6 +42,7 @@ for part in "$@"; do
     nxab) for v in default nx; do cfgs=""; [ $v = nx ] && cfgs="QUANTA_GEMV_FUSED_CONFIG_NORM=bn4_bk512_sk1_w4_s3_nx QUANTA_GEMV_FUSED_CONFIG_SILU=bn2_bk1024_sk0_w4_s3_nx"
         echo "$v $cfgs"; env $cfgs timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/nxab_$v.json" 2>&1 | tail -1
       done ;;
+    igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms 1 --json "$OUT/int_gemv_8b.json" 2>&1 | tail -14 ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
