@@ -262,9 +262,12 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     bk, sub = tile
     cfg = replace(cfg, block_k=bk)
     split, k_split, ws, cnt = plan_split(cfg, m, n, k_pad, y)
-    args = (x2, packed, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
-            cnt, m, n, k, k_pad, k_split, split,
-            x2.stride(0), packed.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0))
+    def args_for(w: torch.Tensor) -> tuple:  # w: the packed bytes, or their int32 view (the word kernel)
+        return (x2, w, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
+                cnt, m, n, k, k_pad, k_split, split,
+                x2.stride(0), w.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0))
+
+    args = args_for(packed)
     common = dict(GROUP=group_size, SUB=sub, BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None,
                   USE_SPLIT=split > 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
@@ -273,8 +276,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
-        args = args[:1] + (as_words(packed),) + args[2:15] + (packed.stride(0) // 4,) + args[16:]
-        _w_int_gemv_words_kernel[grid](*args, NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
+        _w_int_gemv_words_kernel[grid](*args_for(as_words(packed)), NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
         _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m),
                                  NEXT=cfg.next_step, **common)
