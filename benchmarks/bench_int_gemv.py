@@ -2,7 +2,8 @@
 
     python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
 
-Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV | words: w_int_gemv_words.py). Times are medians of CUDA-graph replays after a 256 MiB L2
+Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV | words: w_int_gemv_words.py |
+tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
@@ -42,6 +43,9 @@ VARIANTS = [
     "bytes:bn2_bk2048_sk0_w4_s3_nx",
     "words:bn16_bk512_sk0_w2_s3",  # the int32-word kernel (off by default), its best two configs on the H100
     "words:bn64_bk256_sk0_w4_s3",
+    "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV (the default at 5-16 rows)
+    "bytes:bn128_bk128_sk0_w4_s3_dotto",
+    "tinygemm:-",
 ]
 
 
@@ -57,7 +61,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from quanta.kernels.gemv import GemvConfig, time_cuda
-    from quanta.quantization import w_int_gemv_words
+    from quanta.quantization import w_int_gemv_words, w_int_tinygemm
     from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
@@ -85,11 +89,15 @@ def main() -> None:
                 ref = w_int_linear_ref(x.float(), packed, scale.float(), zero, bits, group, k)
                 nbytes = packed.numel() + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
                 line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
+                tg = w_int_tinygemm.pack(packed, scale, zero) if bits == 4 else None
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
-                    cfg = GemvConfig.parse(cfg_s)
-                    w_int_gemv_words.WORDS_ENABLED = kind == "words"
-                    fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg)
+                    if kind == "tinygemm":
+                        fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
+                    else:
+                        cfg = GemvConfig.parse(cfg_s)
+                        w_int_gemv_words.WORDS_ENABLED = kind == "words"
+                        fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg)
                     try:
                         err = float((fn().float() - ref).abs().max() / ref.abs().max())
                         t = time_cuda(fn, a.reps, flush=flush) if err < 2e-2 else float("nan")

@@ -41,10 +41,12 @@ for part in "$@"; do
         QUANTA_GEMV_LMHEAD=$on timeout 120 python -m quanta.cli bench latency "$C/$cfg.json" --json "$OUT/lmab_${cfg}_$on.json" 2>&1 | tail -1
       done; done ;;
     # the fused batch-1 GEMVs with the next K step's loads in flight ("_nx") vs the defaults, 1B latency
-    nxab) for v in default nx; do cfgs=""; [ $v = nx ] && cfgs="QUANTA_GEMV_FUSED_CONFIG_NORM=bn4_bk512_sk1_w4_s3_nx QUANTA_GEMV_FUSED_CONFIG_SILU=bn2_bk1024_sk0_w4_s3_nx"
-        echo "$v $cfgs"; env $cfgs timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/nxab_$v.json" 2>&1 | tail -1
+    nxab) i=0; for v in ${NX_ORDER:-default nx}; do i=$((i+1)); cfgs=""; [ $v = nx ] && cfgs="QUANTA_GEMV_FUSED_CONFIG_NORM=bn4_bk512_sk1_w4_s3_nx QUANTA_GEMV_FUSED_CONFIG_SILU=bn2_bk1024_sk0_w4_s3_nx"
+        echo "$v $cfgs"; env $cfgs timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/nxab_${v}_$i.json" 2>&1 | tail -1
       done ;;
-    igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms 1 --json "$OUT/int_gemv_8b.json" 2>&1 | tail -14 ;;
+    igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} --json "$OUT/int_gemv_8b.json" 2>&1 | tail -30 ;;
+    # PyTorch's int4 GEMM (w_int_tinygemm.py) and the quantization kernels vs their references
+    tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;

@@ -75,19 +75,33 @@ class WeightOnlyInt(QuantMethod):
                                  self.bits, self.group_size(layer), layer.in_features, dtype,
                                  getattr(layer, "weight_g_idx", None))
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        x = pre_scale(layer, x)
-        if _use_gpu_kernel(layer, x):
-            from quanta.quantization.w_int_kernel import w_int_linear
+    def process_after_loading(self, layer) -> None:
+        if self.bits == 4:  # PyTorch's int4 GEMM (w_int_tinygemm.py), where enabled and it takes the shape
+            from quanta.quantization import w_int_tinygemm
 
-            return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                                self.bits, self.group_size(layer), layer.in_features, layer.bias)
-        return F.linear(x, self.dequantize(layer, x.dtype), layer.bias)
+            w_int_tinygemm.attach(layer, self.group_size(layer))
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return _int_linear(layer, pre_scale(layer, x), self.bits)
 
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
         cfg.update(bits=self.bits, per_channel=self.per_channel)
         return cfg
+
+
+def _int_linear(layer, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layer's int weight times x: tinygemm (few rows, where attached), the Triton kernels, or the reference."""
+    method = layer.quant_method
+    if _use_gpu_kernel(layer, x):
+        from quanta.quantization import w_int_tinygemm
+        from quanta.quantization.w_int_kernel import w_int_linear
+
+        if w_int_tinygemm.usable(layer, x):
+            return w_int_tinygemm.linear(x, *layer.tinygemm, method.group_size(layer), layer.out_features, layer.bias)
+        return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                            bits, method.group_size(layer), layer.in_features, layer.bias)
+    return F.linear(x, method.dequantize(layer, x.dtype), layer.bias)
 
 
 def _use_gpu_kernel(layer, x: torch.Tensor) -> bool:
@@ -119,13 +133,7 @@ class W4A8Awq(WeightOnlyInt):
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         s = layer.input_scale
-        x = (to_fp8(pre_scale(layer, x), s).float() * s).to(x.dtype)
-        if _use_gpu_kernel(layer, x):
-            from quanta.quantization.w_int_kernel import w_int_linear
-
-            return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                                4, self.group_size(layer), layer.in_features, layer.bias)
-        return F.linear(x, self.dequantize(layer, x.dtype), layer.bias)
+        return _int_linear(layer, (to_fp8(pre_scale(layer, x), s).float() * s).to(x.dtype), 4)
 
 
 register(QuantAlgo.W4A16)(lambda qc: WeightOnlyInt(qc, 4))
