@@ -3,7 +3,7 @@
     python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
 
 Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV | words: w_int_gemv_words.py |
-tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored). Times are medians of CUDA-graph replays after a 256 MiB L2
+tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
@@ -46,6 +46,10 @@ VARIANTS = [
     "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV (the default at 5-16 rows)
     "bytes:bn128_bk128_sk0_w4_s3_dotto",
     "tinygemm:-",
+    "asm:bn8_bk1024_sk0_w4_s3",  # w_int_gemv_asm.py: half2 math in inline PTX, one row
+    "asm:bn16_bk512_sk0_w4_s3",
+    "asm:bn32_bk512_sk0_w8_s3",
+    "asm:bn64_bk256_sk0_w4_s3",
 ]
 
 
@@ -61,7 +65,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     from quanta.kernels.gemv import GemvConfig, time_cuda
-    from quanta.quantization import w_int_gemv_words, w_int_tinygemm
+    from quanta.quantization import w_int_gemv_asm, w_int_gemv_words, w_int_tinygemm
     from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
@@ -97,6 +101,9 @@ def main() -> None:
                     else:
                         cfg = GemvConfig.parse(cfg_s)
                         w_int_gemv_words.WORDS_ENABLED = kind == "words"
+                        w_int_gemv_asm.ASM_ENABLED = kind == "asm"
+                        if kind == "asm" and m > 1:
+                            continue
                         fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg)
                     try:
                         err = float((fn().float() - ref).abs().max() / ref.abs().max())

@@ -46,6 +46,8 @@ for part in "$@"; do
       done ;;
     igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} --json "$OUT/int_gemv_8b.json" 2>&1 | tail -30 ;;
     # PyTorch's int4 GEMM (w_int_tinygemm.py) and the quantization kernels vs their references
+    asmtest) timeout 120 python -m pytest -q tests/test_quantization_kernels.py -k "asm" --timeout 100 2>&1 | tail -8 ;;
+    probe) timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe.json" 2>&1 | tail -8 ;;
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;

@@ -166,6 +166,29 @@ def test_w_int_kernel_gpu(m, bits, zp):
 
 
 @cuda
+@pytest.mark.parametrize("n,k,group,zp,dtype,cfg", [
+    (512, 1024, 128, False, torch.bfloat16, "bn8_bk1024_sk0_w4_s3"),
+    (6144, 4096, 128, True, torch.bfloat16, "bn16_bk512_sk0_w4_s3"),
+    (4096, 14336, 128, False, torch.bfloat16, "bn32_bk512_sk0_w8_s3"),
+    (3072, 2048, 64, True, torch.float16, "bn64_bk256_sk0_w4_s3"),
+    (1000, 4096, 32, False, torch.bfloat16, "bn16_bk512_sk2_w4_s3"),
+])
+def test_w_int_gemv_asm_gpu(monkeypatch, n, k, group, zp, dtype, cfg):
+    """The half2 inline-PTX int4 GEMV (w_int_gemv_asm.py) at one row vs the reference."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the asm GEMV needs sm_90")
+    from quanta.kernels.gemv import GemvConfig
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
+
+    monkeypatch.setattr(w_int_gemv_asm, "ASM_ENABLED", True)
+    x, p, s, z, b = _case(1, n, k, group, 4, zp, True, dtype, "cuda")
+    assert w_int_gemv_asm.asm_ok(4, p, x, 1, min(group, GemvConfig.parse(cfg).block_k), True)
+    ref = w_int_linear_ref(x.float(), p, s.float(), z, 4, group, k, b.float())
+    assert _rel(w_int_gemv(x, p, s, z, 4, group, k, b, GemvConfig.parse(cfg)), ref) < 2e-2
+
+
+@cuda
 @pytest.mark.parametrize("m", [1, 16, 40])
 def test_int8_mm_gpu_matches_reference(m):
     from quanta.quantization.int_quant import quant_int8_per_channel, quant_int8_per_token

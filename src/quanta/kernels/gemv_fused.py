@@ -41,10 +41,14 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
         return GemvConfig.parse(env)
     if m > 4:
         return GemvConfig(block_n=32, block_k=256, num_warps=4, use_dot=True)
+    # one row: the next K step's loads issued before this step's math ("_nx"): H200, 1B batch-1 latency 944.8 /
+    # 949.8 tok/s vs 922.5 / 928.5 without, two alternating runs each (benchmarks/results/h200_s5_nxab_*)
+    nx = m == 1
     if prologue == PRO_NORM:
-        return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4)
+        return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4,
+                          next_step=nx)
     if m <= 2:  # H100, 1B down_proj at M=1: bn2_bk1024 15.8 us, bn4_bk512 16.8 (benchmarks/results/h100_s4_*)
-        return GemvConfig(block_n=2, block_k=1024, num_warps=4)
+        return GemvConfig(block_n=2, block_k=1024, num_warps=4, next_step=nx)
     return GemvConfig(block_n=8, block_k=512, num_warps=4)
 
 

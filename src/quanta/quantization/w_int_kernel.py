@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
+from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
+from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, asm_ok, magic16, ptx
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 from quanta.quantization.w_int_gemv_words import _w_int_gemv_words_kernel, as_words, words_ok
 
@@ -275,6 +277,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     if use_dot_t:
         off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
+    elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
+        _w_int_gemv_asm_kernel[grid](*args_for(as_words(packed)), PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype),
+                                     BLOCK_M=1, **common)
     elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
         _w_int_gemv_words_kernel[grid](*args_for(as_words(packed)), NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
@@ -292,6 +297,8 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         return F.linear(x, w_int_dequant(packed, scale, zero, bits, group_size, in_features, x.dtype), bias)
     if bits in (4, 8) and m <= MAX_M:
         cfg = gemv_config(f"w{bits}", m, packed.shape[0], in_features)
+        if m == 1 and bits == 4 and w_int_gemv_asm.ASM_ENABLED:
+            cfg = GemvConfig.parse(w_int_gemv_asm.ASM_CONFIG)
         if gemv_tile(bits, group_size, cfg.block_k) is not None:
             return w_int_gemv(x, packed, scale, zero, bits, group_size, in_features, bias, cfg)
     return w_int_gemm(x, packed, scale, zero, bits, group_size, in_features, bias)

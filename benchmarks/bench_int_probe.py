@@ -1,0 +1,87 @@
+"""How fast can a Triton kernel READ an int4 weight in the int GEMVs' tiling? (issue 6, batch-1 decode)
+
+    python benchmarks/bench_int_probe.py [--json out.json]
+
+The int4 GEMVs run at 1.0-1.6 TB/s on an H200 (bench_int_gemv.py). This kernel loads the same packed weight in
+the same [BLOCK_N rows, BLOCK_K values] steps (as bytes, or as int32 words) and only adds the loaded integers up
+(one integer add a load element), so its time is the memory side alone: if it reaches the copy bandwidth, the
+GEMVs lose the rest to their arithmetic; if not, to how they load. Cold L2 (kernels/gemv.time_cuda's flush),
+CUDA-graph replays, Llama-3.1-8B gate_up and down shapes; torch's copy of the same bytes is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from quanta.kernels._compat import tl, triton  # noqa: E402
+
+SHAPES = [("gate_up", 28672, 4096), ("down", 4096, 14336), ("qkv", 6144, 4096)]
+# (elements: "bytes" | "words", BLOCK_N, BLOCK_K values a step, num_warps, splits)
+CONFIGS = [
+    ("bytes", 4, 2048, 4, 1), ("bytes", 8, 1024, 4, 1), ("bytes", 16, 1024, 4, 1), ("bytes", 32, 512, 8, 1),
+    ("words", 8, 1024, 4, 1), ("words", 16, 512, 4, 1), ("words", 16, 1024, 4, 1), ("words", 32, 512, 8, 1),
+    ("words", 64, 256, 4, 1), ("words", 16, 1024, 8, 1), ("words", 4, 4096, 4, 1), ("words", 16, 512, 4, 2),
+]
+
+
+@triton.jit
+def _probe(w_ptr, out_ptr, N, ROW, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sum of the elements of BLOCK_N rows over [pid_k * K_SPLIT, +K_SPLIT), BLOCK_E elements a step."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    ptrs = w_ptr + rows[:, None] * ROW + tl.arange(0, BLOCK_E)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.int32)
+    for e0 in range(pid_k * K_SPLIT, pid_k * K_SPLIT + K_SPLIT, BLOCK_E):
+        acc += tl.load(ptrs + e0).to(tl.int32)
+    tl.atomic_add(out_ptr + rows, tl.sum(acc, axis=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    from quanta.kernels.gemv import time_cuda
+
+    dev = "cuda"
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}  (TB/s of int4 weight bytes read; copy = read + write)")
+    for name, n, k in SHAPES:
+        packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8)
+        nbytes = packed.numel()
+        dst = torch.empty_like(packed)
+        t_copy = time_cuda(partial(dst.copy_, packed), a.reps, flush=flush)
+        line = f"{name:8s} N={n:6d} K={k:6d} {nbytes / 2**20:6.1f} MiB | copy {2 * nbytes / t_copy / 1e6:5.2f} |"
+        rows.append(dict(layer=name, n=n, k=k, kind="copy", us=t_copy, tbps=2 * nbytes / t_copy / 1e6))
+        out = torch.zeros(n, dtype=torch.int32, device=dev)
+        for kind, bn, bk, warps, splits in CONFIGS:
+            src = packed if kind == "bytes" else packed.view(torch.int32)
+            per_row = src.shape[1]
+            be = bk // 2 if kind == "bytes" else bk // 8  # elements a step
+            k_split = -(-per_row // splits)
+            if per_row % be or k_split % be:
+                continue
+            grid = (triton.cdiv(n, bn), splits)
+            fn = partial(_probe[grid], src, out, n, per_row, k_split, BLOCK_N=bn, BLOCK_E=be, num_warps=warps)
+            t = time_cuda(fn, a.reps, flush=flush)
+            tbps = nbytes / t / 1e6
+            rows.append(dict(layer=name, n=n, k=k, kind=kind, block_n=bn, block_k=bk, warps=warps, splits=splits,
+                             us=t, tbps=tbps))
+            line += f" {kind[0]}:{bn}x{bk}w{warps}s{splits} {tbps:4.2f}"
+        print(line, flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

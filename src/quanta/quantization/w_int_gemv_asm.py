@@ -1,0 +1,144 @@
+"""int4 GEMV for one row (W4A16 batch-1 decode) with packed half2 arithmetic in inline PTX (issue 6).
+
+The byte kernel (w_int_kernel.py) spends ~7 SASS instructions a weight on 32-bit float math; at 1 - 1.5 TB/s on an
+H200 it is far from the memory's 4+. Here a K step loads [BLOCK_N, WPS] int32 words (8 nibbles each, quanta's
+layout: value k of a row at nibble k % 8 of word k // 8) and one `tl.inline_asm_elementwise` call per word does:
+
+    t_j = (word >> 4j) & 0x000F000F | MAGIC      j = 0..3: the halves hold (q_j, q_{j+4}) as OFFSET + q (exact)
+    t_j = t_j * 1 - (OFFSET + z)                  half2 FMA: q - z, exact
+    acc = sum_j t_j * (x_j, x_{j+4})              a half2 multiply and three half2 FMAs (sm_90: mul.bf16x2)
+    out = float(acc.lo) + float(acc.hi)
+
+bf16: MAGIC 0x4300 (128.0, 7 mantissa bits hold q), fp16: 0x6400 (1024.0); ~2.5 instructions a weight. The four
+products of a half are summed in x.dtype (rounded like the bf16 output itself), then in fp32 per group, times
+the scale once per (row, group, word). x is read with stride 8 per value index and paired on the host side of
+the asm (x of a step is loaded once, reshaped in registers / shared memory, shared by the rows). sm_90 only.
+Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8 instructions a weight (bn8_bk1024 3.4, bn64_bk256 3.25)
+against ~7 for the byte kernel; the weight comes in 128-bit loads.
+
+Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
+Off by default until measured on a GPU: env QUANTA_INT_GEMV_ASM=1 (benchmarks/bench_int_gemv.py `asm:` variants).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quanta.kernels._compat import tl, triton
+from quanta.kernels.gemv import gemv_epilogue
+
+ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "0") == "1"
+ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn16_bk512_sk0_w4_s3")  # w_int_linear's config for it
+
+_PTX = """{
+.reg .b32 t0, t1, t2, t3, s, a;
+.reg .b16 lo, hi;
+.reg .f32 f0, f1;
+lop3.b32 t0, $1, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $1, 4;
+lop3.b32 t1, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $1, 8;
+lop3.b32 t2, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $1, 12;
+lop3.b32 t3, s, 0x000F000F, MAGIC, 0xEA;
+fma.rn.T t0, t0, $7, $2;
+fma.rn.T t1, t1, $7, $2;
+fma.rn.T t2, t2, $7, $2;
+fma.rn.T t3, t3, $7, $2;
+mul.rn.T a, t0, $3;
+fma.rn.T a, t1, $4, a;
+fma.rn.T a, t2, $5, a;
+fma.rn.T a, t3, $6, a;
+mov.b32 {lo, hi}, a;
+cvt.f32.S f0, lo;
+cvt.f32.S f1, hi;
+add.f32 $0, f0, f1;
+}"""
+# x.dtype: (PTX type, scalar type, MAGIC as half2 bits, the 16-bit magic)
+_TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x43004300, 0x4300), torch.float16: ("f16x2", "f16", 0x64006400, 0x6400)}
+
+
+def ptx(dtype: torch.dtype) -> str:
+    t, s, magic, _ = _TYPES[dtype]
+    return _PTX.replace("MAGIC", f"0x{magic:08X}").replace(".T ", f".{t} ").replace(".S ", f".{s} ")
+
+
+def asm_ok(bits: int, packed: torch.Tensor, x: torch.Tensor, m: int, sub: int, even_k: bool) -> bool:
+    """The asm kernel takes this launch: int4, one row of fp16 / bf16 on CUDA, whole K steps, aligned words."""
+    return (ASM_ENABLED and bits == 4 and m == 1 and x.dtype in _TYPES and x.is_cuda and even_k
+            and packed.shape[1] % 16 == 0 and packed.stride(0) % 16 == 0 and packed.storage_offset() % 16 == 0
+            and sub % 32 == 0 and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def magic16(dtype: torch.dtype) -> int:
+    return _TYPES[dtype][3]
+
+
+@triton.jit
+def _pair(lo, hi):
+    """Two x.dtype tensors -> int32 words holding (lo, hi) as a half2 (lo in the low 16 bits)."""
+    lo_b = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_b = hi.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo_b | (hi_b << 16)
+
+
+# fmt: off
+@triton.jit
+def _w_int_gemv_asm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, K_PAD, K_SPLIT, num_splits,
+    stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+    GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
+    values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
+    values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop."""
+    NG: tl.constexpr = BLOCK_K // SUB
+    WPG: tl.constexpr = SUB // 8
+    ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked
+    offs_g = tl.arange(0, NG)
+    offs_k = tl.arange(0, BLOCK_K)
+    word = offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: step-relative word index
+    w_rows = w_ptr + rows[:, None, None] * stride_wn  # [BN, 1, 1]
+    s_rows = s_ptr + rows[:, None, None] * stride_sn
+    z_rows = z_ptr + rows[:, None, None] * stride_zn
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
+    acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])  # [BN, NG, WPG] int32
+        kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
+        s = tl.load(s_rows + kg // GROUP).to(tl.float32)  # [BN, NG, 1]
+        if HAS_ZERO:
+            z = tl.load(z_rows + kg // GROUP).to(tl.int32)
+        else:
+            z = tl.full((BLOCK_N, NG, 1), 8, tl.int32)
+        nz = (MAGIC16 | z) ^ 0x8000  # -(OFFSET + z) as half bits
+        nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
+        # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3
+        xb = tl.load(x_ptr + k0 + offs_k).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
+        pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
+        p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3
+        x0, x2 = tl.split(p_even)
+        x1, x3 = tl.split(p_odd)
+        part = tl.inline_asm_elementwise(
+            PTX, "=r,r,r,r,r,r,r,r",
+            [q, nz, tl.broadcast_to(x0[None, :, :], (BLOCK_N, NG, WPG)),
+             tl.broadcast_to(x1[None, :, :], (BLOCK_N, NG, WPG)), tl.broadcast_to(x2[None, :, :], (BLOCK_N, NG, WPG)),
+             tl.broadcast_to(x3[None, :, :], (BLOCK_N, NG, WPG)), tl.full((BLOCK_N, NG, WPG), ONE, tl.int32)],
+            dtype=tl.float32, is_pure=True, pack=1)
+        acc += part * s
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+    gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS, USE_SPLIT)
+# fmt: on
