@@ -46,11 +46,23 @@ VARIANTS = [
     "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV (the default at 5-16 rows)
     "bytes:bn128_bk128_sk0_w4_s3_dotto",
     "tinygemm:-",
-    "asm:bn8_bk1024_sk0_w4_s3",  # w_int_gemv_asm.py: half2 math in inline PTX, one row
+    "asm:bn8_bk1024_sk0_w4_s1",  # w_int_gemv_asm.py: half2 math in inline PTX, one row; _sN: N - 1 steps in flight
+    "asm:bn8_bk1024_sk0_w4_s3",
+    "asm:bn8_bk1024_sk0_w4_s4",
     "asm:bn16_bk512_sk0_w4_s3",
-    "asm:bn32_bk512_sk0_w8_s3",
+    "asm:bn16_bk1024_sk0_w8_s3",
+    "asm:bn4_bk2048_sk0_w4_s3",
+    "asm:bn8_bk2048_sk0_w4_s3",
     "asm:bn64_bk256_sk0_w4_s3",
 ]
+
+
+def best_variant(path: str, kind: str = "asm", m: int = 1) -> str:
+    """The config of the fastest `kind` variant in a --json file, by its per-step sum (gpu_round.sh quant)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    summary = next(r["summary"] for r in rows if "summary" in r and r["m"] == m)
+    best = min((t, v) for v, t in summary.items() if v.startswith(kind + ":") and t == t)
+    return best[1].split(":", 1)[1]
 
 
 def main() -> None:
@@ -63,7 +75,11 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--best-of", default=None, help="print the fastest asm config in this --json file and exit")
     a = ap.parse_args()
+    if a.best_of:
+        print(best_variant(a.best_of))
+        return
     from quanta.kernels.gemv import GemvConfig, time_cuda
     from quanta.quantization import w_int_gemv_asm, w_int_gemv_words, w_int_tinygemm
     from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref

@@ -24,23 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from quanta.kernels._compat import tl, triton  # noqa: E402
 
 SHAPES = [("gate_up", 28672, 4096), ("down", 4096, 14336), ("qkv", 6144, 4096)]
-# (elements: "bytes" | "words", BLOCK_N, BLOCK_K values a step, num_warps, splits)
+# (elements: "bytes" | "words", BLOCK_N, BLOCK_K values a step, num_warps, splits, stages: the K loop's software
+# pipeline, tl.range(num_stages=...): cp.async, stages - 1 steps in flight; 1 = plain loads)
 CONFIGS = [
-    ("bytes", 4, 2048, 4, 1), ("bytes", 8, 1024, 4, 1), ("bytes", 16, 1024, 4, 1), ("bytes", 32, 512, 8, 1),
-    ("words", 8, 1024, 4, 1), ("words", 16, 512, 4, 1), ("words", 16, 1024, 4, 1), ("words", 32, 512, 8, 1),
-    ("words", 64, 256, 4, 1), ("words", 16, 1024, 8, 1), ("words", 4, 4096, 4, 1), ("words", 16, 512, 4, 2),
+    ("bytes", 4, 2048, 4, 1, 1), ("bytes", 4, 2048, 4, 1, 3), ("words", 8, 1024, 4, 1, 1),
+    ("words", 8, 1024, 4, 1, 3), ("words", 8, 1024, 4, 1, 4), ("words", 16, 1024, 4, 1, 3),
+    ("words", 4, 2048, 4, 1, 3), ("words", 8, 2048, 4, 1, 3), ("words", 16, 512, 4, 1, 3),
+    ("words", 32, 512, 8, 1, 3), ("words", 16, 1024, 8, 1, 4), ("words", 16, 512, 4, 2, 3),
 ]
 
 
 @triton.jit
-def _probe(w_ptr, out_ptr, N, ROW, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _probe(w_ptr, out_ptr, N, ROW, K_SPLIT, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, STAGES: tl.constexpr = 1):
     """Sum of the elements of BLOCK_N rows over [pid_k * K_SPLIT, +K_SPLIT), BLOCK_E elements a step."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
     ptrs = w_ptr + rows[:, None] * ROW + tl.arange(0, BLOCK_E)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.int32)
-    for e0 in range(pid_k * K_SPLIT, pid_k * K_SPLIT + K_SPLIT, BLOCK_E):
+    for e0 in tl.range(pid_k * K_SPLIT, pid_k * K_SPLIT + K_SPLIT, BLOCK_E, num_stages=STAGES):
         acc += tl.load(ptrs + e0).to(tl.int32)
     tl.atomic_add(out_ptr + rows, tl.sum(acc, axis=1))
 
@@ -64,7 +66,7 @@ def main() -> None:
         line = f"{name:8s} N={n:6d} K={k:6d} {nbytes / 2**20:6.1f} MiB | copy {2 * nbytes / t_copy / 1e6:5.2f} |"
         rows.append(dict(layer=name, n=n, k=k, kind="copy", us=t_copy, tbps=2 * nbytes / t_copy / 1e6))
         out = torch.zeros(n, dtype=torch.int32, device=dev)
-        for kind, bn, bk, warps, splits in CONFIGS:
+        for kind, bn, bk, warps, splits, stages in CONFIGS:
             src = packed if kind == "bytes" else packed.view(torch.int32)
             per_row = src.shape[1]
             be = bk // 2 if kind == "bytes" else bk // 8  # elements a step
@@ -72,12 +74,13 @@ def main() -> None:
             if per_row % be or k_split % be:
                 continue
             grid = (triton.cdiv(n, bn), splits)
-            fn = partial(_probe[grid], src, out, n, per_row, k_split, BLOCK_N=bn, BLOCK_E=be, num_warps=warps)
+            fn = partial(_probe[grid], src, out, n, per_row, k_split, BLOCK_N=bn, BLOCK_E=be, STAGES=stages,
+                         num_warps=warps)
             t = time_cuda(fn, a.reps, flush=flush)
             tbps = nbytes / t / 1e6
             rows.append(dict(layer=name, n=n, k=k, kind=kind, block_n=bn, block_k=bk, warps=warps, splits=splits,
-                             us=t, tbps=tbps))
-            line += f" {kind[0]}:{bn}x{bk}w{warps}s{splits} {tbps:4.2f}"
+                             stages=stages, us=t, tbps=tbps))
+            line += f" {kind[0]}:{bn}x{bk}w{warps}sk{splits}st{stages} {tbps:4.2f}"
         print(line, flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

@@ -118,13 +118,13 @@ def main() -> None:
         w_int_tinygemm.MAX_ROWS = 16
         out["w4a16_awq_tinygemm"] = measure("W4A16_AWQ+tinygemm", args.config, args,
                                             quant_config=QuantConfig(quant_algo="W4A16_AWQ"), calib_config=calib)
-    if "awq_asm" in parts:  # W4A16_AWQ with the inline-PTX int4 GEMV (w_int_gemv_asm.py) at one row
+    if "awq_bytes" in parts:  # W4A16_AWQ with the byte GEMV at one row (the inline-PTX one, w_int_gemv_asm.py, off)
         from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
 
-        w_int_tinygemm.MAX_ROWS, w_int_gemv_asm.ASM_ENABLED = 0, True
-        out["w4a16_awq_asm"] = measure("W4A16_AWQ+asm", args.config, args,
-                                       quant_config=QuantConfig(quant_algo="W4A16_AWQ"), calib_config=calib)
-        w_int_gemv_asm.ASM_ENABLED = False
+        w_int_tinygemm.MAX_ROWS, w_int_gemv_asm.ASM_ENABLED = 0, False
+        out["w4a16_awq_bytes"] = measure("W4A16_AWQ+bytes", args.config, args,
+                                         quant_config=QuantConfig(quant_algo="W4A16_AWQ"), calib_config=calib)
+        w_int_gemv_asm.ASM_ENABLED = True
     if "fp8" in parts:
         out["fp8"] = measure("FP8", args.config, args, quant_config=QuantConfig(quant_algo="FP8"),
                              calib_config=CalibConfig(calib_dataset="random", calib_batches=8, calib_batch_size=8,
@@ -133,7 +133,7 @@ def main() -> None:
         out["awq_calib_quant_s"] = time_awq(args.config, calib)
     b = out.get("bf16")
     summary = []
-    for key in ("w4a16_awq", "w4a16_awq_tinygemm", "w4a16_awq_asm"):
+    for key in ("w4a16_awq", "w4a16_awq_tinygemm", "w4a16_awq_bytes"):
         if b and key in out:
             a, name = out[key], key.upper().replace("W4A16_AWQ_", "W4A16_AWQ+")
             summary.append(f"{name} batch-1 decode {a['batch1']['decode_tok_s']:.1f} tok/s = "

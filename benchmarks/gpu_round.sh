@@ -14,7 +14,8 @@ for part in "$@"; do
     # every GPU test (the interpreter test is left out: the GPU image's triton 3.6 interpreter cannot run it)
     gtests) timeout ${GT_S:-300} python -m pytest -q tests/gpu tests/test_quantization_kernels.py -k "not interpreted" --timeout 200 2>&1 | tail -25 ;;
     quick) timeout ${QUICK_S:-100} python -m pytest -q tests/gpu/test_engine_gpu.py tests/test_fused_ops_interpret.py tests/test_quantization_kernels.py -k "gpu or engine or overlap or fp8_quant or graph" --timeout 90 2>&1 | tail -15 ;;
-    quant) timeout ${QUANT_S:-300} python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-512} --parts ${QUANT_PARTS:-bf16,awq,fp8,awq_time} ${QUANT_ARGS:-} --json "$OUT/bench_quant.json" 2>&1 | grep -v "Warning\|Calibrating" ;;
+    quant) [ -n "$ASM_PICK" ] && [ -f "$OUT/int_gemv_8b.json" ] && export QUANTA_INT_GEMV_ASM_CONFIG=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b.json") && echo "asm config: $QUANTA_INT_GEMV_ASM_CONFIG"
+      timeout ${QUANT_S:-300} python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-512} --parts ${QUANT_PARTS:-bf16,awq,fp8,awq_time} ${QUANT_ARGS:-} --json "$OUT/bench_quant.json" 2>&1 | grep -v "Warning\|Calibrating" ;;
     lora) timeout ${LORA_S:-150} python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --out "$OUT/lora.json" ${LORA_ARGS:-} 2>&1 ;;
     b1) timeout ${B1_S:-150} python -m quanta.cli bench all "$C/llama-3.2-1b.json" --num-requests 1024 ${PEER:-} --json "$OUT/b1.json" 2>&1 | tail -12 ;;
     b8) timeout ${B8_S:-200} python -m quanta.cli bench all "$C/llama-3.1-8b.json" --num-requests 2048 ${PEER:-} --json "$OUT/b8.json" 2>&1 | tail -12 ;;
@@ -44,7 +45,7 @@ for part in "$@"; do
     nxab) i=0; for v in ${NX_ORDER:-default nx}; do i=$((i+1)); cfgs=""; [ $v = nx ] && cfgs="QUANTA_GEMV_FUSED_CONFIG_NORM=bn4_bk512_sk1_w4_s3_nx QUANTA_GEMV_FUSED_CONFIG_SILU=bn2_bk1024_sk0_w4_s3_nx"
         echo "$v $cfgs"; env $cfgs timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/nxab_${v}_$i.json" 2>&1 | tail -1
       done ;;
-    igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} --json "$OUT/int_gemv_8b.json" 2>&1 | tail -30 ;;
+    igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} --json "$OUT/int_gemv_8b.json" 2>&1 | tail -30 ;;
     # PyTorch's int4 GEMM (w_int_tinygemm.py) and the quantization kernels vs their references
     asmtest) timeout 120 python -m pytest -q tests/test_quantization_kernels.py -k "asm" --timeout 100 2>&1 | tail -8 ;;
     probe) timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe.json" 2>&1 | tail -8 ;;

@@ -17,7 +17,10 @@ Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8 instructions a weight
 against ~7 for the byte kernel; the weight comes in 128-bit loads.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
-Off by default until measured on a GPU: env QUANTA_INT_GEMV_ASM=1 (benchmarks/bench_int_gemv.py `asm:` variants).
+ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off; QUANTA_INT_GEMV_ASM_CONFIG picks the
+config). Measured on an H200 (benchmarks/results/h200_s5c_*): the 8B linears of a batch-1 step 2,662 us
+(bn8_bk1024) vs 3,174 for the byte kernel and 3,013 for PyTorch's tinygemm (cuBLAS bf16: 5,187); the engine's
+W4A16_AWQ batch-1 decode 356.2 tok/s (bn16_bk512) vs 308.9 with the byte kernel (bf16: 214.4).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import torch
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 
-ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "0") == "1"
-ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn16_bk512_sk0_w4_s3")  # w_int_linear's config for it
+ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
+ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk0_w4_s1")  # w_int_linear's config for it
 
 _PTX = """{
 .reg .b32 t0, t1, t2, t3, s, a;
@@ -92,11 +95,13 @@ def _w_int_gemv_asm_kernel(
     stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
-    values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop."""
+    values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop.
+    STAGES (the config's num_stages): Triton's software pipeline of the K loop (cp.async into shared memory,
+    STAGES - 1 steps in flight); 1 = plain loads."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
@@ -114,7 +119,7 @@ def _w_int_gemv_asm_kernel(
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async, STAGES - 1 steps ahead
         q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])  # [BN, NG, WPG] int32
         kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
         s = tl.load(s_rows + kg // GROUP).to(tl.float32)  # [BN, NG, 1]

@@ -279,7 +279,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         _w_int_gemv_asm_kernel[grid](*args_for(as_words(packed)), PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype),
-                                     BLOCK_M=1, **common)
+                                     BLOCK_M=1, STAGES=cfg.num_stages, **common)
     elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
         _w_int_gemv_words_kernel[grid](*args_for(as_words(packed)), NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
