@@ -54,6 +54,12 @@ VARIANTS = [
     "asm:bn4_bk2048_sk0_w4_s3",
     "asm:bn8_bk2048_sk0_w4_s3",
     "asm:bn64_bk256_sk0_w4_s3",
+    "asm:bn8_bk512_sk0_w4_s1",
+    "asm:bn4_bk1024_sk0_w4_s1",
+    "asm:bn8_bk1024_sk2_w4_s1",
+    "asm:bn8_bk1024_sk0_w2_s1",
+    "asm:bn16_bk1024_sk0_w4_s1",
+    "asm:bn8_bk1024_sk0_w8_s1",
 ]
 
 

@@ -52,6 +52,14 @@ for part in "$@"; do
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
+    # W4A16_AWQ 8B batch 1: per-kernel eager trace (where the step goes)
+    awqprof) PROF_ROWS=25 timeout 200 python benchmarks/profile_step.py "$C/llama-3.1-8b.json" --batch 1 --steps 16 --trace --eager --quant-algo W4A16_AWQ 2>&1 | tail -40 ;;
+    # 8B batch-1 latency: bf16, W4A16 on the asm GEMV (config picked from igemv's JSON when there), W4A16 on bytes
+    lat8q) [ -f "$OUT/int_gemv_8b.json" ] && export QUANTA_INT_GEMV_ASM_CONFIG=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b.json")
+      echo "asm config: ${QUANTA_INT_GEMV_ASM_CONFIG:-default}"
+      for v in bf16 w4asm w4bytes; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16"; [ $v = w4bytes ] && e="QUANTA_INT_GEMV_ASM=0"
+        echo "$v"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8q_$v.json" 2>&1 | tail -1; done ;;
+    lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
 done

@@ -1,11 +1,12 @@
 """Where a step's time goes: engine phases (host timers) and the top GPU kernels (torch.profiler).
 
-    python benchmarks/profile_step.py CONFIG_OR_MODEL --batch 1 --steps 64
+    python benchmarks/profile_step.py CONFIG_OR_MODEL --batch 1 --steps 64 [--trace --eager] [--quant-algo W4A16_AWQ]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -38,10 +39,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels show in the trace)")
+    ap.add_argument("--quant-algo", default=None, help="quantize at load (random-token calibration), e.g. W4A16_AWQ")
     a = ap.parse_args()
     dummy = a.model.endswith(".json")
+    kw = {}
+    if a.quant_algo:
+        from quanta.config import CalibConfig, QuantConfig
+
+        kw = dict(quant_config=QuantConfig(quant_algo=a.quant_algo),
+                  calib_config=CalibConfig(calib_dataset="random", calib_batches=4, calib_max_seq_length=512))
     llm = LLM(a.model, load_format="dummy" if dummy else "auto", skip_tokenizer_init=dummy,
-              max_batch_size=max(a.batch, 8), enforce_eager=a.eager)
+              max_batch_size=max(a.batch, 8), enforce_eager=a.eager, **kw)
     llm.shutdown()  # drive the engine synchronously from here
     eng = llm.engine
     vocab = llm._built.hf_config.vocab_size
@@ -85,7 +93,7 @@ def main() -> None:
             for _ in range(8):
                 eng.step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROF_ROWS", "15")), max_name_column_width=60))
 
 
 def _timed_call(sampler, logits, rows, acc):

@@ -28,6 +28,8 @@ def register(sub) -> dict:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--disable-kernels", action="store_true")
+    p.add_argument("--quant-algo", default=None, help="quantize at load (QuantAlgo name, e.g. W4A16_AWQ, FP8); "
+                   "dummy weights calibrate on random tokens")
     p.add_argument("--json", default=None, help="write the results here")
     return {"bench": run}
 
@@ -73,6 +75,13 @@ def run(args) -> int:
         result["peer_hf"] = _peer(args, device)
     kw = {k: v for k, v in dict(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                                 max_seq_len=args.max_seq_len).items() if v is not None}
+    if args.quant_algo:
+        from quanta.config import CalibConfig, QuantConfig
+
+        kw["quant_config"] = QuantConfig(quant_algo=args.quant_algo)
+        if _dummy(args.model):
+            kw["calib_config"] = CalibConfig(calib_dataset="random", calib_batches=16, calib_max_seq_length=512)
+        result["quant_algo"] = args.quant_algo
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager,
               disable_kernels=args.disable_kernels, skip_tokenizer_init=_dummy(args.model),
