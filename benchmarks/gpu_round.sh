@@ -59,6 +59,8 @@ for part in "$@"; do
       echo "asm config: ${QUANTA_INT_GEMV_ASM_CONFIG:-default}"
       for v in bf16 w4asm w4bytes; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16"; [ $v = w4bytes ] && e="QUANTA_INT_GEMV_ASM=0"
         echo "$v"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8q_$v.json" 2>&1 | tail -1; done ;;
+    # 8B W4A16 batch 1: SiLU * up fused into down_proj's asm GEMV (default) vs the separate silu_and_mul kernel
+    siluab) for on in 1 0; do echo "QUANTA_INT_SILU_FUSED=$on"; QUANTA_INT_SILU_FUSED=$on timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" --quant-algo W4A16 --json "$OUT/siluab_$on.json" 2>&1 | tail -1; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

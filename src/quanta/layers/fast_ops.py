@@ -120,7 +120,9 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
-    return linear(silu_and_mul(gate_up))
+    fused = getattr(linear.quant_method, "apply_silu_mul", None) if type(linear) is Linear and _USE_KERNELS else None
+    y = fused(linear, gate_up) if fused is not None else None  # a quantized GEMV with the SiLU prologue
+    return y if y is not None else linear(silu_and_mul(gate_up))
 
 
 def lm_head_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

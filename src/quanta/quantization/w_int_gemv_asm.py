@@ -34,6 +34,7 @@ from quanta.kernels.gemv import gemv_epilogue
 
 ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
 ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk0_w4_s1")  # w_int_linear's config for it
+SILU_FUSED = os.environ.get("QUANTA_INT_SILU_FUSED", "1") == "1"  # the MLP's SiLU * up inside down_proj's GEMV
 
 _PTX = """{
 .reg .b32 t0, t1, t2, t3, s, a;
@@ -75,6 +76,28 @@ def asm_ok(bits: int, packed: torch.Tensor, x: torch.Tensor, m: int, sub: int, e
             and sub % 32 == 0 and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
+    """`layer` (a W4 weight-only linear) can run SiLU(gate) * up -> its GEMV in one asm launch on this gate_up."""
+    from quanta.quantization.w_int_kernel import gemv_tile
+
+    method = layer.quant_method
+    if not SILU_FUSED or getattr(method, "bits", None) != 4 or getattr(layer, "pre_quant_scale", None) is not None:
+        return False
+    if getattr(layer, "weight_g_idx", None) is not None or gate_up.numel() != 2 * layer.in_features:
+        return False
+    group, k = method.group_size(layer), layer.in_features
+    cfg_k = _config().block_k
+    tile = gemv_tile(4, group, cfg_k)
+    return (tile is not None and tile[0] == cfg_k and k % cfg_k == 0 and layer.weight_packed.shape[1] * 2 == k
+            and asm_ok(4, layer.weight_packed, gate_up, 1, tile[1], True))
+
+
+def _config():
+    from quanta.kernels.gemv import GemvConfig
+
+    return GemvConfig.parse(ASM_CONFIG)
+
+
 def magic16(dtype: torch.dtype) -> int:
     return _TYPES[dtype][3]
 
@@ -96,12 +119,14 @@ def _w_int_gemv_asm_kernel(
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
+    SILU: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
     values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop.
     STAGES (the config's num_stages): Triton's software pipeline of the K loop (cp.async into shared memory,
-    STAGES - 1 steps in flight); 1 = plain loads."""
+    STAGES - 1 steps in flight); 1 = plain loads. SILU: x is the MLP's gate | up row [2K] and the GEMV runs on
+    SiLU(gate) * up, computed per step in fp32 and rounded to x.dtype as activation.silu_and_mul does."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
@@ -130,7 +155,13 @@ def _w_int_gemv_asm_kernel(
         nz = (MAGIC16 | z) ^ 0x8000  # -(OFFSET + z) as half bits
         nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
         # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3
-        xb = tl.load(x_ptr + k0 + offs_k).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        if SILU:
+            gate = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
+            up = tl.load(x_ptr + K + k0 + offs_k).to(tl.float32)
+            xv = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+        else:
+            xv = tl.load(x_ptr + k0 + offs_k)
+        xb = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
         pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
         p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3

@@ -239,11 +239,12 @@ def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | Non
 
 def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
-               config: GemvConfig | None = None) -> torch.Tensor:
-    """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV)."""
+               config: GemvConfig | None = None, silu: bool = False) -> torch.Tensor:
+    """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
+    silu: x is [..., 2K] = gate | up and the GEMV runs on SiLU(gate) * up (the asm kernel only: one int4 row)."""
     require_triton()
     k, n = in_features, packed.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, 2 * k if silu else k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -279,7 +280,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         _w_int_gemv_asm_kernel[grid](*args_for(as_words(packed)), PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype),
-                                     BLOCK_M=1, STAGES=cfg.num_stages, **common)
+                                     BLOCK_M=1, STAGES=cfg.num_stages, SILU=silu, **common)
+    elif silu:
+        raise ValueError("the SiLU prologue needs the asm GEMV (w_int_gemv_asm.silu_fusable)")
     elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
         _w_int_gemv_words_kernel[grid](*args_for(as_words(packed)), NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:

@@ -84,6 +84,18 @@ class WeightOnlyInt(QuantMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return _int_linear(layer, pre_scale(layer, x), self.bits)
 
+    def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """layer(SiLU(gate) * up) in one launch (the int4 asm GEMV's prologue, one row on sm_90), or None."""
+        if not (_use_gpu_kernel(layer, gate_up) and gate_up.dtype in (torch.float16, torch.bfloat16)):
+            return None
+        from quanta.quantization import w_int_gemv_asm
+        from quanta.quantization.w_int_kernel import w_int_gemv
+
+        if not w_int_gemv_asm.silu_fusable(layer, gate_up):
+            return None
+        return w_int_gemv(gate_up, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+                          4, self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm._config(), silu=True)
+
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
         cfg.update(bits=self.bits, per_channel=self.per_channel)
@@ -130,6 +142,9 @@ class W4A8Awq(WeightOnlyInt):
         super().quantize(layer, stats)
         amax = stats.act_amax if stats is not None else torch.tensor(FP8_MAX)
         set_params(layer, drop=(), input_scale=(amax.float().clamp(min=1e-12) / FP8_MAX).reshape(()))
+
+    def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> None:  # FP8 activations: no fused prologue
+        return None
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         s = layer.input_scale
