@@ -202,7 +202,7 @@ def test_w_int_gemv_asm_silu_prologue_gpu(k, group, zp, dtype):
 
     if not w_int_gemv_asm.ASM_ENABLED:
         pytest.skip("asm GEMV switched off (QUANTA_INT_GEMV_ASM=0)")
-    n = 512
+    n = 512  # w_int_gemv(silu=True) runs the prologue whether or not the engine's SILU_FUSED routes down_proj to it
     _, p, s, z, b = _case(1, n, k, group, 4, zp, True, dtype, "cuda")
     gu = torch.randn(1, 2 * k, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
     ref = w_int_linear_ref(silu_and_mul_ref(gu).float(), p, s.float(), z, 4, group, k, b.float())

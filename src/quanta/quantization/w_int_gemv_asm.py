@@ -9,18 +9,20 @@ layout: value k of a row at nibble k % 8 of word k // 8) and one `tl.inline_asm_
     acc = sum_j t_j * (x_j, x_{j+4})              a half2 multiply and three half2 FMAs (sm_90: mul.bf16x2)
     out = float(acc.lo) + float(acc.hi)
 
-bf16: MAGIC 0x4300 (128.0, 7 mantissa bits hold q), fp16: 0x6400 (1024.0); ~2.5 instructions a weight. The four
-products of a half are summed in x.dtype (rounded like the bf16 output itself), then in fp32 per group, times
-the scale once per (row, group, word). x is read with stride 8 per value index and paired on the host side of
-the asm (x of a step is loaded once, reshaped in registers / shared memory, shared by the rows). sm_90 only.
-Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8 instructions a weight (bn8_bk1024 3.4, bn64_bk256 3.25)
-against ~7 for the byte kernel; the weight comes in 128-bit loads.
+bf16: MAGIC 0x4300 (128.0, 7 mantissa bits hold q), fp16: 0x6400 (1024.0). The four products of a half are
+summed in x.dtype (rounded like the bf16 output itself), then in fp32, times the scale once per (row, group, word).
+x of a step is loaded once (contiguous), reshaped into the (x_j, x_j+4) half2 pairs outside the asm and shared by
+the rows. sm_90 only (mul.bf16x2). Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8 instructions a
+weight (bn8_bk1024 3.4, bn64_bk256 3.25) against ~7 for the byte kernel; the weight comes in 128-bit loads.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
 ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off; QUANTA_INT_GEMV_ASM_CONFIG picks the
-config). Measured on an H200 (benchmarks/results/h200_s5c_*): the 8B linears of a batch-1 step 2,662 us
-(bn8_bk1024) vs 3,174 for the byte kernel and 3,013 for PyTorch's tinygemm (cuBLAS bf16: 5,187); the engine's
-W4A16_AWQ batch-1 decode 356.2 tok/s (bn16_bk512) vs 308.9 with the byte kernel (bf16: 214.4).
+config). Measured on an H200 (benchmarks/results/h200_s5*, RESULTS.md "GPU, fifth session"): the 8B linears of a
+batch-1 step (bench_int_gemv.py, cold L2) 2,662 us with bn8_bk1024 vs 3,174-3,211 for the byte kernel and
+2,990-3,013 for PyTorch's tinygemm (cuBLAS bf16: 5,120-5,219); the engine's W4A16_AWQ batch-1 decode 387.4 /
+383.8 tok/s vs 308.3 with the byte kernel and 217.4 / 214.3 for bf16 (same runs). Software-pipelining the K loop
+(configs _s3 / _s4) measured slower (2,839 / 2,967 us): a load-only Triton kernel in the same tiling reads the
+8B gate_up weight at ~2.45 TB/s at best (bench_int_probe.py; copy 3.6), with or without the pipeline.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from quanta.kernels.gemv import gemv_epilogue
 
 ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
 ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk0_w4_s1")  # w_int_linear's config for it
-SILU_FUSED = os.environ.get("QUANTA_INT_SILU_FUSED", "1") == "1"  # the MLP's SiLU * up inside down_proj's GEMV
+# The MLP's SiLU * up inside down_proj's GEMV: OFF, no gain on an H200 (8B W4A16 batch 1: 384.9 tok/s fused vs
+# 387.1 unfused, benchmarks/results/h200_s5f_siluab_*): every program recomputes the SiLU of the whole row slice it
+# reads (down_proj: 512 programs x 14,336 values, ~29 MB of gate / up reads from L2, as much as the weight itself).
+SILU_FUSED = os.environ.get("QUANTA_INT_SILU_FUSED", "0") == "1"
 
 _PTX = """{
 .reg .b32 t0, t1, t2, t3, s, a;
