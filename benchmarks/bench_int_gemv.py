@@ -2,7 +2,7 @@
 
     python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
 
-Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV | words: w_int_gemv_words.py |
+Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
 tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
@@ -41,8 +41,6 @@ VARIANTS = [
     "bytes:bn4_bk1024_sk0_w4_s3_nx",
     "bytes:bn8_bk1024_sk0_w4_s3_nx",
     "bytes:bn2_bk2048_sk0_w4_s3_nx",
-    "words:bn16_bk512_sk0_w2_s3",  # the int32-word kernel (off by default), its best two configs on the H100
-    "words:bn64_bk256_sk0_w4_s3",
     "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV (the default at 5-16 rows)
     "bytes:bn128_bk128_sk0_w4_s3_dotto",
     "tinygemm:-",
@@ -87,7 +85,7 @@ def main() -> None:
         print(best_variant(a.best_of))
         return
     from quanta.kernels.gemv import GemvConfig, time_cuda
-    from quanta.quantization import w_int_gemv_asm, w_int_gemv_words, w_int_tinygemm
+    from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
     from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
@@ -122,7 +120,6 @@ def main() -> None:
                         fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
                     else:
                         cfg = GemvConfig.parse(cfg_s)
-                        w_int_gemv_words.WORDS_ENABLED = kind == "words"
                         w_int_gemv_asm.ASM_ENABLED = kind == "asm"
                         if kind == "asm" and m > 1:
                             continue
@@ -140,7 +137,7 @@ def main() -> None:
                         )
                     )
                     line += f" {v.split(':')[0][0]}:{cfg_s.rsplit('_sk', 1)[0]} {t:6.1f}"
-                w_int_gemv_words.WORDS_ENABLED = True
+                w_int_gemv_asm.ASM_ENABLED = True
                 print(line, flush=True)
             x = torch.randn(m, k_lm, device=dev).bfloat16()
             w = torch.randn(n_lm, k_lm, device=dev).bfloat16()

@@ -30,11 +30,11 @@ W_INT_CASES = [
     ("w8_m33_g128_bias", 33, 80, 256, 128, 8, False, True, torch.float32),
     ("w8_per_channel_m70_zp", 70, 48, 64, 64, 8, True, False, torch.float32),
     ("w8_per_channel_m2_gemv", 2, 40, 512, 512, 8, False, True, torch.float32),
-    # one row of whole K steps runs the int32-word GEMV (w_int_gemv_words.py), the rest the byte kernel
-    ("words_w8_m1_g128_bias", 1, 24, 1024, 128, 8, False, True, torch.float32),
-    ("words_w4_m1_g64_zp_bias", 1, 40, 2048, 64, 4, True, True, torch.float32),
-    ("words_w4_m1_g128_fp16", 1, 16, 2048, 128, 4, False, False, torch.float16),
-    ("words_w4_m1_g32_zp_split", 1, 8, 4096, 32, 4, True, False, torch.float32),
+    # one row of whole K steps (the shapes the removed int32-word GEMV took; the asm GEMV needs a GPU)
+    ("row1_w8_m1_g128_bias", 1, 24, 1024, 128, 8, False, True, torch.float32),
+    ("row1_w4_m1_g64_zp_bias", 1, 40, 2048, 64, 4, True, True, torch.float32),
+    ("row1_w4_m1_g128_fp16", 1, 16, 2048, 128, 4, False, False, torch.float16),
+    ("row1_w4_m1_g32_zp_split", 1, 8, 4096, 32, 4, True, False, torch.float32),
     ("bytes_w8_m1_g128_zp_ragged", 1, 24, 384, 128, 8, True, False, torch.float32),
     ("bytes_w4_m2_g128_fp16", 2, 32, 512, 128, 4, False, False, torch.float16),
     ("bytes_w4_m3_g64_zp_bias", 3, 40, 256, 64, 4, True, True, torch.float32),
@@ -114,28 +114,12 @@ def _run_all() -> dict:
 def interpreted() -> dict:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", QUANTA_INT_GEMV_WORDS="1")  # the word GEMV (off by default) too
+    env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_word_gemv_takes_single_rows_of_whole_steps(monkeypatch) -> None:
-    from quanta.quantization import w_int_gemv_words
-    from quanta.quantization.w_int_gemv_words import words_ok
-
-    monkeypatch.setattr(w_int_gemv_words, "WORDS_ENABLED", True)
-    from quanta.kernels.gemv import gemv_config
-    from quanta.quantization.w_int_kernel import gemv_tile
-
-    for name, m, n, k, group, bits, zp, bias, dtype in W_INT_CASES:
-        packed = _case(m, n, k, group, bits, zp, bias, dtype)[1]
-        bk, sub = gemv_tile(bits, group, gemv_config(f"w{bits}", m, n, k).block_k)
-        k_pad = packed.shape[1] * 8 // bits
-        even = k == k_pad and k_pad % bk == 0
-        assert words_ok(bits, packed, m, sub, False, even) == name.startswith("words_"), name
 
 
 @pytest.mark.parametrize("name", [c[0] for c in DEQUANT_EXACT_CASES])

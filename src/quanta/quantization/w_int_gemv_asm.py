@@ -16,6 +16,8 @@ the rows. sm_90 only (mul.bf16x2). Static SASS of the K loop (sm_90, bf16, offli
 weight (bn8_bk1024 3.4, bn64_bk256 3.25) against ~7 for the byte kernel; the weight comes in 128-bit loads.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
+It replaces an int32-word GEMV with fp32 math (~4.7 instructions a weight), which measured slower than the byte
+kernel on an H100 and an H200 (8B step 3,414-3,466 us vs 3,174-3,211 on the H200) and was removed.
 ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off; QUANTA_INT_GEMV_ASM_CONFIG picks the
 config). Measured on an H200 (benchmarks/results/h200_s5*, RESULTS.md "GPU, fifth session"): the 8B linears of a
 batch-1 step (bench_int_gemv.py, cold L2) 2,662 us with bn8_bk1024 vs 3,174-3,211 for the byte kernel and
@@ -101,6 +103,11 @@ def _config():
     from quanta.kernels.gemv import GemvConfig
 
     return GemvConfig.parse(ASM_CONFIG)
+
+
+def as_words(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K_pad / 2] uint8 -> the same bytes as [N, K_pad / 8] int32 (no copy)."""
+    return packed.view(torch.int32)
 
 
 def magic16(dtype: torch.dtype) -> int:

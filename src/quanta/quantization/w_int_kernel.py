@@ -21,9 +21,8 @@ from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, p
 from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
-from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, asm_ok, magic16, ptx
+from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, as_words, asm_ok, magic16, ptx
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
-from quanta.quantization.w_int_gemv_words import _w_int_gemv_words_kernel, as_words, words_ok
 
 
 # fmt: off
@@ -265,7 +264,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     bk, sub = tile
     cfg = replace(cfg, block_k=bk)
     split, k_split, ws, cnt = plan_split(cfg, m, n, k_pad, y)
-    def args_for(w: torch.Tensor) -> tuple:  # w: the packed bytes, or their int32 view (the word kernel)
+    def args_for(w: torch.Tensor) -> tuple:  # w: the packed bytes, or their int32 view (the asm kernel)
         return (x2, w, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws,
                 cnt, m, n, k, k_pad, k_split, split,
                 x2.stride(0), w.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0))
@@ -283,8 +282,6 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                      BLOCK_M=1, STAGES=cfg.num_stages, SILU=silu, **common)
     elif silu:
         raise ValueError("the SiLU prologue needs the asm GEMV (w_int_gemv_asm.silu_fusable)")
-    elif words_ok(bits, packed, m, sub, use_dot, k == k_pad and k_pad % bk == 0):  # w_int_gemv_words.py
-        _w_int_gemv_words_kernel[grid](*args_for(as_words(packed)), NUM_M=1, BLOCK_M=1, EVEN_K=True, **common)
     else:
         _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m),
                                  NEXT=cfg.next_step, **common)
