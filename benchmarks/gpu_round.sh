@@ -50,6 +50,9 @@ for part in "$@"; do
     asmtest) timeout 120 python -m pytest -q tests/test_quantization_kernels.py -k "asm" --timeout 100 2>&1 | tail -8 ;;
     probe) timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe.json" 2>&1 | tail -8 ;;
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
+    dbench8) timeout 150 python benchmarks/bench_decode_fused.py --model 8b --json "$OUT/decode_fused_8b.json" 2>&1 | tail -8 ;;
+    # int GEMVs timed after a reading L2 flush (clean lines, as in decode) instead of a writing one
+    igemvr) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} --json "$OUT/int_gemv_8b_read.json" 2>&1 | tail -30 ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     # W4A16_AWQ 8B batch 1: per-kernel eager trace (where the step goes)

@@ -294,7 +294,10 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = None, graph: bool = True) -> float:
     """Median microseconds of fn() on the GPU. fn is captured in a CUDA graph (as decode runs; falls back to eager
     launches if capture fails), and each replay runs after a 256 MiB L2 flush: weights are cold in decode, and
-    the flush keeps the GPU busy while the CPU enqueues the timed replay (no launch overhead in the number)."""
+    the flush keeps the GPU busy while the CPU enqueues the timed replay (no launch overhead in the number).
+    The flush writes the buffer (default); env QUANTA_BENCH_FLUSH=read reads it instead, so that L2 holds clean
+    lines as in decode: the written lines are written back while fn runs, which slows small kernels (H200: the
+    int4 GEMVs took ~2.37 ms a step here and 1.73 ms in the engine's trace)."""
     for _ in range(warmup):
         fn()
     run = fn
@@ -315,8 +318,12 @@ def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = 
         flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    read_flush = os.environ.get("QUANTA_BENCH_FLUSH", "write") == "read"
     for s, e in zip(starts, ends):
-        flush.zero_()
+        if read_flush:  # evict by reading: L2 holds clean lines (as in decode), no write-back during fn
+            flush.amax()
+        else:
+            flush.zero_()
         s.record()
         run()
         e.record()
