@@ -13,6 +13,8 @@ for part in "$@"; do
     tests) timeout 240 python -m pytest -q -x tests/gpu tests/test_quantization_kernels.py --timeout 200 2>&1 | tail -25 ;;
     # every GPU test (the interpreter test is left out: the GPU image's triton 3.6 interpreter cannot run it)
     gtests) timeout ${GT_S:-300} python -m pytest -q tests/gpu tests/test_quantization_kernels.py -k "not interpreted" --timeout 200 2>&1 | tail -25 ;;
+    # the fused batch-1 GEMVs (their "_nx" default) and the engine on the GPU vs their twins
+    gfused) timeout 280 python -m pytest -q tests/gpu/test_gemv_fused_gpu.py tests/gpu/test_engine_gpu.py --timeout 200 2>&1 | tail -8 ;;
     quick) timeout ${QUICK_S:-100} python -m pytest -q tests/gpu/test_engine_gpu.py tests/test_fused_ops_interpret.py tests/test_quantization_kernels.py -k "gpu or engine or overlap or fp8_quant or graph" --timeout 90 2>&1 | tail -15 ;;
     quant) [ -n "$ASM_PICK" ] && [ -f "$OUT/int_gemv_8b.json" ] && export QUANTA_INT_GEMV_ASM_CONFIG=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b.json") && echo "asm config: $QUANTA_INT_GEMV_ASM_CONFIG"
       timeout ${QUANT_S:-300} python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-512} --parts ${QUANT_PARTS:-bf16,awq,fp8,awq_time} ${QUANT_ARGS:-} --json "$OUT/bench_quant.json" 2>&1 | grep -v "Warning\|Calibrating" ;;
