@@ -29,6 +29,7 @@ batch-1 step (bench_int_gemv.py, cold L2) 2,662 us with bn8_bk1024 vs 3,174-3,21
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -100,9 +101,15 @@ def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
 
 
 def _config():
+    """ASM_CONFIG as a GemvConfig (parsed once per value: it is read on every one-row int4 linear)."""
+    return _parse(ASM_CONFIG)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(text: str):
     from quanta.kernels.gemv import GemvConfig
 
-    return GemvConfig.parse(ASM_CONFIG)
+    return GemvConfig.parse(text)
 
 
 def as_words(packed: torch.Tensor) -> torch.Tensor:

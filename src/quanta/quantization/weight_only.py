@@ -86,13 +86,13 @@ class WeightOnlyInt(QuantMethod):
 
     def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
         """layer(SiLU(gate) * up) in one launch (the int4 asm GEMV's prologue, one row on sm_90), or None."""
-        if not (_use_gpu_kernel(layer, gate_up) and gate_up.dtype in (torch.float16, torch.bfloat16)):
-            return None
         from quanta.quantization import w_int_gemv_asm
+
+        if not (w_int_gemv_asm.SILU_FUSED and gate_up.dtype in (torch.float16, torch.bfloat16)
+                and _use_gpu_kernel(layer, gate_up) and w_int_gemv_asm.silu_fusable(layer, gate_up)):
+            return None
         from quanta.quantization.w_int_kernel import w_int_gemv
 
-        if not w_int_gemv_asm.silu_fusable(layer, gate_up):
-            return None
         return w_int_gemv(gate_up, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
                           4, self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm._config(), silu=True)
 
