@@ -36,28 +36,19 @@ SHAPES = {  # model: (layers, [(name, N, K)], lm_head (N, K))
     ),
 }
 VARIANTS = [
-    "bytes:bn4_bk2048_sk0_w4_s3",  # the default at one row
-    "bytes:bn4_bk2048_sk0_w4_s3_nx",  # "_nx": the next K step's weights loaded before this step's math
-    "bytes:bn4_bk1024_sk0_w4_s3_nx",
-    "bytes:bn8_bk1024_sk0_w4_s3_nx",
-    "bytes:bn2_bk2048_sk0_w4_s3_nx",
-    "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV (the default at 5-16 rows)
-    "bytes:bn128_bk128_sk0_w4_s3_dotto",
-    "tinygemm:-",
-    "asm:bn8_bk1024_sk0_w4_s1",  # w_int_gemv_asm.py: half2 math in inline PTX, one row; _sN: N - 1 steps in flight
-    "asm:bn8_bk1024_sk0_w4_s3",
-    "asm:bn8_bk1024_sk0_w4_s4",
-    "asm:bn16_bk512_sk0_w4_s3",
-    "asm:bn16_bk1024_sk0_w8_s3",
-    "asm:bn4_bk2048_sk0_w4_s3",
-    "asm:bn8_bk2048_sk0_w4_s3",
-    "asm:bn64_bk256_sk0_w4_s3",
-    "asm:bn8_bk512_sk0_w4_s1",
-    "asm:bn4_bk1024_sk0_w4_s1",
-    "asm:bn8_bk1024_sk2_w4_s1",
-    "asm:bn8_bk1024_sk0_w2_s1",
-    "asm:bn16_bk1024_sk0_w4_s1",
-    "asm:bn8_bk1024_sk0_w8_s1",
+    "bytes:bn4_bk2048_sk0_w4_s3",  # the byte GEMV (w_int_kernel.py)
+    "asm:bn8_bk1024_sk0_w4_s1",  # w_int_gemv_asm.py: half2 math in inline PTX, one row (the default)
+    "asm:bn8_bk1024_sk0_w4_s1_nx",  # "_nx": the next K step's words and scales in registers before this step's math
+    "asm:bn4_bk1024_sk0_w4_s1_nx",
+    "asm:bn8_bk512_sk0_w4_s1_nx",
+    "asm:bn8_bk1024_sk0_w2_s1_nx",
+    "asm:bn8_bk1024_sk0_w4_s3_tma",  # "_tma": words by TMA, Triton's pipeline num_stages deep
+    "asm:bn8_bk1024_sk0_w4_s4_tma",
+    "asm:bn8_bk1024_sk0_w4_s6_tma",
+    "asm:bn16_bk1024_sk0_w4_s4_tma",
+    "asm:bn8_bk2048_sk0_w4_s3_tma",
+    "asm:bn8_bk1024_sk0_w2_s4_tma",
+    "asm:bn4_bk1024_sk0_w4_s4_tma",
 ]
 
 

@@ -54,7 +54,13 @@ for part in "$@"; do
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench8) timeout 150 python benchmarks/bench_decode_fused.py --model 8b --json "$OUT/decode_fused_8b.json" 2>&1 | tail -8 ;;
     # int GEMVs timed after a reading L2 flush (clean lines, as in decode) instead of a writing one
-    igemvr) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} --json "$OUT/int_gemv_8b_read.json" 2>&1 | tail -30 ;;
+    igemvr) QUANTA_BENCH_FLUSH=read timeout ${IGEMV_S:-150} python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} ${IGEMV_ARGS:-} --json "$OUT/int_gemv_8b_read.json" 2>&1 | tail -30 ;;
+    proberead) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe_read.json" 2>&1 | tail -12 ;;
+    # 8B batch 1, bf16 vs W4A16_AWQ (asm GEMV): its default config, then (with igemvr's JSON) the fastest asm config
+    lat8awq) for v in bf16 awq awqbest; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
+        if [ $v = awqbest ]; then [ -f "$OUT/int_gemv_8b_read.json" ] || continue
+          e="QUANTA_INT_GEMV_ASM_CONFIG=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b_read.json")"; fi
+        echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8awq_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     dbench) timeout 150 python benchmarks/bench_decode_fused.py --model 1b --json "$OUT/decode_fused_1b.json" 2>&1 | tail -8 ;;
     fbench) timeout 150 python benchmarks/bench_fused_gemv.py --model 1b --json "$OUT/fused_gemv.json" 2>&1 | tail -30 ;;
     # W4A16_AWQ 8B batch 1: per-kernel eager trace (where the step goes)

@@ -157,6 +157,13 @@ def test_w_int_kernel_gpu(m, bits, zp):
     (3072, 2048, 64, True, torch.float16, "bn64_bk256_sk0_w4_s3"),
     (1000, 4096, 32, False, torch.bfloat16, "bn16_bk512_sk2_w4_s1"),
     (2048, 8192, 128, True, torch.bfloat16, "bn4_bk2048_sk0_w4_s4"),
+    # the next step's words in registers ("_nx"), TMA loads ("_tma"); ragged N (TMA: rows past N read as zeros)
+    (1000, 4096, 128, True, torch.bfloat16, "bn8_bk1024_sk0_w4_s1_nx"),
+    (4096, 14336, 128, False, torch.bfloat16, "bn8_bk1024_sk2_w4_s1_nx"),
+    (3072, 2048, 64, True, torch.float16, "bn8_bk512_sk0_w4_s1_nx"),
+    (1000, 4096, 128, True, torch.bfloat16, "bn8_bk1024_sk0_w4_s3_tma"),
+    (4096, 14336, 128, False, torch.bfloat16, "bn8_bk1024_sk2_w4_s4_tma"),
+    (3072, 2048, 32, False, torch.float16, "bn16_bk512_sk0_w4_s3_tma"),
 ])
 def test_w_int_gemv_asm_gpu(monkeypatch, n, k, group, zp, dtype, cfg):
     """The half2 inline-PTX int4 GEMV (w_int_gemv_asm.py) at one row vs the reference."""

@@ -117,6 +117,24 @@ def as_words(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
+_DESCS: dict = {}  # (data_ptr, shape, stride, block) -> TensorDescriptor: weights are static, built once
+
+
+def weight_arg(words: torch.Tensor, block_n: int, block_k: int, tma: bool):
+    """The asm kernel's w_ptr: the int32 words, or (tma) a host TMA descriptor of them, block [BN, BK / 8]."""
+    if not tma:
+        return words
+    key = (words.data_ptr(), tuple(words.shape), words.stride(0), block_n, block_k)
+    desc = _DESCS.get(key)
+    if desc is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if len(_DESCS) > 4096:
+            _DESCS.clear()
+        desc = _DESCS[key] = TensorDescriptor(words, list(words.shape), [words.stride(0), 1], [block_n, block_k // 8])
+    return desc
+
+
 def magic16(dtype: torch.dtype) -> int:
     return _TYPES[dtype][3]
 
@@ -138,14 +156,17 @@ def _w_int_gemv_asm_kernel(
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
-    SILU: tl.constexpr = False,
+    SILU: tl.constexpr = False, NEXT: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
     values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop.
     STAGES (the config's num_stages): Triton's software pipeline of the K loop (cp.async into shared memory,
     STAGES - 1 steps in flight); 1 = plain loads. SILU: x is the MLP's gate | up row [2K] and the GEMV runs on
-    SiLU(gate) * up, computed per step in fp32 and rounded to x.dtype as activation.silu_and_mul does."""
+    SiLU(gate) * up, computed per step in fp32 and rounded to x.dtype as activation.silu_and_mul does.
+    NEXT ("_nx"): the next step's words and scales are loaded into registers before this step's math (two steps
+    in flight a program). TMA ("_tma"): w_ptr is a host TensorDescriptor of the words, block [BLOCK_N, BLOCK_K / 8]
+    (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
@@ -157,20 +178,41 @@ def _w_int_gemv_asm_kernel(
     offs_g = tl.arange(0, NG)
     offs_k = tl.arange(0, BLOCK_K)
     word = offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: step-relative word index
-    w_rows = w_ptr + rows[:, None, None] * stride_wn  # [BN, 1, 1]
+    w_rows = w_ptr  # TMA: the descriptor
+    if not TMA:
+        w_rows = w_ptr + rows[:, None, None] * stride_wn  # [BN, 1, 1]
     s_rows = s_ptr + rows[:, None, None] * stride_sn
     z_rows = z_ptr + rows[:, None, None] * stride_zn
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async, STAGES - 1 steps ahead
-        q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])  # [BN, NG, WPG] int32
-        kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
-        s = tl.load(s_rows + kg // GROUP).to(tl.float32)  # [BN, NG, 1]
+    if NEXT:  # the first step's words / scales / zeros; the loop loads one step ahead
+        q_nx = tl.load(w_rows + (tl.multiple_of(k_lo // 8, 4) + word)[None, :, :])
+        s_nx = tl.load(s_rows + ((k_lo + offs_g * SUB)[None, :, None]) // GROUP)
         if HAS_ZERO:
-            z = tl.load(z_rows + kg // GROUP).to(tl.int32)
+            z_nx = tl.load(z_rows + ((k_lo + offs_g * SUB)[None, :, None]) // GROUP)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async, STAGES - 1 steps ahead
+        kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
+        if NEXT:
+            q, s, z = q_nx, s_nx.to(tl.float32), tl.full((BLOCK_N, NG, 1), 8, tl.int32)
+            if HAS_ZERO:
+                z = z_nx.to(tl.int32)
+            k_nx = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)  # the last step reloads itself (cached, unused)
+            kg_nx = (k_nx + offs_g * SUB)[None, :, None]
+            q_nx = tl.load(w_rows + (tl.multiple_of(k_nx // 8, 4) + word)[None, :, :])
+            s_nx = tl.load(s_rows + kg_nx // GROUP)
+            if HAS_ZERO:
+                z_nx = tl.load(z_rows + kg_nx // GROUP)
         else:
-            z = tl.full((BLOCK_N, NG, 1), 8, tl.int32)
+            if TMA:
+                q = tl.reshape(w_ptr.load([pid_n * BLOCK_N, k0 // 8]), (BLOCK_N, NG, WPG))
+            else:
+                q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])  # [BN, NG, WPG] int32
+            s = tl.load(s_rows + kg // GROUP).to(tl.float32)  # [BN, NG, 1]
+            if HAS_ZERO:
+                z = tl.load(z_rows + kg // GROUP).to(tl.int32)
+            else:
+                z = tl.full((BLOCK_N, NG, 1), 8, tl.int32)
         nz = (MAGIC16 | z) ^ 0x8000  # -(OFFSET + z) as half bits
         nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
         # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3

@@ -21,7 +21,7 @@ from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, p
 from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
-from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, as_words, asm_ok, magic16, ptx
+from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, as_words, asm_ok, magic16, ptx, weight_arg
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 
 
@@ -278,8 +278,10 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
-        _w_int_gemv_asm_kernel[grid](*args_for(as_words(packed)), PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype),
-                                     BLOCK_M=1, STAGES=cfg.num_stages, SILU=silu, **common)
+        a_w = args_for(as_words(packed))
+        _w_int_gemv_asm_kernel[grid](a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
+                                     PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
+                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, **common)
     elif silu:
         raise ValueError("the SiLU prologue needs the asm GEMV (w_int_gemv_asm.silu_fusable)")
     else:
