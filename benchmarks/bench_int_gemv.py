@@ -49,14 +49,24 @@ VARIANTS = [
     "asm:bn8_bk2048_sk0_w4_s3_tma",
     "asm:bn8_bk1024_sk0_w2_s4_tma",
     "asm:bn4_bk1024_sk0_w4_s4_tma",
+    "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV from bytes (the default at 5-16 rows)
+    "bytes:bn128_bk128_sk0_w4_s1_dotw",  # "_dotw": the tensor-core GEMV from int32 words (w_int_gemv_mma.py)
+    "bytes:bn128_bk128_sk0_w4_s3_dotw",
+    "bytes:bn256_bk128_sk0_w8_s1_dotw",
+    "bytes:bn256_bk128_sk0_w8_s3_dotw",
+    "bytes:bn128_bk128_sk0_w8_s1_dotw",
+    "bytes:bn64_bk128_sk0_w4_s1_dotw",
+    "bytes:bn128_bk64_sk0_w4_s3_dotw",
 ]
 
 
-def best_variant(path: str, kind: str = "asm", m: int = 1) -> str:
-    """The config of the fastest `kind` variant in a --json file, by its per-step sum (gpu_round.sh quant)."""
+def best_variant(path: str, kinds: str = "asm", m: int = 1) -> str:
+    """The config of the fastest variant in a --json file whose name has one of `kinds` (comma-separated: "asm:"
+    prefixes, "_dotw" suffixes...), by its per-step sum at m rows (gpu_round.sh quant / lat8awq / quantpick)."""
     rows = json.loads(Path(path).read_text())["rows"]
     summary = next(r["summary"] for r in rows if "summary" in r and r["m"] == m)
-    best = min((t, v) for v, t in summary.items() if v.startswith(kind + ":") and t == t)
+    keys = kinds.split(",")
+    best = min((t, v) for v, t in summary.items() if any(key in v for key in keys) and t == t)
     return best[1].split(":", 1)[1]
 
 
@@ -71,9 +81,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--best-of", default=None, help="print the fastest asm config in this --json file and exit")
+    ap.add_argument("--best-kinds", default="asm:", help="--best-of among variants naming one of these")
+    ap.add_argument("--best-m", type=int, default=1, help="--best-of at this many rows")
     a = ap.parse_args()
     if a.best_of:
-        print(best_variant(a.best_of))
+        print(best_variant(a.best_of, a.best_kinds, a.best_m))
         return
     from quanta.kernels.gemv import GemvConfig, time_cuda
     from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
