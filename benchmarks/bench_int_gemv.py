@@ -70,6 +70,17 @@ def best_variant(path: str, kinds: str = "asm", m: int = 1) -> str:
     return best[1].split(":", 1)[1]
 
 
+def best_per_shape(path: str, kinds: str = "asm:", m: int = 1) -> str:
+    """QUANTA_INT_GEMV_ASM_SHAPES for the fastest `kinds` variant of each shape in a --json file."""
+    best: dict = {}
+    for r in json.loads(Path(path).read_text())["rows"]:
+        if r.get("m") == m and "variant" in r and r["us"] == r["us"] and any(key in r["variant"] for key in kinds.split(",")):
+            key = f"{r['n']}x{r['k']}"
+            if key not in best or r["us"] < best[key][0]:
+                best[key] = (r["us"], r["variant"].split(":", 1)[1])
+    return ";".join(f"{key}={cfg}" for key, (_, cfg) in best.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="8b")
@@ -83,9 +94,11 @@ def main() -> None:
     ap.add_argument("--best-of", default=None, help="print the fastest asm config in this --json file and exit")
     ap.add_argument("--best-kinds", default="asm:", help="--best-of among variants naming one of these")
     ap.add_argument("--best-m", type=int, default=1, help="--best-of at this many rows")
+    ap.add_argument("--per-shape", action="store_true", help="--best-of: the fastest config of each shape")
     a = ap.parse_args()
     if a.best_of:
-        print(best_variant(a.best_of, a.best_kinds, a.best_m))
+        pick = best_per_shape if a.per_shape else best_variant
+        print(pick(a.best_of, a.best_kinds, a.best_m))
         return
     from quanta.kernels.gemv import GemvConfig, time_cuda
     from quanta.quantization import w_int_gemv_asm, w_int_tinygemm

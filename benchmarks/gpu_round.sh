@@ -62,6 +62,11 @@ for part in "$@"; do
       timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts bf16 --json "$OUT/bq_bf16.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)"
       QUANTA_INT_GEMV_ASM_CONFIG=$P1 QUANTA_INT4_GEMV_MANY_CONFIG=$P16 timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts awq --json "$OUT/bq_pick.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)"
       [ -n "$QP_DEFAULT" ] && timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts awq --json "$OUT/bq_default.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)" ;;
+    # 8B batch 1, bf16 vs W4A16_AWQ: the asm GEMV's default config, then the fastest config per shape (igemvr's JSON)
+    lat8shape) J=$OUT/int_gemv_8b_read.json; S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape); echo "per shape: $S"
+      for v in ${LS_ORDER:-bf16 awq awqshape}; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
+        [ $v = awqshape ] && e="QUANTA_INT_GEMV_ASM_SHAPES=$S"
+        echo "$v"; env "$e" timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8shape_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     proberead) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe_read.json" 2>&1 | tail -12 ;;
     # 8B batch 1, bf16 vs W4A16_AWQ (asm GEMV): its default config, then (with igemvr's JSON) the fastest asm config
     lat8awq) for v in bf16 awq awqbest; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"

@@ -105,6 +105,27 @@ def _config():
     return _parse(ASM_CONFIG)
 
 
+# Per-shape configs: env QUANTA_INT_GEMV_ASM_SHAPES="6144x4096=bn8_bk1024_sk2_w4_s1_nx;4096x4096=..." (N x K)
+ASM_SHAPES = os.environ.get("QUANTA_INT_GEMV_ASM_SHAPES", "")
+
+
+def config_for(n: int, k: int):
+    """The asm GEMV's config for an [n, k] weight: ASM_SHAPES' entry, else ASM_CONFIG."""
+    return _shape_table(ASM_SHAPES).get((n, k)) or _config()
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_table(text: str) -> dict:
+    table = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        shape, _, cfg = item.partition("=")
+        n, _, k = shape.lower().partition("x")
+        if not (n.isdigit() and k.isdigit() and cfg):
+            raise ValueError(f"QUANTA_INT_GEMV_ASM_SHAPES: {item!r} is not 'NxK=config'")
+        table[(int(n), int(k))] = _parse(cfg)
+    return table
+
+
 @functools.lru_cache(maxsize=8)
 def _parse(text: str):
     from quanta.kernels.gemv import GemvConfig

@@ -314,7 +314,7 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
     if bits in (4, 8) and m <= MAX_M:
         cfg = gemv_config(f"w{bits}", m, packed.shape[0], in_features)
         if m == 1 and bits == 4 and w_int_gemv_asm.ASM_ENABLED:
-            cfg = w_int_gemv_asm._config()
+            cfg = w_int_gemv_asm.config_for(packed.shape[0], in_features)
         if gemv_tile(bits, group_size, cfg.block_k) is not None:
             return w_int_gemv(x, packed, scale, zero, bits, group_size, in_features, bias, cfg)
     return w_int_gemm(x, packed, scale, zero, bits, group_size, in_features, bias)
