@@ -50,19 +50,12 @@ VARIANTS = [
     "asm:bn8_bk1024_sk0_w2_s4_tma",
     "asm:bn4_bk1024_sk0_w4_s4_tma",
     "bytes:bn64_bk128_sk0_w4_s3_dott",  # the swap-AB tensor-core GEMV from bytes (the default at 5-16 rows)
-    "bytes:bn128_bk128_sk0_w4_s1_dotw",  # "_dotw": the tensor-core GEMV from int32 words (w_int_gemv_mma.py)
-    "bytes:bn128_bk128_sk0_w4_s3_dotw",
-    "bytes:bn256_bk128_sk0_w8_s1_dotw",
-    "bytes:bn256_bk128_sk0_w8_s3_dotw",
-    "bytes:bn128_bk128_sk0_w8_s1_dotw",
-    "bytes:bn64_bk128_sk0_w4_s1_dotw",
-    "bytes:bn128_bk64_sk0_w4_s3_dotw",
 ]
 
 
 def best_variant(path: str, kinds: str = "asm", m: int = 1) -> str:
     """The config of the fastest variant in a --json file whose name has one of `kinds` (comma-separated: "asm:"
-    prefixes, "_dotw" suffixes...), by its per-step sum at m rows (gpu_round.sh quant / lat8awq / quantpick)."""
+    prefixes, "_nx" / "_tma" suffixes...), by its per-step sum at m rows (gpu_round.sh quant / lat8awq)."""
     rows = json.loads(Path(path).read_text())["rows"]
     summary = next(r["summary"] for r in rows if "summary" in r and r["m"] == m)
     keys = kinds.split(",")

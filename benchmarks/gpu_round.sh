@@ -49,19 +49,12 @@ for part in "$@"; do
       done ;;
     igemv) timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} --json "$OUT/int_gemv_8b.json" 2>&1 | tail -30 ;;
     # PyTorch's int4 GEMM (w_int_tinygemm.py) and the quantization kernels vs their references
-    asmtest) timeout 120 python -m pytest -q tests/test_quantization_kernels.py -k "asm or mma" --timeout 100 2>&1 | tail -8 ;;
+    asmtest) timeout 120 python -m pytest -q tests/test_quantization_kernels.py -k "asm" --timeout 100 2>&1 | tail -8 ;;
     probe) timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe.json" 2>&1 | tail -8 ;;
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench8) timeout 150 python benchmarks/bench_decode_fused.py --model 8b --json "$OUT/decode_fused_8b.json" 2>&1 | tail -8 ;;
     # int GEMVs timed after a reading L2 flush (clean lines, as in decode) instead of a writing one
     igemvr) QUANTA_BENCH_FLUSH=read timeout ${IGEMV_S:-150} python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} ${IGEMV_ARGS:-} --json "$OUT/int_gemv_8b_read.json" 2>&1 | tail -30 ;;
-    # W4A16_AWQ 8B: bf16, then AWQ with the fastest configs of igemvr's JSON (1 row: asm or _dotw; 16 rows: _dott or
-    # _dotw), then AWQ with the defaults (bench_quant: batch 1, batch 16, throughput 128 / 128)
-    quantpick) J=$OUT/int_gemv_8b_read.json; P1=$(python benchmarks/bench_int_gemv.py --best-of $J --best-kinds asm:,_dotw --best-m 1)
-      P16=$(python benchmarks/bench_int_gemv.py --best-of $J --best-kinds _dott,_dotw --best-m 16); echo "picked: 1 row $P1, 16 rows $P16"
-      timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts bf16 --json "$OUT/bq_bf16.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)"
-      QUANTA_INT_GEMV_ASM_CONFIG=$P1 QUANTA_INT4_GEMV_MANY_CONFIG=$P16 timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts awq --json "$OUT/bq_pick.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)"
-      [ -n "$QP_DEFAULT" ] && timeout 200 python benchmarks/bench_quant.py --num-requests ${QUANT_REQ:-128} --parts awq --json "$OUT/bq_default.json" 2>&1 | grep -E "^(bf16|W4A16|FP8)" ;;
     # 8B batch 1, bf16 vs W4A16_AWQ: the asm GEMV's default config, then the fastest config per shape (igemvr's JSON)
     lat8shape) J=$OUT/int_gemv_8b_read.json; S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape); echo "per shape: $S"
       for v in ${LS_ORDER:-bf16 awq awqshape}; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"

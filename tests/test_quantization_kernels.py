@@ -181,27 +181,6 @@ def test_w_int_gemv_asm_gpu(monkeypatch, n, k, group, zp, dtype, cfg):
 
 
 @cuda
-@pytest.mark.parametrize("m,n,k,group,zp,dtype,cfg", [
-    (1, 512, 1024, 128, False, torch.bfloat16, "bn128_bk128_sk0_w4_s1_dotw"),
-    (16, 6144, 4096, 128, True, torch.bfloat16, "bn128_bk128_sk0_w4_s3_dotw"),
-    (5, 4096, 14336, 128, False, torch.bfloat16, "bn256_bk128_sk0_w8_s1_dotw"),
-    (3, 3072, 2048, 64, True, torch.float16, "bn64_bk128_sk0_w4_s3_dotw"),
-    (16, 1000, 4096, 32, False, torch.bfloat16, "bn128_bk128_sk2_w4_s1_dotw"),
-    (1, 2048, 8192, 128, True, torch.float16, "bn128_bk64_sk0_w8_s3_dotw"),
-])
-def test_w_int_gemv_mma_gpu(m, n, k, group, zp, dtype, cfg):
-    """The tensor-core int4 GEMV fed from words (w_int_gemv_mma.py, "_dotw") at 1-16 rows vs the reference."""
-    from quanta.kernels.gemv import GemvConfig
-    from quanta.quantization import w_int_gemv_mma
-    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
-
-    x, p, s, z, b = _case(m, n, k, group, 4, zp, True, dtype, "cuda")
-    assert w_int_gemv_mma.mma_ok(4, x, p, group, min(group, GemvConfig.parse(cfg).block_k), True)
-    ref = w_int_linear_ref(x.float(), p, s.float(), z, 4, group, k, b.float())
-    assert _rel(w_int_gemv(x, p, s, z, 4, group, k, b, GemvConfig.parse(cfg)), ref) < 2e-2
-
-
-@cuda
 @pytest.mark.parametrize("k,group,zp,dtype", [(1024, 128, False, torch.bfloat16), (14336, 128, True, torch.bfloat16),
                                               (2048, 64, False, torch.float16)])
 def test_w_int_gemv_asm_silu_prologue_gpu(k, group, zp, dtype):

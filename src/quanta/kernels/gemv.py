@@ -61,21 +61,19 @@ class GemvConfig:
     # int4 asm GEMV only (quantization/w_int_gemv_asm.py), suffix "_tma": the weight tile comes in by TMA (a host
     # tensor descriptor), the K loop pipelined num_stages deep by Triton (mbarriers, no registers held in flight)
     tma: bool = False
-    # int4 only, suffix "_dotw": the tensor-core GEMV fed from int32 words (quantization/w_int_gemv_mma.py)
-    use_dot_w: bool = False
 
     def __str__(self) -> str:
         s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
         s += "_dot" if self.use_dot else ""
         s += ("_dotto" if self.dot_t_offset else "_dott") if self.use_dot_t else ""
-        return s + ("_nx" if self.next_step else "") + ("_tma" if self.tma else "") + ("_dotw" if self.use_dot_w else "")
+        return s + ("_nx" if self.next_step else "") + ("_tma" if self.tma else "")
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto][_nx][_tma][_dotw]' (any subset of the fields, in any order) -> GemvConfig."""
+        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto][_nx][_tma]' (any subset of the fields, in any order) -> GemvConfig."""
         keys = {"bn": "block_n", "bk": "block_k", "sk": "split_k", "w": "num_warps", "s": "num_stages"}
         flags = {"dot": ("use_dot",), "dott": ("use_dot_t",), "dotto": ("use_dot_t", "dot_t_offset"),
-                 "nx": ("next_step",), "tma": ("tma",), "dotw": ("use_dot_w",)}
+                 "nx": ("next_step",), "tma": ("tma",)}
         kw: dict = {}
         for part in text.strip().lower().split("_"):
             if part in flags:
@@ -111,7 +109,7 @@ def auto_split_k(cfg: GemvConfig, n: int, k: int, sms: int = NUM_SMS_DEFAULT) ->
 def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
     bits = _BITS[kind]
     if m > 4 and bits < 16:  # int weights, M in 5..16: swap-AB tl.dot (H100, 8B shapes at M=16: 1.35-1.45x faster)
-        if bits == 4 and INT4_MANY_CONFIG:  # env QUANTA_INT4_GEMV_MANY_CONFIG (e.g. a "_dotw" config)
+        if bits == 4 and INT4_MANY_CONFIG:  # env QUANTA_INT4_GEMV_MANY_CONFIG (benchmarks: another config)
             return GemvConfig.parse(INT4_MANY_CONFIG)
         return GemvConfig(block_n=64, block_k=128, num_warps=4, use_dot_t=True)
     if m > 4:  # M in 5..16: one 16-row tl.dot tile

@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
-from quanta.quantization import w_int_gemv_asm, w_int_gemv_mma
+from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
 from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, as_words, asm_ok, magic16, ptx, weight_arg
-from quanta.quantization.w_int_gemv_mma import _w_int_gemv_mma_kernel
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 
 
@@ -259,19 +258,6 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         cfg = GemvConfig(block_n=4, block_k=128, num_warps=4)
     use_dot_t = cfg.use_dot_t and half  # swap-AB (w_int_gemv_t.py)
     use_dot = cfg.use_dot and half and not use_dot_t
-    if cfg.use_dot_w and w_int_gemv_mma.mma_ok(bits, x2, packed, group_size, min(cfg.block_k, group_size),
-                                                k == k_pad):  # w_int_gemv_mma.py
-        bkw = min(cfg.block_k, group_size)
-        split, k_split, ws, cnt = plan_split(replace(cfg, block_k=bkw), m, n, k_pad, y)
-        words = as_words(packed)
-        _w_int_gemv_mma_kernel[(triton.cdiv(n, cfg.block_n), split)](
-            x2, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, ws, cnt,
-            m, n, k, k_pad, k_split, split, x2.stride(0), words.stride(0), scale.stride(0),
-            zero.stride(0) if zero is not None else 0, y.stride(0), GROUP=group_size, HAS_ZERO=zero is not None,
-            HAS_BIAS=bias is not None, USE_SPLIT=split > 1, PTX=w_int_gemv_mma.ptx(x.dtype),
-            MAGIC16=w_int_gemv_mma.magic16(x.dtype), BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=bkw,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return y.reshape(*x.shape[:-1], n)
     tile = gemv_tile(bits, group_size, cfg.block_k)
     if tile is None:
         raise ValueError(f"no GEMV tile for group_size={group_size}, bits={bits}")
