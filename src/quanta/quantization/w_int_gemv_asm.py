@@ -38,7 +38,12 @@ from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 
 ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
-ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk0_w4_s1")  # w_int_linear's config for it
+# w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
+# on the 8B o_proj (9.3 vs 10.7 us) and gained nowhere (benchmarks/results/h200_s6c_int_gemv_8b_read.json)
+ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1")
+# K >= LONG_K (8B down_proj: 14 steps a program): the next step's words in registers ("_nx"): 18.2 vs 19.0 us
+ASM_CONFIG_LONG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG_LONG", "bn8_bk1024_sk1_w4_s1_nx")
+LONG_K = 8192
 # The MLP's SiLU * up inside down_proj's GEMV: OFF, no gain on an H200 (8B W4A16 batch 1: 384.9 tok/s fused vs
 # 387.1 unfused, benchmarks/results/h200_s5f_siluab_*): every program recomputes the SiLU of the whole row slice it
 # reads (down_proj: 512 programs x 14,336 values, ~29 MB of gate / up reads from L2, as much as the weight itself).
@@ -94,7 +99,7 @@ def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
     if getattr(layer, "weight_g_idx", None) is not None or gate_up.numel() != 2 * layer.in_features:
         return False
     group, k = method.group_size(layer), layer.in_features
-    cfg_k = _config().block_k
+    cfg_k = config_for(layer.weight_packed.shape[0], k).block_k
     tile = gemv_tile(4, group, cfg_k)
     return (tile is not None and tile[0] == cfg_k and k % cfg_k == 0 and layer.weight_packed.shape[1] * 2 == k
             and asm_ok(4, layer.weight_packed, gate_up, 1, tile[1], True))
@@ -110,8 +115,9 @@ ASM_SHAPES = os.environ.get("QUANTA_INT_GEMV_ASM_SHAPES", "")
 
 
 def config_for(n: int, k: int):
-    """The asm GEMV's config for an [n, k] weight: ASM_SHAPES' entry, else ASM_CONFIG."""
-    return _shape_table(ASM_SHAPES).get((n, k)) or _config()
+    """The asm GEMV's config for an [n, k] weight: ASM_SHAPES' entry, else ASM_CONFIG_LONG for K >= LONG_K, else
+    ASM_CONFIG."""
+    return _shape_table(ASM_SHAPES).get((n, k)) or _parse(ASM_CONFIG_LONG if k >= LONG_K else ASM_CONFIG)
 
 
 @functools.lru_cache(maxsize=8)

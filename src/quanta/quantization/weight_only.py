@@ -94,7 +94,8 @@ class WeightOnlyInt(QuantMethod):
         from quanta.quantization.w_int_kernel import w_int_gemv
 
         return w_int_gemv(gate_up, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                          4, self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm._config(), silu=True)
+                          4, self.group_size(layer), layer.in_features, layer.bias,
+                          w_int_gemv_asm.config_for(layer.weight_packed.shape[0], layer.in_features), silu=True)
 
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
