@@ -281,7 +281,8 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         a_w = args_for(as_words(packed))
         _w_int_gemv_asm_kernel[grid](a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
-                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, **common)
+                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, **common,
+                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}))
     elif silu:
         raise ValueError("the SiLU prologue needs the asm GEMV (w_int_gemv_asm.silu_fusable)")
     else:
