@@ -132,7 +132,8 @@ def main() -> None:
                         w_int_gemv_asm.ASM_ENABLED = kind == "asm"
                         if kind == "asm" and m > 1:
                             continue
-                        fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg)
+                        planes = w_int_gemv_asm.x_planes(x, min(group, cfg.block_k)) if cfg.x_planes else None
+                        fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg, planes=planes)
                     try:
                         err = float((fn().float() - ref).abs().max() / ref.abs().max())
                         t = time_cuda(fn, a.reps, flush=flush) if err < 2e-2 else float("nan")

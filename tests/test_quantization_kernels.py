@@ -164,6 +164,10 @@ def test_w_int_kernel_gpu(m, bits, zp):
     (1000, 4096, 128, True, torch.bfloat16, "bn8_bk1024_sk0_w4_s3_tma"),
     (4096, 14336, 128, False, torch.bfloat16, "bn8_bk1024_sk2_w4_s4_tma"),
     (3072, 2048, 32, False, torch.float16, "bn16_bk512_sk0_w4_s3_tma"),
+    # x as planes of half2 pairs in the weights' layout ("_xp", w_int_gemv_asm.x_planes)
+    (1000, 4096, 128, True, torch.bfloat16, "bn8_bk1024_sk1_w4_s1_xp"),
+    (4096, 14336, 128, False, torch.bfloat16, "bn8_bk1024_sk2_w4_s1_nx_xp"),
+    (3072, 2048, 64, True, torch.float16, "bn8_bk512_sk0_w4_s1_xp"),
 ])
 def test_w_int_gemv_asm_gpu(monkeypatch, n, k, group, zp, dtype, cfg):
     """The half2 inline-PTX int4 GEMV (w_int_gemv_asm.py) at one row vs the reference."""

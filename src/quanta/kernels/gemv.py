@@ -64,19 +64,21 @@ class GemvConfig:
     # register cap per thread (ptxas -maxrregcount, Triton's maxnreg), suffix "_rN"; 0 = the compiler's choice.
     # The int4 asm GEMV only: with zero points it takes 72 registers (7 programs an SM), capped at 64: 8
     max_regs: int = 0
+    # int4 asm GEMV only, suffix "_xp": x comes as x_planes (w_int_gemv_asm.py): the pairs in the weights' layout
+    x_planes: bool = False
 
     def __str__(self) -> str:
         s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
         s += "_dot" if self.use_dot else ""
         s += ("_dotto" if self.dot_t_offset else "_dott") if self.use_dot_t else ""
-        return s + ("_nx" if self.next_step else "") + ("_tma" if self.tma else "") + (f"_r{self.max_regs}" if self.max_regs else "")
+        return s + ("_nx" if self.next_step else "") + ("_tma" if self.tma else "") + (f"_r{self.max_regs}" if self.max_regs else "") + ("_xp" if self.x_planes else "")
 
     @classmethod
     def parse(cls, text: str) -> GemvConfig:
-        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto][_nx][_tma][_rN]' (any subset of the fields, in any order) -> GemvConfig."""
+        """'bn4_bk512_sk0_w4_s3[_dot|_dott|_dotto][_nx][_tma][_rN][_xp]' (any subset of the fields, in any order) -> GemvConfig."""
         keys = {"bn": "block_n", "bk": "block_k", "sk": "split_k", "w": "num_warps", "s": "num_stages", "r": "max_regs"}
         flags = {"dot": ("use_dot",), "dott": ("use_dot_t",), "dotto": ("use_dot_t", "dot_t_offset"),
-                 "nx": ("next_step",), "tma": ("tma",)}
+                 "nx": ("next_step",), "tma": ("tma",), "xp": ("x_planes",)}
         kw: dict = {}
         for part in text.strip().lower().split("_"):
             if part in flags:

@@ -162,6 +162,14 @@ def weight_arg(words: torch.Tensor, block_n: int, block_k: int, tma: bool):
     return desc
 
 
+def x_planes(x: torch.Tensor, sub: int) -> torch.Tensor:
+    """x [K] (one row, K % sub == 0) -> int32 [K / 2]: per chunk of `sub` values, [4 (j), sub / 8 (word w)] half2
+    pairs (x[8w + j], x[8w + j + 4]), the operands of the asm GEMV's word w (kernel XPLANES)."""
+    k = x.numel()
+    xv = x.reshape(k // sub, sub // 8, 2, 4)  # [chunk, w, h, j]
+    return xv.permute(0, 3, 1, 2).contiguous().view(torch.int32).reshape(-1)  # [chunk, j, w, (h)]
+
+
 def magic16(dtype: torch.dtype) -> int:
     return _TYPES[dtype][3]
 
@@ -183,7 +191,7 @@ def _w_int_gemv_asm_kernel(
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
-    SILU: tl.constexpr = False, NEXT: tl.constexpr = False, TMA: tl.constexpr = False,
+    SILU: tl.constexpr = False, NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -243,23 +251,34 @@ def _w_int_gemv_asm_kernel(
         nz = (MAGIC16 | z) ^ 0x8000  # -(OFFSET + z) as half bits
         nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
         # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3
-        if SILU:
+        if XPLANES:  # x_ptr: x_planes(x) as int32, chunk c of SUB values = [4 (j), WPG (word)] pairs
+            # pointers of the weights' shape (broadcast over the rows): loaded in the weights' layout, no shuffle
+            xq = tl.broadcast_to(x_ptr + (k0 // 2 + offs_g * (SUB // 2))[None, :, None]
+                                 + tl.arange(0, WPG)[None, None, :], (BLOCK_N, NG, WPG))
+            x0 = tl.load(xq)
+            x1 = tl.load(xq + WPG)
+            x2 = tl.load(xq + 2 * WPG)
+            x3 = tl.load(xq + 3 * WPG)
+        elif SILU:
             gate = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
             up = tl.load(x_ptr + K + k0 + offs_k).to(tl.float32)
             xv = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
         else:
             xv = tl.load(x_ptr + k0 + offs_k)
-        xb = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
-        pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
-        p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3
-        x0, x2 = tl.split(p_even)
-        x1, x3 = tl.split(p_odd)
+        if not XPLANES:
+            xb = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
+            pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
+            p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3
+            x0, x2 = tl.split(p_even)
+            x1, x3 = tl.split(p_odd)
+            x0 = tl.broadcast_to(x0[None, :, :], (BLOCK_N, NG, WPG))
+            x1 = tl.broadcast_to(x1[None, :, :], (BLOCK_N, NG, WPG))
+            x2 = tl.broadcast_to(x2[None, :, :], (BLOCK_N, NG, WPG))
+            x3 = tl.broadcast_to(x3[None, :, :], (BLOCK_N, NG, WPG))
         part = tl.inline_asm_elementwise(
             PTX, "=r,r,r,r,r,r,r,r",
-            [q, nz, tl.broadcast_to(x0[None, :, :], (BLOCK_N, NG, WPG)),
-             tl.broadcast_to(x1[None, :, :], (BLOCK_N, NG, WPG)), tl.broadcast_to(x2[None, :, :], (BLOCK_N, NG, WPG)),
-             tl.broadcast_to(x3[None, :, :], (BLOCK_N, NG, WPG)), tl.full((BLOCK_N, NG, WPG), ONE, tl.int32)],
+            [q, nz, x0, x1, x2, x3, tl.full((BLOCK_N, NG, WPG), ONE, tl.int32)],
             dtype=tl.float32, is_pure=True, pack=1)
         acc += part * s
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]

@@ -21,7 +21,15 @@ from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, p
 from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
-from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel, as_words, asm_ok, magic16, ptx, weight_arg
+from quanta.quantization.w_int_gemv_asm import (
+    _w_int_gemv_asm_kernel,
+    as_words,
+    asm_ok,
+    magic16,
+    ptx,
+    weight_arg,
+    x_planes,
+)
 from quanta.quantization.w_int_gemv_t import _w_int_gemv_t_kernel, offset_bits
 
 
@@ -238,7 +246,7 @@ def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | Non
 
 def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
-               config: GemvConfig | None = None, silu: bool = False) -> torch.Tensor:
+               config: GemvConfig | None = None, silu: bool = False, planes: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
     silu: x is [..., 2K] = gate | up and the GEMV runs on SiLU(gate) * up (the asm kernel only: one int4 row)."""
     require_triton()
@@ -279,9 +287,12 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         a_w = args_for(as_words(packed))
-        _w_int_gemv_asm_kernel[grid](a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
+        xp = cfg.x_planes and not silu
+        if xp and planes is None:
+            planes = x_planes(x2, sub)
+        _w_int_gemv_asm_kernel[grid](planes if xp else a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
-                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, **common,
+                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, **common,
                                      **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}))
     elif silu:
         raise ValueError("the SiLU prologue needs the asm GEMV (w_int_gemv_asm.silu_fusable)")
