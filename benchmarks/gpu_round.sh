@@ -60,6 +60,12 @@ for part in "$@"; do
       for v in ${LS_ORDER:-bf16 awq awqshape}; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
         [ $v = awqshape ] && e="QUANTA_INT_GEMV_ASM_SHAPES=$S"
         echo "$v"; env "$e" timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8shape_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
+    # 8B batch-16 decode: bf16, W4A16_AWQ (default 5-16 row GEMV), AWQ with the fastest config per shape at 16 rows
+    # (igemvr's JSON, IGEMV_MS including 16)
+    b16shape) J=$OUT/int_gemv_8b_read.json; S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds _dot --best-m 16); echo "per shape: $S"
+      timeout 150 python benchmarks/bench_quant.py --parts bf16 --measures batch16 --json "$OUT/b16_bf16.json" 2>&1 | grep -E "^(bf16|W4A16)"
+      timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq.json" 2>&1 | grep -E "^(bf16|W4A16)"
+      QUANTA_INT4_GEMV_MANY_SHAPES="$S" timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awqshape.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     proberead) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe_read.json" 2>&1 | tail -12 ;;
     # 8B batch 1, bf16 vs W4A16_AWQ (asm GEMV): its default config, then (with igemvr's JSON) the fastest asm config
     lat8awq) for v in bf16 awq awqbest; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"

@@ -24,6 +24,7 @@ the (out_features, in_features) of every unquantized Linear and the decode batch
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from functools import partial
@@ -95,6 +96,20 @@ class GemvConfig:
 GEMV_CONFIGS: dict[tuple[str, int, int, int], GemvConfig] = {}
 _BITS = {"w16": 16, "w8": 8, "w4": 4}
 INT4_MANY_CONFIG = os.environ.get("QUANTA_INT4_GEMV_MANY_CONFIG", "")  # int4 GEMVs of 5-16 rows (default: _dott)
+INT4_MANY_SHAPES = os.environ.get("QUANTA_INT4_GEMV_MANY_SHAPES", "")  # per shape: "NxK=config;..."
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_configs(text: str) -> dict:
+    """"NxK=config;NxK=config" -> {(N, K): GemvConfig} (QUANTA_INT4_GEMV_MANY_SHAPES, QUANTA_INT_GEMV_ASM_SHAPES)."""
+    table = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        shape, _, cfg = item.partition("=")
+        n, _, k = shape.lower().partition("x")
+        if not (n.isdigit() and k.isdigit() and cfg):
+            raise ValueError(f"GEMV shape configs: {item!r} is not 'NxK=config'")
+        table[(int(n), int(k))] = GemvConfig.parse(cfg)
+    return table
 
 
 def num_sms(device: torch.device | None = None) -> int:
@@ -114,8 +129,9 @@ def auto_split_k(cfg: GemvConfig, n: int, k: int, sms: int = NUM_SMS_DEFAULT) ->
 def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
     bits = _BITS[kind]
     if m > 4 and bits < 16:  # int weights, M in 5..16: swap-AB tl.dot (H100, 8B shapes at M=16: 1.35-1.45x faster)
-        if bits == 4 and INT4_MANY_CONFIG:  # env QUANTA_INT4_GEMV_MANY_CONFIG (benchmarks: another config)
-            return GemvConfig.parse(INT4_MANY_CONFIG)
+        if bits == 4 and (INT4_MANY_CONFIG or INT4_MANY_SHAPES):  # env (benchmarks): another config
+            shaped = _shape_configs(INT4_MANY_SHAPES).get((n, k))
+            return shaped or GemvConfig.parse(INT4_MANY_CONFIG or "bn64_bk128_sk0_w4_s3_dott")
         return GemvConfig(block_n=64, block_k=128, num_warps=4, use_dot_t=True)
     if m > 4:  # M in 5..16: one 16-row tl.dot tile
         return GemvConfig(block_n=32, block_k=256, num_warps=4, use_dot=True)

@@ -117,19 +117,9 @@ ASM_SHAPES = os.environ.get("QUANTA_INT_GEMV_ASM_SHAPES", "")
 def config_for(n: int, k: int):
     """The asm GEMV's config for an [n, k] weight: ASM_SHAPES' entry, else ASM_CONFIG_LONG for K >= LONG_K, else
     ASM_CONFIG."""
-    return _shape_table(ASM_SHAPES).get((n, k)) or _parse(ASM_CONFIG_LONG if k >= LONG_K else ASM_CONFIG)
+    from quanta.kernels.gemv import _shape_configs
 
-
-@functools.lru_cache(maxsize=8)
-def _shape_table(text: str) -> dict:
-    table = {}
-    for item in filter(None, (t.strip() for t in text.split(";"))):
-        shape, _, cfg = item.partition("=")
-        n, _, k = shape.lower().partition("x")
-        if not (n.isdigit() and k.isdigit() and cfg):
-            raise ValueError(f"QUANTA_INT_GEMV_ASM_SHAPES: {item!r} is not 'NxK=config'")
-        table[(int(n), int(k))] = _parse(cfg)
-    return table
+    return _shape_configs(ASM_SHAPES).get((n, k)) or _parse(ASM_CONFIG_LONG if k >= LONG_K else ASM_CONFIG)
 
 
 @functools.lru_cache(maxsize=8)
