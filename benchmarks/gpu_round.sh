@@ -66,6 +66,13 @@ for part in "$@"; do
       timeout 150 python benchmarks/bench_quant.py --parts bf16 --measures batch16 --json "$OUT/b16_bf16.json" 2>&1 | grep -E "^(bf16|W4A16)"
       timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq.json" 2>&1 | grep -E "^(bf16|W4A16)"
       QUANTA_INT4_GEMV_MANY_SHAPES="$S" timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awqshape.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
+    # the RMSNorm writing x_planes for the one-row int4 asm GEMV (QUANTA_INT_GEMV_PLANES): GPU tests, then 8B batch 1
+    planestest) timeout 200 python -m pytest -q tests/gpu/test_int_planes_gpu.py --timeout 150 2>&1 | tail -4 ;;
+    lat8planes) for v in ${LP_ORDER:-bf16 awq awqplanes}; do q=""; e="QUANTA_INT_GEMV_PLANES=0"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
+        [ $v = awqplanes ] && e="QUANTA_INT_GEMV_PLANES=1"
+        echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8planes_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
+    b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
+    qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
     proberead) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe_read.json" 2>&1 | tail -12 ;;
     # 8B batch 1, bf16 vs W4A16_AWQ (asm GEMV): its default config, then (with igemvr's JSON) the fastest asm config
     lat8awq) for v in bf16 awq awqbest; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"

@@ -47,6 +47,7 @@ OTHER_CHECKS = [
     "rms_norm",
     "fused_add_rms_norm_out",
     "fused_add_rms_norm_res",
+    "fused_add_rms_norm_planes",
     "rotary_q",
     "rotary_k",
     "rotary_partial_q",
@@ -177,6 +178,14 @@ def _small_op_checks(results: dict) -> None:
     out_ref, new_res_ref = fused_add_rms_norm_ref(x, res, w, 1e-5)
     results["fused_add_rms_norm_out"] = rel_err(out, out_ref)
     results["fused_add_rms_norm_res"] = rel_err(new_res, new_res_ref)
+    from quanta.kernels.rms_norm import fused_add_rms_norm_planes
+    from quanta.quantization.w_int_gemv_asm import x_planes
+
+    xh, rh, wh = torch.randn(3, 256, generator=g).half(), torch.randn(3, 256, generator=g).half(), w.new_ones(256).half()
+    out, new_res, planes = fused_add_rms_norm_planes(xh, rh, wh, 1e-5, 128)  # + the asm GEMV's x_planes of out
+    want = torch.stack([x_planes(row, 128) for row in out])
+    same = torch.equal(planes.view(torch.int32), want) and torch.equal(out, fused_add_rms_norm(xh, rh, wh, 1e-5)[0])
+    results["fused_add_rms_norm_planes"] = 0.0 if same else 1.0
 
     num_tokens, h, kh, d = 6, 4, 2, 32
     qkv = torch.randn(num_tokens, (h + 2 * kh) * d, generator=g)  # q, k are strided views of a fused qkv

@@ -22,6 +22,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    planes_ptr=None, PLANES_SUB: tl.constexpr = 0,
 ):
     pdl_begin(USE_PDL)  # kernels/pdl.py: under PDL, wait for the kernel before this one
     row = tl.program_id(0).to(tl.int64)
@@ -38,10 +39,14 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if PLANES_SUB > 0:  # y again in the int4 asm GEMV's x_planes order (w_int_gemv_asm.x_planes), row-contiguous
+        i = offs % PLANES_SUB
+        pos = offs - i + ((i % 4) * (PLANES_SUB // 8) + i // 8) * 2 + (i % 8) // 4
+        tl.store(planes_ptr + row * n_cols + pos, y.to(out_ptr.dtype.element_ty), mask=mask)
 # fmt: on
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, planes_sub: int = 0):
     require_triton()
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
@@ -49,6 +54,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out = torch.empty_like(x2)
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out
+    planes = torch.empty_like(x2) if planes_sub else None
     num_rows = x2.shape[0]
     if num_rows > 0:
         block_n = next_pow2(hidden)
@@ -61,9 +67,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             HAS_RESIDUAL=residual is not None,
             BLOCK_N=block_n,
             USE_PDL=use_pdl,
+            planes_ptr=planes, PLANES_SUB=planes_sub,
             num_warps=min(max(block_n // 512, 1), 16), **pdl_launch_kwargs(use_pdl),
         )
         # fmt: on
+    if planes_sub:
+        return out.view(x.shape), res_out.view(x.shape), planes
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -82,6 +91,14 @@ def fused_add_rms_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new_residual = x + residual), both x.dtype
     return _launch(x, residual, weight, eps)
+
+
+def fused_add_rms_norm_planes(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                              sub: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm, plus the normed rows in the int4 asm GEMV's x_planes order ([rows, hidden], x.dtype; its
+    int32 view is w_int_gemv_asm.x_planes of each row for chunks of `sub` values): one launch for both."""
+    assert x.shape[-1] % sub == 0 and sub % 8 == 0
+    return _launch(x, residual, weight, eps, sub)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -101,8 +101,21 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
         return gemv_add_rms_norm(x, residual, norm.weight, norm.eps, linear.weight, linear.bias)
     if residual is None:
         return linear(norm(x)), x
+    sub = _planes_sub(linear, x)
+    if sub:  # the one-row int4 asm GEMV reads the norm's output as x_planes, written by the same norm launch
+        from quanta.kernels.rms_norm import fused_add_rms_norm_planes
+
+        h, residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
+        return linear.quant_method.apply_planes(linear, h, planes), residual
     h, residual = norm(x, residual)
     return linear(h), residual
+
+
+def _planes_sub(linear, x: torch.Tensor) -> int:
+    method = getattr(linear, "quant_method", None)
+    if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):
+        return 0
+    return method.planes_sub(linear, x)
 
 
 def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:

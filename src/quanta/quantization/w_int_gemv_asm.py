@@ -105,6 +105,28 @@ def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
             and asm_ok(4, layer.weight_packed, gate_up, 1, tile[1], True))
 
 
+# x as planes written by the RMSNorm before qkv_proj / gate_up_proj (kernels/rms_norm.fused_add_rms_norm_planes):
+# the K loop loads its half2 pairs in the weights' layout, without the shared-memory shuffle of x.
+PLANES = os.environ.get("QUANTA_INT_GEMV_PLANES", "0") == "1"
+PLANES_CONFIG = os.environ.get("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp")
+
+
+def planes_config():
+    return _parse(PLANES_CONFIG)
+
+
+def planes_sub(layer, x: torch.Tensor) -> int:
+    """The x_planes chunk (the kernel's SUB) for `layer`'s one-row asm GEMV with PLANES_CONFIG, or 0 if it cannot
+    take planes (not the asm kernel, ragged K, a group the config's step does not tile)."""
+    from quanta.quantization.w_int_kernel import gemv_tile
+
+    cfg, k, group = planes_config(), layer.in_features, layer.quant_method.group_size(layer)
+    tile = gemv_tile(4, group, cfg.block_k)
+    if tile is None or not cfg.x_planes or k % tile[0] or layer.weight_packed.shape[1] * 2 != k:
+        return 0
+    return tile[1] if asm_ok(4, layer.weight_packed, x, 1, tile[1], True) else 0
+
+
 def _config():
     """ASM_CONFIG as a GemvConfig (parsed once per value: it is read on every one-row int4 linear)."""
     return _parse(ASM_CONFIG)

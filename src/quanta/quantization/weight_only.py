@@ -84,6 +84,29 @@ class WeightOnlyInt(QuantMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return _int_linear(layer, pre_scale(layer, x), self.bits)
 
+    def planes_sub(self, layer, x: torch.Tensor) -> int:
+        """The chunk size of the x_planes this layer's one-row int4 asm GEMV can take for x (the RMSNorm before it
+        writes them: fast_ops.norm_linear), or 0 (then apply() runs as usual)."""
+        from quanta.quantization import w_int_gemv_asm
+
+        if not (w_int_gemv_asm.PLANES and self.bits == 4 and x.numel() == layer.in_features
+                and getattr(layer, "pre_quant_scale", None) is None and _use_gpu_kernel(layer, x)):
+            return 0
+        from quanta.quantization import w_int_tinygemm
+
+        if w_int_tinygemm.usable(layer, x):
+            return 0
+        return w_int_gemv_asm.planes_sub(layer, x)
+
+    def apply_planes(self, layer, x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+        """apply() for one row whose x_planes (planes_sub) are given: the asm GEMV reads them instead of x."""
+        from quanta.quantization import w_int_gemv_asm
+        from quanta.quantization.w_int_kernel import w_int_gemv
+
+        return w_int_gemv(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), 4,
+                          self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm.planes_config(),
+                          planes=planes.view(torch.int32))
+
     def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
         """layer(SiLU(gate) * up) in one launch (the int4 asm GEMV's prologue, one row on sm_90), or None."""
         from quanta.quantization import w_int_gemv_asm
