@@ -37,7 +37,7 @@ def test_norm_planes_gemv_equals_plain(n, k, zp):
 
 
 def test_engine_planes_equal_tokens(tmp_path, monkeypatch):
-    from quanta import LLM, QuantConfig, SamplingParams
+    from quanta.llmapi import LLM, QuantConfig, SamplingParams
     from quanta.quantization import w_int_gemv_asm
 
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
