@@ -106,8 +106,10 @@ def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
 
 
 # x as planes written by the RMSNorm before qkv_proj / gate_up_proj (kernels/rms_norm.fused_add_rms_norm_planes):
-# the K loop loads its half2 pairs in the weights' layout, without the shared-memory shuffle of x.
-PLANES = os.environ.get("QUANTA_INT_GEMV_PLANES", "0") == "1"
+# the K loop loads its half2 pairs in the weights' layout, without the shared-memory shuffle of x (no barrier in
+# the loop; offline sm_90: 204 vs 223 instructions a step). ON: H200, 8B W4A16_AWQ batch 1, 406.8 vs 397.4 tok/s
+# (bf16 213.8, same call; benchmarks/results/h200_s6g_*); 8B gate_up 26.4 vs 28.4 us (h200_s6e_int_gemv_8b_read.json)
+PLANES = os.environ.get("QUANTA_INT_GEMV_PLANES", "1") == "1"
 PLANES_CONFIG = os.environ.get("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp")
 
 
