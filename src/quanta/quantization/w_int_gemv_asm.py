@@ -12,19 +12,23 @@ layout: value k of a row at nibble k % 8 of word k // 8) and one `tl.inline_asm_
 bf16: MAGIC 0x4300 (128.0, 7 mantissa bits hold q), fp16: 0x6400 (1024.0). The four products of a half are
 summed in x.dtype (rounded like the bf16 output itself), then in fp32, times the scale once per (row, group, word).
 x of a step is loaded once (contiguous), reshaped into the (x_j, x_j+4) half2 pairs outside the asm and shared by
-the rows. sm_90 only (mul.bf16x2). Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8 instructions a
-weight (bn8_bk1024 3.4, bn64_bk256 3.25) against ~7 for the byte kernel; the weight comes in 128-bit loads.
+the rows (Triton does the reshape through shared memory: 8 barriers a step); or, with x_planes ("_xp"), the pairs
+come ready-made from the RMSNorm before qkv_proj / gate_up_proj (PLANES) and load in the weights' own layout (no
+shuffle, no barrier). sm_90 only (mul.bf16x2). Static SASS of the K loop (sm_90, bf16, offline): ~3.3-3.8
+instructions a weight (bn8_bk1024 3.4; with zero points and planes 3.2) against ~7 for the byte kernel.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
-It replaces an int32-word GEMV with fp32 math (~4.7 instructions a weight), which measured slower than the byte
-kernel on an H100 and an H200 (8B step 3,414-3,466 us vs 3,174-3,211 on the H200) and was removed.
-ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off; QUANTA_INT_GEMV_ASM_CONFIG picks the
-config). Measured on an H200 (benchmarks/results/h200_s5*, RESULTS.md "GPU, fifth session"): the 8B linears of a
-batch-1 step (bench_int_gemv.py, cold L2) 2,662 us with bn8_bk1024 vs 3,174-3,211 for the byte kernel and
-2,990-3,013 for PyTorch's tinygemm (cuBLAS bf16: 5,120-5,219); the engine's W4A16_AWQ batch-1 decode 387.4 /
-383.8 tok/s vs 308.3 with the byte kernel and 217.4 / 214.3 for bf16 (same runs). Software-pipelining the K loop
-(configs _s3 / _s4) measured slower (2,839 / 2,967 us): a load-only Triton kernel in the same tiling reads the
-8B gate_up weight at ~2.45 TB/s at best (bench_int_probe.py; copy 3.6), with or without the pipeline.
+ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off). Configs (config_for): bn8_bk1024
+without split-K, "_nx" (the next step's words and scales in registers) for K >= 8192, bn4_bk1024 "_xp" with planes;
+QUANTA_INT_GEMV_ASM_CONFIG[_LONG|_SHAPES] / QUANTA_INT_GEMV_PLANES[_CONFIG] override. Measured on an H200 (8B, W4A16_AWQ
+batch 1, tok/s, bf16 in the same call): fifth session 387.4 (bf16 217.4; byte kernel 308.3), sixth session 397.4
+with the split / _nx defaults and 406.8 with planes (bf16 213.8); bench_int_gemv.py (reading L2 flush, zero points)
+2,408-2,494 us of linears a step, 2,318 with planes (cuBLAS bf16 4,300-4,520). Tried and slower: software-pipelined
+K loops (cp.async _s3 / _s4; TMA descriptor loads "_tma", 3-6 stages: 2,500-2,807 us), register caps ("_rN"),
+split-K on these shapes (~1.4 us a launch), PyTorch's tinygemm (w_int_tinygemm.py), a tensor-core GEMV fed from
+words (1.3-2.5x slower than this one and the swap-AB kernel; removed). A load-only kernel in this tiling reads the
+8B gate_up weight at ~3.06 TB/s (bench_int_probe.py, reading flush; cuBLAS bf16 on the same bytes 3.08), this GEMV
+at ~2.2 TB/s: the rest is the K loop's issue and latency (~1.7 instructions a cycle an SM).
 """
 
 from __future__ import annotations
