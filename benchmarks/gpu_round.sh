@@ -73,6 +73,10 @@ for part in "$@"; do
         echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8planes_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
+    # 1B W4A16_AWQ batch 1: bf16, the asm GEMV's defaults, the fifth session's (auto split-K everywhere, no x planes)
+    lat1q) for v in ${L1_ORDER:-bf16 awq awqold}; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
+        [ $v = awqold ] && e="QUANTA_INT_GEMV_ASM_CONFIG=bn8_bk1024_sk0_w4_s1 QUANTA_INT_GEMV_ASM_CONFIG_LONG=bn8_bk1024_sk0_w4_s1 QUANTA_INT_GEMV_PLANES=0"
+        echo "$v $e"; env $e timeout 100 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" $q --json "$OUT/lat1q_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     proberead) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_probe.py --json "$OUT/int_probe_read.json" 2>&1 | tail -12 ;;
     # 8B batch 1, bf16 vs W4A16_AWQ (asm GEMV): its default config, then (with igemvr's JSON) the fastest asm config
     lat8awq) for v in bf16 awq awqbest; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
