@@ -170,6 +170,9 @@ class W4A8Awq(WeightOnlyInt):
     def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> None:  # FP8 activations: no fused prologue
         return None
 
+    def planes_sub(self, layer, x: torch.Tensor) -> int:  # FP8 activations: x goes through apply()'s rounding
+        return 0
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         s = layer.input_scale
         return _int_linear(layer, (to_fp8(pre_scale(layer, x), s).float() * s).to(x.dtype), 4)
