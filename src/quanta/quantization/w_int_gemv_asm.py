@@ -145,7 +145,7 @@ ASM_SHAPES = os.environ.get("QUANTA_INT_GEMV_ASM_SHAPES", "")
 def config_for(n: int, k: int):
     """The asm GEMV's config for an [n, k] weight: ASM_SHAPES' entry, else ASM_CONFIG_LONG for K >= LONG_K, else
     ASM_CONFIG."""
-    from quanta.kernels.gemv import _shape_configs
+    from quanta.kernels.gemv_config import _shape_configs
 
     return _shape_configs(ASM_SHAPES).get((n, k)) or _parse(ASM_CONFIG_LONG if k >= LONG_K else ASM_CONFIG)
 
