@@ -162,22 +162,15 @@ def as_words(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(torch.int32)
 
 
-_DESCS: dict = {}  # (data_ptr, shape, stride, block) -> TensorDescriptor: weights are static, built once
-
-
 def weight_arg(words: torch.Tensor, block_n: int, block_k: int, tma: bool):
-    """The asm kernel's w_ptr: the int32 words, or (tma) a host TMA descriptor of them, block [BN, BK / 8]."""
+    """The asm kernel's w_ptr: the int32 words, or (tma) a host TMA descriptor of them, block [BN, BK / 8] (built
+    per launch: a few microseconds of host work, captured once under CUDA graphs; no cache that would keep weights
+    alive)."""
     if not tma:
         return words
-    key = (words.data_ptr(), tuple(words.shape), words.stride(0), block_n, block_k)
-    desc = _DESCS.get(key)
-    if desc is None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
-        if len(_DESCS) > 4096:
-            _DESCS.clear()
-        desc = _DESCS[key] = TensorDescriptor(words, list(words.shape), [words.stride(0), 1], [block_n, block_k // 8])
-    return desc
+    return TensorDescriptor(words, list(words.shape), [words.stride(0), 1], [block_n, block_k // 8])
 
 
 def x_planes(x: torch.Tensor, sub: int) -> torch.Tensor:
