@@ -71,12 +71,6 @@ for part in "$@"; do
     lat8planes) for v in ${LP_ORDER:-bf16 awq awqplanes}; do q=""; e="QUANTA_INT_GEMV_PLANES=0"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
         [ $v = awqplanes ] && e="QUANTA_INT_GEMV_PLANES=1"
         echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8planes_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
-    # L2 prefetch of o_proj + gate_up's start from the batch-1 decode attention (kernels/l2_prefetch.py): MODEL:QUANT:MiB runs
-    l2pf) i=0; for spec in ${L2_RUNS:-1b:bf16:0 1b:bf16:24 1b:bf16:10 1b:bf16:40 1b:bf16:0 8b:awq:0 8b:awq:24 8b:awq:10 8b:awq:0 8b:bf16:0 8b:bf16:24 8b:bf16:40}; do
-        IFS=: read -r mdl qa mb <<< "$spec"; cfg=$C/llama-3.2-1b.json; [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json
-        q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; on=1; [ "$mb" = 0 ] && on=0
-        i=$((i+1)); echo "$spec"; QUANTA_L2_PREFETCH=$on QUANTA_L2_PREFETCH_MB=$mb timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/l2pf_${i}_${mdl}_${qa}_$mb.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
-    l2test) timeout 200 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py tests/gpu/test_engine_gpu.py --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
     # 1B W4A16_AWQ batch 1: bf16, the asm GEMV's defaults, the fifth session's (auto split-K everywhere, no x planes)

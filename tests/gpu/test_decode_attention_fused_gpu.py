@@ -138,29 +138,3 @@ def test_cuda_graph_replay_rope() -> None:
         assert rel_err(out, ref) < 1e-2
         assert rel_err(static.k_cache, caches[0]) < 1e-2 and torch.equal(static.v_cache, caches[1])
     assert int(decode_counters(out.device, 1).abs().sum()) == 0
-
-
-@pytest.mark.parametrize("num_splits", [1, 7, 64])
-def test_l2_prefetch_changes_nothing(num_splits) -> None:
-    """The L2 prefetch of the next weights (kernels/l2_prefetch.py) is a hint: the same outputs and cache bit for
-    bit, with 1-4 regions of odd sizes (a slice shorter than a chunk, a region smaller than a program's share)."""
-    from quanta.kernels.l2_prefetch import MAX_REGIONS
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("bulk L2 prefetch needs Hopper or newer")
-    seqs = [(1000, 1), (130, 1), (63, 1)]
-    b, rope = decode_batch(seqs, 32, 8, 128, 16, torch.bfloat16, "cuda", seed=3)
-    m = b.meta
-    k0, v0 = b.k_cache.clone(), b.v_cache.clone()
-    args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc, 4096, 0.125)
-    kw = dict(k=b.k, v=b.v, slot_mapping=m.slot_mapping, rope=rope, num_splits=num_splits)
-    want = decode_attention_fused(*args, **kw).clone()
-    want_k = b.k_cache.clone()
-    weights = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (4096 * 4096, 8, 1000, 3 << 20)]
-    for n in range(1, MAX_REGIONS + 1):
-        regions = [(w.view(torch.uint8), w.numel() * 2 // 16 * 16) for w in weights[:n]]
-        b.k_cache.copy_(k0)
-        b.v_cache.copy_(v0)
-        out = decode_attention_fused(*args, **kw, prefetch=regions)
-        torch.cuda.synchronize()
-        assert torch.equal(out[: b.num_real_tokens], want[: b.num_real_tokens]) and torch.equal(b.k_cache, want_k)

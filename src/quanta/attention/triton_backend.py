@@ -12,7 +12,6 @@ from quanta.attention.backend import register_backend
 from quanta.attention.metadata import AttentionMetadata
 from quanta.kernels.decode_attention_fused import decode_attention_fused
 from quanta.kernels.kv_cache_write import kv_cache_write
-from quanta.kernels.l2_prefetch import prefetch_regions
 from quanta.kernels.paged_attention import paged_attention_prefill
 from quanta.kernels.paged_attention_decode import paged_attention_decode
 from quanta.kernels.rotary import rotary_kv_cache_write
@@ -54,22 +53,18 @@ class TritonBackend:
         positions: torch.Tensor,  # [num_tokens] int64
         cos_cache: torch.Tensor,  # [max_position, head_dim // 2] float32
         sin_cache: torch.Tensor,  # [max_position, head_dim // 2] float32
-        prefetch=(),  # modules whose weights the layer streams next (kernels/l2_prefetch.py)
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """forward() with the rotary embedding of q and k fused in (full rotary). q may be rotated in place
-        (prefill path) or only in registers (fused decode): callers must not read q afterwards. The one-launch
-        decode kernel also asks L2 for `prefetch`'s weights while it runs."""
+        (prefill path) or only in registers (fused decode): callers must not read q afterwards."""
         if meta.is_decode and self.fused_decode and meta.num_seqs <= self.fused_decode_max_seqs:
-            regions = prefetch_regions(prefetch, q.device)
-            return self._decode(q, k, v, k_cache, v_cache, meta, scale, (positions, cos_cache, sin_cache), regions)
+            return self._decode(q, k, v, k_cache, v_cache, meta, scale, (positions, cos_cache, sin_cache))
         rotary_kv_cache_write(q, k, v, k_cache, v_cache, meta.slot_mapping, positions, cos_cache, sin_cache)
         return self._attend(q, k_cache, v_cache, meta, scale)
 
     @staticmethod
-    def _decode(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope, regions=None) -> torch.Tensor:
+    def _decode(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, rope) -> torch.Tensor:
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_seq_len, scale)
-        return decode_attention_fused(*args, k=k, v=v, slot_mapping=meta.slot_mapping, rope=rope, window=meta.window,
-                                      prefetch=regions)
+        return decode_attention_fused(*args, k=k, v=v, slot_mapping=meta.slot_mapping, rope=rope, window=meta.window)
 
     @staticmethod
     def _attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

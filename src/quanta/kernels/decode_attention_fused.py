@@ -36,7 +36,6 @@ import torch
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
-from quanta.kernels.l2_prefetch import l2_prefetch, region_args
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
 from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
 from quanta.kernels.paged_attention_decode import (
@@ -145,20 +144,15 @@ def _decode_fused_kernel(
     scale_log2, num_heads, num_kv_heads, num_splits, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos, stride_sin,
     stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, stride_bt,
-    pf0, pf1, pf2, pf3, pfn0, pfn1, pfn2, pfn3,
     QUERIES_PER_KV: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, NPF: tl.constexpr = 0,
-    NT: tl.constexpr = 128,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_begin(USE_PDL)  # everything below reads what earlier kernels wrote
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # The next weights HBM -> L2 (kernels/l2_prefetch.py): every program, its share, before anything else.
-    l2_prefetch(pf0, pf1, pf2, pf3, pfn0, pfn1, pfn2, pfn3, (seq * num_kv_heads + kv_head) * num_splits + split,
-                tl.num_programs(0) * num_kv_heads * num_splits, NPF, NT)
-    pdl_begin(USE_PDL)  # everything below reads what earlier kernels wrote
     # Round trip 1: the three independent scalars together.
     q_start = tl.load(qsl_ptr + seq)
     q_end = tl.load(qsl_ptr + seq + 1)
@@ -293,7 +287,6 @@ def decode_attention_fused(
     window: int | None = None,  # sliding window: only the last `window` keys
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     num_splits: int | None = None,  # grid splits per (sequence, kv head); None: decode_num_splits
-    prefetch: list[tuple[torch.Tensor, int]] | None = None,  # l2_prefetch.prefetch_regions: weights to L2
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]; rows of tokens in no sequence are left unwritten
     """One launch: (rotary on q and k +) the KV-cache write of each sequence's new token + split-K decode
     attention + the merge. Equals decode_attention_fused_ref. Tokens past query_start_loc[-1] are padding: their
@@ -327,7 +320,6 @@ def decode_attention_fused(
         part_out = part_lse = cnt = out  # unused
     use_pdl = pdl_enabled(q.device)
     kk, vv, slots = (k, v, slot_mapping) if write_kv else (q, q, seq_lens)  # placeholders when unused
-    pf_args, npf = region_args(prefetch or [], seq_lens)
     # fmt: off
     _decode_fused_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_out, part_lse, cnt, q, kk, vv, positions, cos_cache, sin_cache, slots,
@@ -336,13 +328,13 @@ def decode_attention_fused(
         q.stride(0), q.stride(1), kk.stride(0), kk.stride(1), vv.stride(0), vv.stride(1), out.stride(0), out.stride(1),
         cos_cache.stride(0), sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), *pf_args,
+        block_tables.stride(0),
         QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-DECODE_MIN_TOKENS_PER_SPLIT // tile_n),
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
-        NPF=npf, NT=32 * DECODE_NUM_WARPS, num_warps=DECODE_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
+        num_warps=DECODE_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out

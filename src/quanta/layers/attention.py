@@ -24,19 +24,17 @@ class Attention(nn.Module):
         self.kv_quant = None
         self.window: int | None = None  # sliding window (set by the model runner), None = full attention
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope=None, prefetch=()) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope=None) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KH, D] -> [T, H * D]. rope: (RotaryEmbedding, positions [T]) to apply to q and
-        # k first; the Triton backend fuses it into its cache write. prefetch: the modules the layer runs next
-        # (o_proj, gate_up_proj), whose weights the batch-1 decode kernel asks L2 for (kernels/l2_prefetch.py).
+        # k first; the Triton backend fuses it into its cache write.
         ctx = get_forward_context()
         meta = ctx.meta if self.window is None else replace(ctx.meta, window=self.window)
         if rope is not None:
             rotary, positions = rope
             fused = getattr(ctx.backend, "forward_rope", None)
             if fused is not None and self.kv_quant is None and rotary.fusable(q):
-                pf = {"prefetch": prefetch} if prefetch else {}
                 out = fused(q, k, v, self.k_cache, self.v_cache, meta, self.scale, positions, rotary.cos_cache,
-                            rotary.sin_cache, **pf)
+                            rotary.sin_cache)
                 return out.reshape(q.shape[0], self.num_heads * self.head_dim)
             q, k = rotary(positions, q, k)
         if self.kv_quant is not None:

@@ -41,17 +41,15 @@ class LlamaAttention(nn.Module):
         # hidden: [T, hidden_size]
         return self.attend(positions, self.qkv_proj(hidden))
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, next_modules=()) -> torch.Tensor:
-        """Everything after the qkv projection (the decoder layer may fuse that projection with its norm).
-        next_modules: what the layer runs after o_proj (its weights are prefetched into L2 with o_proj's)."""
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Everything after the qkv projection (the decoder layer may fuse that projection with its norm)."""
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(q, k, v, rope=(self.rotary, positions), prefetch=(self.o_proj, *next_modules))
-        return fast_ops.decode_linear(self.o_proj, out)
+        return fast_ops.decode_linear(self.o_proj, self.attn(q, k, v, rope=(self.rotary, positions)))
 
 
 class LlamaMLP(nn.Module):
@@ -85,7 +83,7 @@ class LlamaDecoderLayer(nn.Module):
         # norm -> projection pairs go through fast_ops.norm_linear: one fused GEMV on small CUDA batches
         attn, mlp = self.self_attn, self.mlp
         qkv, residual = fast_ops.norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
-        hidden = attn.attend(positions, qkv, (mlp.gate_up_proj,))
+        hidden = attn.attend(positions, qkv)
         gate_up, residual = fast_ops.norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual)
         return mlp.down(gate_up), residual
 
