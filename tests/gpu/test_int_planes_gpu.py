@@ -1,5 +1,7 @@
 """The RMSNorm that writes x_planes for the one-row int4 asm GEMV (QUANTA_INT_GEMV_PLANES): same numbers as the
-plain norm + GEMV, at the layer and in the engine (W4A16, CUDA graphs)."""
+plain norm + GEMV, at the layer and in the engine (W4A16, CUDA graphs). The gate_up GEMV's SiLU epilogue
+(QUANTA_INT_SILU_EPILOGUE, ACT_OUT) and its x planes for down_proj (QUANTA_INT_SILU_PLANES): the same bits as
+GEMV + silu_and_mul, the same tokens in the engine."""
 
 from __future__ import annotations
 
@@ -36,6 +38,36 @@ def test_norm_planes_gemv_equals_plain(n, k, zp):
     assert (got.float() - plain.float()).abs().max() <= 1e-2 * plain.float().abs().max()
 
 
+def _w4(n, k, zp, seed):
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    s, z = group_qparams(w, 4, 128, zp, torch.bfloat16)
+    return pack_int4(quantize_groups(w, s, z, 4, 128)).cuda(), s.cuda(), z.cuda() if z is not None else None
+
+
+@pytest.mark.parametrize("n,k,zp,bias", [(2048, 4096, True, False), (14336, 2048, False, True), (128, 1024, True, True)])
+def test_silu_epilogue_equals_gemv_then_silu(n, k, zp, bias):
+    from quanta.kernels.activation import silu_and_mul
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.w_int_kernel import w_int_gemv
+
+    packed, s, z = _w4(n, k, zp, n + k)
+    h = torch.randn(1, k, device="cuda").bfloat16()
+    b = torch.randn(n, device="cuda").bfloat16() if bias else None
+    planes = w_int_gemv_asm.x_planes(h[0], 128)
+    cfg = w_int_gemv_asm.planes_config()
+    gate_up = w_int_gemv(h, packed, s, z, 4, 128, k, b, cfg, planes=planes)
+    want = silu_and_mul(gate_up)
+    got = w_int_gemv(h, packed, s, z, 4, 128, k, b, cfg, planes=planes, act=True)
+    assert got.shape == (1, n // 2) and torch.equal(got, want)
+    for sub in (128, 256):
+        act, act_planes = w_int_gemv(h, packed, s, z, 4, 128, k, b, cfg, planes=planes, act=True, act_sub=sub)
+        assert torch.equal(act, want)
+        assert torch.equal(act_planes.view(torch.int32)[0], w_int_gemv_asm.x_planes(want[0], sub))
+
+
 def test_engine_planes_equal_tokens(tmp_path, monkeypatch):
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
     from quanta.quantization import w_int_gemv_asm
@@ -47,10 +79,13 @@ def test_engine_planes_equal_tokens(tmp_path, monkeypatch):
     path.write_text(json.dumps(cfg))
     prompt = [1, 17, 42, 99, 7]
     tokens = []
-    for on in (False, True):
+    variants = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    for on, epilogue, silu_planes in variants:
         monkeypatch.setattr(w_int_gemv_asm, "PLANES", on)
+        monkeypatch.setattr(w_int_gemv_asm, "SILU_EPILOGUE", epilogue)
+        monkeypatch.setattr(w_int_gemv_asm, "SILU_PLANES", silu_planes)
         with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                  quant_config=QuantConfig(quant_algo="W4A16")) as llm:
             out = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True))
             tokens.append(out.outputs[0].token_ids)
-    assert tokens[0] == tokens[1]
+    assert tokens[0] == tokens[1] == tokens[2] == tokens[3]

@@ -111,6 +111,29 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
     return linear(h), residual
 
 
+def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). One
+    int4 row on the asm GEMV: the norm writes x planes, gate_up_proj's GEMV computes SiLU(gate) * up in its epilogue
+    (and, with w_int_gemv_asm.SILU_PLANES, writes it as down_proj's x planes too)."""
+    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    sub = _planes_sub(gate_up, x) if residual is not None else 0
+    if sub and hasattr(gate_up.quant_method, "apply_planes_silu"):
+        from quanta.kernels.rms_norm import fused_add_rms_norm_planes
+        from quanta.quantization import w_int_gemv_asm
+
+        act_like = x.new_empty(*x.shape[:-1], gate_up.out_features // 2)
+        act_sub = _planes_sub(down, act_like) if w_int_gemv_asm.SILU_PLANES and type(down) is Linear else 0
+        h, new_residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
+        act = gate_up.quant_method.apply_planes_silu(gate_up, h, planes, act_sub)
+        if act is not None:
+            if act_sub:
+                return down.quant_method.apply_planes(down, *act), new_residual
+            return down(act), new_residual
+        return mlp.down(gate_up.quant_method.apply_planes(gate_up, h, planes)), new_residual
+    gate_up_out, residual = norm_linear(norm, gate_up, x, residual)
+    return mlp.down(gate_up_out), residual
+
+
 def _planes_sub(linear, x: torch.Tensor) -> int:
     method = getattr(linear, "quant_method", None)
     if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):

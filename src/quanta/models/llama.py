@@ -84,8 +84,7 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv, residual = fast_ops.norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
         hidden = attn.attend(positions, qkv)
-        gate_up, residual = fast_ops.norm_linear(self.post_attention_layernorm, mlp.gate_up_proj, hidden, residual)
-        return mlp.down(gate_up), residual
+        return fast_ops.norm_mlp(self.post_attention_layernorm, mlp, hidden, residual)
 
 
 class LlamaModel(nn.Module):

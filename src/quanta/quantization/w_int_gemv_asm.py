@@ -117,6 +117,12 @@ PLANES = os.environ.get("QUANTA_INT_GEMV_PLANES", "1") == "1"
 PLANES_CONFIG = os.environ.get("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp")
 
 
+# gate_up_proj's planes GEMV computes SiLU(gate) * up in its epilogue (ACT_OUT): no silu_and_mul launch, no gate_up
+# round trip; with SILU_PLANES its output comes in down_proj's x_planes order too and down_proj runs PLANES_CONFIG.
+SILU_EPILOGUE = os.environ.get("QUANTA_INT_SILU_EPILOGUE", "1") == "1"
+SILU_PLANES = os.environ.get("QUANTA_INT_SILU_PLANES", "0") == "1"
+
+
 def planes_config():
     return _parse(PLANES_CONFIG)
 
@@ -203,6 +209,7 @@ def _w_int_gemv_asm_kernel(
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
     SILU: tl.constexpr = False, NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False,
+    ACT_OUT: tl.constexpr = False, act_planes_ptr=None, ACT_SUB: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -212,7 +219,10 @@ def _w_int_gemv_asm_kernel(
     SiLU(gate) * up, computed per step in fp32 and rounded to x.dtype as activation.silu_and_mul does.
     NEXT ("_nx"): the next step's words and scales are loaded into registers before this step's math (two steps
     in flight a program). TMA ("_tma"): w_ptr is a host TensorDescriptor of the words, block [BLOCK_N, BLOCK_K / 8]
-    (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton."""
+    (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton.
+    ACT_OUT: W is the MLP's gate | up weight [2I, K]; program p computes gate rows [p * BN/2, +BN/2) and the same up
+    rows, and stores SiLU(gate) * up ([I] outputs, rounded as silu_and_mul rounds the bf16 GEMV outputs), and with
+    ACT_SUB > 0 the same values in down_proj's x_planes order to act_planes_ptr (no split-K)."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
@@ -221,6 +231,10 @@ def _w_int_gemv_asm_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped, not masked
+    HB: tl.constexpr = BLOCK_N // 2
+    if ACT_OUT:  # gate rows [pid_n * HB, +HB), then the same up rows (N // 2 further; the host checks HB | N // 2)
+        t = tl.arange(0, BLOCK_N)
+        rows = (pid_n * HB + t + tl.where(t < HB, 0, N // 2 - HB)).to(tl.int64)
     offs_g = tl.arange(0, NG)
     offs_k = tl.arange(0, BLOCK_K)
     word = offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: step-relative word index
@@ -293,6 +307,26 @@ def _w_int_gemv_asm_kernel(
             dtype=tl.float32, is_pure=True, pack=1)
         acc += part * s
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
-    gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
-                  HAS_BIAS, USE_SPLIT)
+    if ACT_OUT:
+        _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, act_planes_ptr, HB, HAS_BIAS, ACT_SUB)
+    else:
+        gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                      HAS_BIAS, USE_SPLIT)
+
+
+@triton.jit
+def _act_epilogue(out, rows, pid_n, y_ptr, b_ptr, act_planes_ptr, HB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ACT_SUB: tl.constexpr):
+    # out [2 * HB] fp32: HB gate sums, then the HB up sums of the same rows -> SiLU(gate) * up at [pid_n * HB, +HB)
+    dt = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    gu = out.to(dt).to(tl.float32)  # the gate_up values silu_and_mul would read
+    gate, up = tl.split(tl.permute(tl.reshape(gu, (2, HB)), (1, 0)))
+    act = (gate / (1.0 + tl.exp(-gate)) * up).to(dt)  # as kernels/activation.silu_and_mul
+    o = pid_n * HB + tl.arange(0, HB)
+    tl.store(y_ptr + o, act)
+    if ACT_SUB > 0:  # again in down_proj's x_planes order (kernels/rms_norm.py's PLANES_SUB positions)
+        i = o % ACT_SUB
+        tl.store(act_planes_ptr + o - i + ((i % 4) * (ACT_SUB // 8) + i // 8) * 2 + (i % 8) // 4, act)
 # fmt: on

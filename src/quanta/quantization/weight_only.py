@@ -107,6 +107,22 @@ class WeightOnlyInt(QuantMethod):
                           self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm.planes_config(),
                           planes=planes.view(torch.int32))
 
+    def apply_planes_silu(self, layer, x: torch.Tensor, planes: torch.Tensor, act_sub: int = 0):
+        """SiLU(gate) * up for this gate | up layer on one row whose x_planes are given, in one launch (the asm
+        GEMV's ACT_OUT epilogue), or None where that cannot run; with act_sub > 0, (that, its x_planes for chunks
+        of act_sub: the input of down_proj's planes GEMV)."""
+        from quanta.quantization import w_int_gemv_asm
+        from quanta.quantization.w_int_kernel import w_int_gemv
+
+        cfg = w_int_gemv_asm.planes_config()
+        inter = layer.out_features // 2
+        if not (w_int_gemv_asm.SILU_EPILOGUE and layer.out_features % 2 == 0 and cfg.block_n >= 2
+                and inter % (cfg.block_n // 2) == 0 and cfg.split_k == 1 and not cfg.tma):
+            return None
+        return w_int_gemv(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), 4,
+                          self.group_size(layer), layer.in_features, layer.bias, cfg, planes=planes.view(torch.int32),
+                          act=True, act_sub=act_sub)
+
     def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
         """layer(SiLU(gate) * up) in one launch (the int4 asm GEMV's prologue, one row on sm_90), or None."""
         from quanta.quantization import w_int_gemv_asm
