@@ -72,9 +72,9 @@ for part in "$@"; do
         [ $v = awqplanes ] && e="QUANTA_INT_GEMV_PLANES=1"
         echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8planes_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     # 8B batch 1: gate_up's SiLU epilogue (w_int_gemv_asm.SILU_EPILOGUE) and its x planes for down_proj (SILU_PLANES)
-    silu8) for v in ${S8_ORDER:-bf16 base epi epiplanes base}; do q="--quant-algo W4A16_AWQ"; e="QUANTA_INT_SILU_EPILOGUE=0"
+    silu8) i=0; for v in ${S8_ORDER:-bf16 base epi epiplanes base}; do q="--quant-algo W4A16_AWQ"; e="QUANTA_INT_SILU_EPILOGUE=0"
         case $v in bf16) q="" ;; epi) e="QUANTA_INT_SILU_EPILOGUE=1" ;; epiplanes) e="QUANTA_INT_SILU_EPILOGUE=1 QUANTA_INT_SILU_PLANES=1" ;; esac
-        echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/silu8_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
+        i=$((i+1)); echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/silu8_${i}_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     planetest) timeout 200 python -m pytest -q tests/gpu/test_int_planes_gpu.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
