@@ -71,9 +71,9 @@ for part in "$@"; do
     lat8planes) for v in ${LP_ORDER:-bf16 awq awqplanes}; do q=""; e="QUANTA_INT_GEMV_PLANES=0"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
         [ $v = awqplanes ] && e="QUANTA_INT_GEMV_PLANES=1"
         echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8planes_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
-    # 8B batch 1: gate_up's SiLU epilogue (w_int_gemv_asm.SILU_EPILOGUE) and its x planes for down_proj (SILU_PLANES)
-    silu8) i=0; for v in ${S8_ORDER:-bf16 base epi epiplanes base}; do q="--quant-algo W4A16_AWQ"; e="QUANTA_INT_SILU_EPILOGUE=0"
-        case $v in bf16) q="" ;; epi) e="QUANTA_INT_SILU_EPILOGUE=1" ;; epiplanes) e="QUANTA_INT_SILU_EPILOGUE=1 QUANTA_INT_SILU_PLANES=1" ;; esac
+    # 8B batch 1: gate_up's SiLU epilogue (w_int_gemv_asm.SILU_EPILOGUE) on / off
+    silu8) i=0; for v in ${S8_ORDER:-bf16 base epi base}; do q="--quant-algo W4A16_AWQ"; e="QUANTA_INT_SILU_EPILOGUE=0"
+        case $v in bf16) q="" ;; epi) e="QUANTA_INT_SILU_EPILOGUE=1" ;; esac
         i=$((i+1)); echo "$v $e"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/silu8_${i}_$v.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     planetest) timeout 200 python -m pytest -q tests/gpu/test_int_planes_gpu.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
@@ -97,8 +97,6 @@ for part in "$@"; do
       echo "asm config: ${QUANTA_INT_GEMV_ASM_CONFIG:-default}"
       for v in bf16 w4asm w4bytes; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16"; [ $v = w4bytes ] && e="QUANTA_INT_GEMV_ASM=0"
         echo "$v"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8q_$v.json" 2>&1 | tail -1; done ;;
-    # 8B W4A16 batch 1: SiLU * up fused into down_proj's asm GEMV (default) vs the separate silu_and_mul kernel
-    siluab) for on in 1 0; do echo "QUANTA_INT_SILU_FUSED=$on"; QUANTA_INT_SILU_FUSED=$on timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" --quant-algo W4A16 --json "$OUT/siluab_$on.json" 2>&1 | tail -1; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -45,7 +45,8 @@ LOW_PRECISION_CASES = [
 ]
 BACKEND_CHECKS = ["backend_forward_decode", "backend_forward_rope_decode"]
 LOW_PRECISION = {"padding_slot_fp16", *(c[0] for c in LOW_PRECISION_CASES)}
-CHECK_NAMES = [c[0] for c in CASES] + [c[0] for c in LOW_PRECISION_CASES] + ["padding_slot_fp16", *BACKEND_CHECKS]
+CHECK_NAMES = [c[0] for c in CASES] + [c[0] for c in LOW_PRECISION_CASES] + ["padding_slot_fp16", "merge_chunked",
+                                                                              *BACKEND_CHECKS]
 
 
 def decode_batch(seqs, h, kh, d, bs, dtype, device, seed, pad_last_slot=False):
@@ -147,6 +148,11 @@ def child_main() -> None:
         results[name] = fused_check(tuple(case), max_seq_len=max_len)
     for name, *case, dtype in LOW_PRECISION_CASES:
         results[name] = fused_check(tuple(case), dtype=dtype)
+    from quanta.kernels import decode_attention_fused as daf
+
+    daf.MERGE_VALUES, merge_values = 4 * 64, daf.MERGE_VALUES  # the merge in chunks of one split: 1 + n round trips
+    results["merge_chunked"] = fused_check(([(400, 1), (90, 1)], 8, 2, 64, 16, 6, None, "rope"))
+    daf.MERGE_VALUES = merge_values
     pad_case = ([(129, 1), (20, 1), (0, 1)], 8, 2, 64, 16, 4, None, "rope")
     results["padding_slot_fp16"] = fused_check(pad_case, dtype=torch.float16, pad_last_slot=True)
     for name in BACKEND_CHECKS:

@@ -185,27 +185,6 @@ def test_w_int_gemv_asm_gpu(monkeypatch, n, k, group, zp, dtype, cfg):
 
 
 @cuda
-@pytest.mark.parametrize("k,group,zp,dtype", [(1024, 128, False, torch.bfloat16), (14336, 128, True, torch.bfloat16),
-                                              (2048, 64, False, torch.float16)])
-def test_w_int_gemv_asm_silu_prologue_gpu(k, group, zp, dtype):
-    """SiLU(gate) * up fused into the asm GEMV (the MLP's down_proj) vs silu_and_mul_ref, then the reference."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the asm GEMV needs sm_90")
-    from quanta.kernels.activation import silu_and_mul_ref
-    from quanta.quantization import w_int_gemv_asm
-    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
-
-    if not w_int_gemv_asm.ASM_ENABLED:
-        pytest.skip("asm GEMV switched off (QUANTA_INT_GEMV_ASM=0)")
-    n = 512  # w_int_gemv(silu=True) runs the prologue whether or not the engine's SILU_FUSED routes down_proj to it
-    _, p, s, z, b = _case(1, n, k, group, 4, zp, True, dtype, "cuda")
-    gu = torch.randn(1, 2 * k, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).to(dtype)
-    ref = w_int_linear_ref(silu_and_mul_ref(gu).float(), p, s.float(), z, 4, group, k, b.float())
-    out = w_int_gemv(gu, p, s, z, 4, group, k, b, w_int_gemv_asm._config(), silu=True)
-    assert out.shape == (1, n) and _rel(out, ref) < 2e-2
-
-
-@cuda
 @pytest.mark.parametrize("m", [1, 16, 40])
 def test_int8_mm_gpu_matches_reference(m):
     from quanta.quantization.int_quant import quant_int8_per_channel, quant_int8_per_token

@@ -50,6 +50,8 @@ from quanta.kernels.rotary import apply_rotary_emb_ref
 
 # A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
 PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a thread for the 4 tiles (4 warps)
+# The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
+MERGE_VALUES = 8192
 
 
 # fmt: off
@@ -117,23 +119,33 @@ def _attend_loaded(q, m_i, l_i, acc, kt, vt, j, kv_lo, kv_end, offs_n, new_pos, 
 
 
 @triton.jit
-def _merge_splits(part_out_ptr, part_lse_ptr, row, n_splits, g_valid, offs_d,
-                  G_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    # row: [G_PAD] index of split 0's partial of each query head. The merge of _decode_reduce_kernel.
+def _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_splits, out_rows, stride_oh, offs_d, d_valid,
+                 QUERIES_PER_KV: tl.constexpr, G: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 SPLITS_PAD: tl.constexpr, SCH: tl.constexpr):
+    # The merge of _decode_reduce_kernel for query heads head0 .. head0 + QUERIES_PER_KV - 1 (G: that, padded to a
+    # power of two), stored at out_rows (+ head * stride_oh). Partials load in chunks of SCH splits ([G, SCH, D]),
+    # every head at once: n splits take 1 + n / SCH dependent round trips (reads with .cg: L2, not a stale L1).
+    offs_h = tl.arange(0, G)
+    h_valid = offs_h < QUERIES_PER_KV
+    rows = (head0 + offs_h).to(tl.int64) * num_splits  # [G]: split 0's partial of each head
     offs_s = tl.arange(0, SPLITS_PAD)
-    lse_mask = g_valid[:, None] & (offs_s[None, :] < n_splits)
-    lse = tl.load(part_lse_ptr + row[:, None] + offs_s[None, :], mask=lse_mask, other=float("-inf"),
-                  cache_modifier=".cg")  # [G_PAD, SPLITS_PAD], log2 domain
+    lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :], mask=h_valid[:, None] & (offs_s[None, :] < n_splits),
+                  other=float("-inf"), cache_modifier=".cg")  # [G, SPLITS_PAD], log2 domain
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # empty splits weigh 0
     denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
-    acc = tl.zeros([G_PAD, HEAD_DIM_PAD], tl.float32)
-    for s in range(n_splits):
-        lse_s = tl.load(part_lse_ptr + row + s, mask=g_valid, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=g_valid[:, None],
-                       other=0.0, cache_modifier=".cg")
-        acc += part * tl.exp2(lse_s - m)[:, None]
-    return acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    acc = tl.zeros([G, HEAD_DIM_PAD], tl.float32)
+    offs_c = tl.arange(0, SCH)
+    for c in range(0, n_splits, SCH):
+        s_valid = h_valid[:, None] & ((c + offs_c)[None, :] < n_splits)  # [G, SCH]
+        idx = rows[:, None] + c + offs_c[None, :]
+        lse_c = tl.load(part_lse_ptr + idx, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + idx[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
+                       mask=s_valid[:, :, None], other=0.0, cache_modifier=".cg")  # [G, SCH, D]
+        acc += tl.sum(part * tl.exp2(lse_c - m[:, None])[:, :, None], 1)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    tl.store(out_rows + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(out_rows.dtype.element_ty),
+             mask=h_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -147,7 +159,8 @@ def _decode_fused_kernel(
     QUERIES_PER_KV: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, G_MERGE: tl.constexpr = 1,
+    MERGE_CHUNK: tl.constexpr = 1,
 ):
     pdl_begin(USE_PDL)  # everything below reads what earlier kernels wrote
     seq = tl.program_id(0)
@@ -256,9 +269,10 @@ def _decode_fused_kernel(
             tl.debug_barrier()  # every thread's partial is stored before the (single-thread) atomic releases them
             cnt = cnt_ptr + seq * num_kv_heads + kv_head
             if tl.atomic_add(cnt, 1) == n_eff - 1:  # acq_rel: the last to arrive sees every partial
-                merged = _merge_splits(part_out_ptr, part_lse_ptr, row, n_eff, g_valid, offs_d,
-                                       G_PAD, HEAD_DIM_PAD, SPLITS_PAD)
-                tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=io_mask)
+                head0 = seq.to(tl.int64) * num_heads + kv_head * QUERIES_PER_KV
+                _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_eff,
+                             out_ptr + tok * stride_ot + kv_head * QUERIES_PER_KV * stride_oh, stride_oh, offs_d,
+                             d_valid, QUERIES_PER_KV, G_MERGE, HEAD_DIM_PAD, SPLITS_PAD, MERGE_CHUNK)
                 tl.atomic_xchg(cnt, 0)  # back to 0 for the next launch (graph replays, the next layer)
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -330,6 +344,7 @@ def decode_attention_fused(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
+        G_MERGE=next_pow2(group), MERGE_CHUNK=max(1, min(next_pow2(num_splits), MERGE_VALUES // (next_pow2(group) * d_pad))),
         BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-DECODE_MIN_TOKENS_PER_SPLIT // tile_n),
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),

@@ -114,20 +114,15 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). One
     int4 row on the asm GEMV: the norm writes x planes, gate_up_proj's GEMV computes SiLU(gate) * up in its epilogue
-    (and, with w_int_gemv_asm.SILU_PLANES, writes it as down_proj's x planes too)."""
+    (no silu_and_mul launch)."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     sub = _planes_sub(gate_up, x) if residual is not None else 0
     if sub and hasattr(gate_up.quant_method, "apply_planes_silu"):
         from quanta.kernels.rms_norm import fused_add_rms_norm_planes
-        from quanta.quantization import w_int_gemv_asm
 
-        act_like = x.new_empty(*x.shape[:-1], gate_up.out_features // 2)
-        act_sub = _planes_sub(down, act_like) if w_int_gemv_asm.SILU_PLANES and type(down) is Linear else 0
         h, new_residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
-        act = gate_up.quant_method.apply_planes_silu(gate_up, h, planes, act_sub)
+        act = gate_up.quant_method.apply_planes_silu(gate_up, h, planes)
         if act is not None:
-            if act_sub:
-                return down.quant_method.apply_planes(down, *act), new_residual
             return down(act), new_residual
         return mlp.down(gate_up.quant_method.apply_planes(gate_up, h, planes)), new_residual
     gate_up_out, residual = norm_linear(norm, gate_up, x, residual)
@@ -156,9 +151,7 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
-    fused = getattr(linear.quant_method, "apply_silu_mul", None) if type(linear) is Linear and _USE_KERNELS else None
-    y = fused(linear, gate_up) if fused is not None else None  # a quantized GEMV with the SiLU prologue
-    return y if y is not None else linear(silu_and_mul(gate_up))
+    return linear(silu_and_mul(gate_up))
 
 
 def lm_head_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -48,11 +48,6 @@ ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1"
 # K >= LONG_K (8B down_proj: 14 steps a program): the next step's words in registers ("_nx"): 18.2 vs 19.0 us
 ASM_CONFIG_LONG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG_LONG", "bn8_bk1024_sk1_w4_s1_nx")
 LONG_K = 8192
-# The MLP's SiLU * up inside down_proj's GEMV: OFF, no gain on an H200 (8B W4A16 batch 1: 384.9 tok/s fused vs
-# 387.1 unfused, benchmarks/results/h200_s5f_siluab_*): every program recomputes the SiLU of the whole row slice it
-# reads (down_proj: 512 programs x 14,336 values, ~29 MB of gate / up reads from L2, as much as the weight itself).
-SILU_FUSED = os.environ.get("QUANTA_INT_SILU_FUSED", "0") == "1"
-
 _PTX = """{
 .reg .b32 t0, t1, t2, t3, s, a;
 .reg .b16 lo, hi;
@@ -93,22 +88,6 @@ def asm_ok(bits: int, packed: torch.Tensor, x: torch.Tensor, m: int, sub: int, e
             and sub % 32 == 0 and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def silu_fusable(layer, gate_up: torch.Tensor) -> bool:
-    """`layer` (a W4 weight-only linear) can run SiLU(gate) * up -> its GEMV in one asm launch on this gate_up."""
-    from quanta.quantization.w_int_kernel import gemv_tile
-
-    method = layer.quant_method
-    if not SILU_FUSED or getattr(method, "bits", None) != 4 or getattr(layer, "pre_quant_scale", None) is not None:
-        return False
-    if getattr(layer, "weight_g_idx", None) is not None or gate_up.numel() != 2 * layer.in_features:
-        return False
-    group, k = method.group_size(layer), layer.in_features
-    cfg_k = config_for(layer.weight_packed.shape[0], k).block_k
-    tile = gemv_tile(4, group, cfg_k)
-    return (tile is not None and tile[0] == cfg_k and k % cfg_k == 0 and layer.weight_packed.shape[1] * 2 == k
-            and asm_ok(4, layer.weight_packed, gate_up, 1, tile[1], True))
-
-
 # x as planes written by the RMSNorm before qkv_proj / gate_up_proj (kernels/rms_norm.fused_add_rms_norm_planes):
 # the K loop loads its half2 pairs in the weights' layout, without the shared-memory shuffle of x (no barrier in
 # the loop; offline sm_90: 204 vs 223 instructions a step). ON: H200, 8B W4A16_AWQ batch 1, 406.8 vs 397.4 tok/s
@@ -118,9 +97,10 @@ PLANES_CONFIG = os.environ.get("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_
 
 
 # gate_up_proj's planes GEMV computes SiLU(gate) * up in its epilogue (ACT_OUT): no silu_and_mul launch, no gate_up
-# round trip; with SILU_PLANES its output comes in down_proj's x_planes order too and down_proj runs PLANES_CONFIG.
+# round trip. H200, 8B W4A16_AWQ batch 1: 409.8 vs 407.9 / 407.8 tok/s (benchmarks/results/h200_s7b_*). Tried and
+# slower: the epilogue also writing down_proj's x planes (down on PLANES_CONFIG: 398.6), and (fifth session) SiLU *
+# up as down_proj's prologue (384.9 vs 387.1: every program recomputed the SiLU of its whole row slice).
 SILU_EPILOGUE = os.environ.get("QUANTA_INT_SILU_EPILOGUE", "1") == "1"
-SILU_PLANES = os.environ.get("QUANTA_INT_SILU_PLANES", "0") == "1"
 
 
 def planes_config():
@@ -208,21 +188,18 @@ def _w_int_gemv_asm_kernel(
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
-    SILU: tl.constexpr = False, NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False,
-    ACT_OUT: tl.constexpr = False, act_planes_ptr=None, ACT_SUB: tl.constexpr = 0,
+    NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False, ACT_OUT: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
     values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop.
     STAGES (the config's num_stages): Triton's software pipeline of the K loop (cp.async into shared memory,
-    STAGES - 1 steps in flight); 1 = plain loads. SILU: x is the MLP's gate | up row [2K] and the GEMV runs on
-    SiLU(gate) * up, computed per step in fp32 and rounded to x.dtype as activation.silu_and_mul does.
-    NEXT ("_nx"): the next step's words and scales are loaded into registers before this step's math (two steps
+    STAGES - 1 steps in flight); 1 = plain loads. NEXT ("_nx"): the next step's words and scales are loaded into registers before this step's math (two steps
     in flight a program). TMA ("_tma"): w_ptr is a host TensorDescriptor of the words, block [BLOCK_N, BLOCK_K / 8]
     (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton.
     ACT_OUT: W is the MLP's gate | up weight [2I, K]; program p computes gate rows [p * BN/2, +BN/2) and the same up
-    rows, and stores SiLU(gate) * up ([I] outputs, rounded as silu_and_mul rounds the bf16 GEMV outputs), and with
-    ACT_SUB > 0 the same values in down_proj's x_planes order to act_planes_ptr (no split-K)."""
+    rows, and stores SiLU(gate) * up ([I] outputs, rounded as silu_and_mul rounds the bf16 GEMV outputs; no
+    split-K)."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
@@ -284,10 +261,6 @@ def _w_int_gemv_asm_kernel(
             x1 = tl.load(xq + WPG)
             x2 = tl.load(xq + 2 * WPG)
             x3 = tl.load(xq + 3 * WPG)
-        elif SILU:
-            gate = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-            up = tl.load(x_ptr + K + k0 + offs_k).to(tl.float32)
-            xv = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
         else:
             xv = tl.load(x_ptr + k0 + offs_k)
         if not XPLANES:
@@ -308,15 +281,14 @@ def _w_int_gemv_asm_kernel(
         acc += part * s
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
     if ACT_OUT:
-        _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, act_planes_ptr, HB, HAS_BIAS, ACT_SUB)
+        _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, HB, HAS_BIAS)
     else:
         gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
                       HAS_BIAS, USE_SPLIT)
 
 
 @triton.jit
-def _act_epilogue(out, rows, pid_n, y_ptr, b_ptr, act_planes_ptr, HB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  ACT_SUB: tl.constexpr):
+def _act_epilogue(out, rows, pid_n, y_ptr, b_ptr, HB: tl.constexpr, HAS_BIAS: tl.constexpr):
     # out [2 * HB] fp32: HB gate sums, then the HB up sums of the same rows -> SiLU(gate) * up at [pid_n * HB, +HB)
     dt = y_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -324,9 +296,5 @@ def _act_epilogue(out, rows, pid_n, y_ptr, b_ptr, act_planes_ptr, HB: tl.constex
     gu = out.to(dt).to(tl.float32)  # the gate_up values silu_and_mul would read
     gate, up = tl.split(tl.permute(tl.reshape(gu, (2, HB)), (1, 0)))
     act = (gate / (1.0 + tl.exp(-gate)) * up).to(dt)  # as kernels/activation.silu_and_mul
-    o = pid_n * HB + tl.arange(0, HB)
-    tl.store(y_ptr + o, act)
-    if ACT_SUB > 0:  # again in down_proj's x_planes order (kernels/rms_norm.py's PLANES_SUB positions)
-        i = o % ACT_SUB
-        tl.store(act_planes_ptr + o - i + ((i % 4) * (ACT_SUB // 8) + i // 8) * 2 + (i % 8) // 4, act)
+    tl.store(y_ptr + pid_n * HB + tl.arange(0, HB), act)
 # fmt: on

@@ -246,22 +246,19 @@ def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | Non
 
 def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
-               config: GemvConfig | None = None, silu: bool = False, planes: torch.Tensor | None = None,
-               act: bool = False, act_sub: int = 0):
+               config: GemvConfig | None = None, planes: torch.Tensor | None = None, act: bool = False) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
-    silu: x is [..., 2K] = gate | up and the GEMV runs on SiLU(gate) * up (the asm kernel only: one int4 row).
     act: W is gate | up [2I, K] and the result is SiLU(gate) * up [..., I] (the asm kernel's ACT_OUT epilogue, one
-    int4 row, no split-K); with act_sub > 0 it returns (that, its x_planes for chunks of act_sub) instead."""
+    int4 row, no split-K)."""
     require_triton()
     k, n = in_features, packed.shape[0]
-    x2 = x.reshape(-1, 2 * k if silu else k)
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     assert m <= MAX_M and packed.stride(1) == 1
     n_out = n // 2 if act else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    act_planes = torch.empty_like(y) if act_sub else None
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n_out)
     k_pad = packed.shape[1] * 8 // bits
@@ -292,23 +289,20 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         a_w = args_for(as_words(packed))
-        xp = cfg.x_planes and not silu
+        xp = cfg.x_planes
         if xp and planes is None:
             planes = x_planes(x2, sub)
         if act and (split > 1 or n % 2 or (n // 2) % (cfg.block_n // 2) or cfg.block_n < 2 or cfg.tma):
             raise ValueError(f"the SiLU epilogue needs whole row pairs and no split-K (config {cfg}, N={n})")
         _w_int_gemv_asm_kernel[grid](planes if xp else a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
-                                     SILU=silu, NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act,
-                                     act_planes_ptr=act_planes, ACT_SUB=act_sub, **common,
+                                     NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
                                      **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}))
-    elif silu or act:
-        raise ValueError("the SiLU prologue / epilogue needs the asm GEMV (one int4 row on sm_90)")
+    elif act:
+        raise ValueError("the SiLU epilogue needs the asm GEMV (one int4 row on sm_90)")
     else:
         _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m),
                                  NEXT=cfg.next_step, **common)
-    if act_sub:
-        return y.reshape(*x.shape[:-1], n_out), act_planes
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -107,10 +107,9 @@ class WeightOnlyInt(QuantMethod):
                           self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm.planes_config(),
                           planes=planes.view(torch.int32))
 
-    def apply_planes_silu(self, layer, x: torch.Tensor, planes: torch.Tensor, act_sub: int = 0):
+    def apply_planes_silu(self, layer, x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor | None:
         """SiLU(gate) * up for this gate | up layer on one row whose x_planes are given, in one launch (the asm
-        GEMV's ACT_OUT epilogue), or None where that cannot run; with act_sub > 0, (that, its x_planes for chunks
-        of act_sub: the input of down_proj's planes GEMV)."""
+        GEMV's ACT_OUT epilogue), or None where that cannot run."""
         from quanta.quantization import w_int_gemv_asm
         from quanta.quantization.w_int_kernel import w_int_gemv
 
@@ -121,20 +120,7 @@ class WeightOnlyInt(QuantMethod):
             return None
         return w_int_gemv(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), 4,
                           self.group_size(layer), layer.in_features, layer.bias, cfg, planes=planes.view(torch.int32),
-                          act=True, act_sub=act_sub)
-
-    def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """layer(SiLU(gate) * up) in one launch (the int4 asm GEMV's prologue, one row on sm_90), or None."""
-        from quanta.quantization import w_int_gemv_asm
-
-        if not (w_int_gemv_asm.SILU_FUSED and gate_up.dtype in (torch.float16, torch.bfloat16)
-                and _use_gpu_kernel(layer, gate_up) and w_int_gemv_asm.silu_fusable(layer, gate_up)):
-            return None
-        from quanta.quantization.w_int_kernel import w_int_gemv
-
-        return w_int_gemv(gate_up, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                          4, self.group_size(layer), layer.in_features, layer.bias,
-                          w_int_gemv_asm.config_for(layer.weight_packed.shape[0], layer.in_features), silu=True)
+                          act=True)
 
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
@@ -182,9 +168,6 @@ class W4A8Awq(WeightOnlyInt):
         super().quantize(layer, stats)
         amax = stats.act_amax if stats is not None else torch.tensor(FP8_MAX)
         set_params(layer, drop=(), input_scale=(amax.float().clamp(min=1e-12) / FP8_MAX).reshape(()))
-
-    def apply_silu_mul(self, layer, gate_up: torch.Tensor) -> None:  # FP8 activations: no fused prologue
-        return None
 
     def planes_sub(self, layer, x: torch.Tensor) -> int:  # FP8 activations: x goes through apply()'s rounding
         return 0
