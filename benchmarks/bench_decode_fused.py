@@ -27,17 +27,15 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {"1b": (32, 8, 64, 131072), "8b": (32, 8, 128, 131072)}  # heads, kv heads, head_dim, max length
-VARIANTS = [  # (name, num_splits or None, num_warps, min keys a split, tile keys)
-    ("default", None, 4, 128, 64),
-    ("splits1", 1, 4, 128, 64),
-    ("splits2", 2, 4, 128, 64),
-    ("splits4", 4, 4, 128, 64),
-    ("warps2", None, 2, 128, 64),
-    ("warps8", None, 8, 128, 64),
-    ("min64", None, 4, 64, 64),
-    ("min256", None, 4, 256, 64),
-    ("tile32", None, 4, 128, 32),
-    ("tile128", None, 4, 128, 128),
+VARIANTS = [  # (name, num_splits or None, num_warps, min keys a split, one split up to this many keys, tile keys)
+    ("default", None, 4, 64, 128, 64),
+    ("min128", None, 4, 128, 0, 64),  # the default before the seventh session
+    ("min64", None, 4, 64, 0, 64),
+    ("min256", None, 4, 256, 0, 64),
+    ("splits1", 1, 4, 64, 128, 64),
+    ("splits4", 4, 4, 64, 128, 64),
+    ("warps8", None, 8, 64, 128, 64),
+    ("tile32", None, 4, 64, 128, 32),
 ]
 
 
@@ -60,7 +58,8 @@ def main() -> None:
 
     heads, kv_heads, d, max_len = SHAPES[a.model]
     dev = torch.device("cpu" if a.dry_run else "cuda")
-    scale, defaults = d**-0.5, (daf.DECODE_NUM_WARPS, daf.DECODE_MIN_TOKENS_PER_SPLIT, daf.DECODE_TILE_N)
+    knobs = ("DECODE_NUM_WARPS", "FUSED_MIN_TOKENS_PER_SPLIT", "FUSED_ONE_SPLIT_TOKENS", "DECODE_TILE_N")
+    scale, defaults = d**-0.5, [getattr(daf, k) for k in knobs]
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
     if a.dry_run:
         time_cuda = lambda fn, reps, flush: fn() and 0.0  # noqa: E731
@@ -93,9 +92,10 @@ def main() -> None:
         t = time_cuda(lambda: [unfused() for _ in range(a.launches)], a.reps, flush=flush) / a.launches
         rows.append(dict(seq_len=seq_len, variant="unfused (write + split + reduce, no rotary)", us=t))
         line += f" unfused {t:5.1f} |"
-        for name, splits, warps, min_keys, tile in VARIANTS:
-            daf.DECODE_NUM_WARPS, daf.DECODE_MIN_TOKENS_PER_SPLIT, daf.DECODE_TILE_N = warps, min_keys, tile
-            n_splits = splits or decode_num_splits(1, kv_heads, max_len, _num_sms(dev))
+        for name, splits, warps, min_keys, one_keys, tile in VARIANTS:
+            for k, v in zip(knobs, (warps, min_keys, one_keys, tile)):
+                setattr(daf, k, v)
+            n_splits = splits or decode_num_splits(1, kv_heads, max_len, _num_sms(dev), min_keys)
 
             def fused(n_splits=n_splits, b=b, m=m, rope=rope):
                 return daf.decode_attention_fused(
@@ -126,13 +126,15 @@ def main() -> None:
                     splits=n_splits,
                     warps=warps,
                     min_keys=min_keys,
+                    one_split_keys=one_keys,
                     tile=tile,
                     us=t,
                     max_abs_err=err,
                 )
             )
             line += f" {name} {t:5.1f}" + ("" if isinstance(err, float) and err < 5e-2 else " (ERR)")
-        daf.DECODE_NUM_WARPS, daf.DECODE_MIN_TOKENS_PER_SPLIT, daf.DECODE_TILE_N = defaults
+        for k, v in zip(knobs, defaults):
+            setattr(daf, k, v)
         print(line, flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": name_dev, "rows": rows}, indent=1))

@@ -81,7 +81,7 @@ for part in "$@"; do
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"
         for tree in old new; do i=$((i+1)); src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "$spec $tree"
           PYTHONPATH=$src:$PWD timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/abold_${i}_${mdl}_${qa}_$tree.json" 2>&1 | grep -v Calibrating | tail -1; done; done ;;
-    dtest) timeout 250 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py tests/gpu/test_int_planes_gpu.py --timeout 150 2>&1 | tail -4 ;;
+    dtest) timeout 250 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py ${DTEST_MORE:-tests/gpu/test_int_planes_gpu.py} --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
     # 1B W4A16_AWQ batch 1: bf16, the asm GEMV's defaults, the fifth session's (auto split-K everywhere, no x planes)

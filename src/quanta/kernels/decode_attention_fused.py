@@ -3,7 +3,8 @@ over the paged cache and the log-sum-exp merge of the splits, all in `_decode_fu
 
 Grid (num_seqs, num_kv_heads, num_splits); num_splits comes from host values only (under CUDA graphs from the
 model's max length), so the grid is graph-safe. Every program derives the same split plan from the device-side
-seq_len: each non-empty split reads at least DECODE_MIN_TOKENS_PER_SPLIT keys, so a short sequence has only
+seq_len: each non-empty split reads at least FUSED_MIN_TOKENS_PER_SPLIT keys (a sequence of at most
+FUSED_ONE_SPLIT_TOKENS keys: one split, its tiles in turn, no merge), so a short sequence has only
 `n_eff` non-empty splits and the programs past them return at once. n_eff == 1: split 0 writes the output
 directly (no partials, no atomics). Otherwise each split stores its partial (out, lse), syncs its threads and
 bumps a per-(sequence, kv head) counter with an acq_rel atomic; the program that arrives last (count n_eff - 1)
@@ -32,6 +33,8 @@ Twin: decode_attention_fused_ref = apply_rotary_emb_ref + kv_cache_write_ref + p
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
@@ -39,7 +42,6 @@ from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.kv_cache_write import kv_cache_write_ref
 from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
 from quanta.kernels.paged_attention_decode import (
-    DECODE_MIN_TOKENS_PER_SPLIT,
     DECODE_NUM_WARPS,
     DECODE_TILE_N,
     decode_num_splits,
@@ -50,6 +52,11 @@ from quanta.kernels.rotary import apply_rotary_emb_ref
 
 # A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
 PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a thread for the 4 tiles (4 warps)
+# Keys a split reads at least, and the length up to which one split reads them all. H200, batch 1, us a launch
+# (bench_decode_fused.py, benchmarks/results/h200_s7c_decode_fused_*): 8B shape at 192 / 256 / 1,024 keys, 64 a
+# split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
+FUSED_MIN_TOKENS_PER_SPLIT = int(os.environ.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS", "64"))
+FUSED_ONE_SPLIT_TOKENS = int(os.environ.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS", "128"))
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
 MERGE_VALUES = 8192
 
@@ -157,7 +164,8 @@ def _decode_fused_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos, stride_sin,
     stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, stride_bt,
     QUERIES_PER_KV: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, ONE_SPLIT_TILES: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, G_MERGE: tl.constexpr = 1,
     MERGE_CHUNK: tl.constexpr = 1,
@@ -179,6 +187,8 @@ def _decode_fused_kernel(
         kv_lo = tl.maximum(seq_len - window, 0)
     first_tile = kv_lo // TILE_N
     tiles_per_split = tl.maximum(tl.cdiv(num_tiles - first_tile, num_splits), MIN_TILES)
+    if num_tiles - first_tile <= ONE_SPLIT_TILES:  # short: one split reads every tile (no partials, no merge)
+        tiles_per_split = tl.maximum(num_tiles - first_tile, 1)
     n_eff = tl.maximum(tl.cdiv(num_tiles - first_tile, tiles_per_split), 1)  # splits with work (seq_len 0: 1)
     if split >= n_eff:
         return
@@ -323,7 +333,7 @@ def decode_attention_fused(
     tile_n = DECODE_TILE_N if d_pad <= 128 else DECODE_TILE_N // 2
     if num_splits is None:
         span = max_seq_len if window is None else min(max_seq_len, window + tile_n)
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, span, _num_sms(q.device))
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, span, _num_sms(q.device), FUSED_MIN_TOKENS_PER_SPLIT)
     cnt = decode_counters(q.device, num_seqs * num_kv_heads) if num_splits > 1 else None
     num_splits = num_splits if cnt is not None else 1
     group = num_heads // num_kv_heads
@@ -345,7 +355,8 @@ def decode_attention_fused(
         block_tables.stride(0),
         QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         G_MERGE=next_pow2(group), MERGE_CHUNK=max(1, min(next_pow2(num_splits), MERGE_VALUES // (next_pow2(group) * d_pad))),
-        BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-DECODE_MIN_TOKENS_PER_SPLIT // tile_n),
+        BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-FUSED_MIN_TOKENS_PER_SPLIT // tile_n),
+        ONE_SPLIT_TILES=FUSED_ONE_SPLIT_TOKENS // tile_n,
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,

@@ -124,12 +124,13 @@ def _decode_reduce_kernel(
 # fmt: on
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
+                      min_tokens: int = DECODE_MIN_TOKENS_PER_SPLIT) -> int:
     """Splits per (sequence, kv head) so that the decode grid covers ~DECODE_WAVES programs per SM,
-    each split reading at least DECODE_MIN_TOKENS_PER_SPLIT keys of a max_seq_len-long sequence.
+    each split reading at least `min_tokens` keys of a max_seq_len-long sequence.
     Depends on host values only: under CUDA graphs, capture with max_seq_len = the model's max length."""
     want = math.ceil(DECODE_WAVES * num_sms / max(num_seqs * num_kv_heads, 1))
-    by_len = math.ceil(max(max_seq_len, 1) / DECODE_MIN_TOKENS_PER_SPLIT)
+    by_len = math.ceil(max(max_seq_len, 1) / min_tokens)
     return max(1, min(want, by_len, DECODE_MAX_SPLITS))
 
 
