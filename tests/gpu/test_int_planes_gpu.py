@@ -46,7 +46,8 @@ def _w4(n, k, zp, seed):
     return pack_int4(quantize_groups(w, s, z, 4, 128)).cuda(), s.cuda(), z.cuda() if z is not None else None
 
 
-@pytest.mark.parametrize("n,k,zp,bias", [(2048, 4096, True, False), (14336, 2048, False, True), (128, 1024, True, True)])
+@pytest.mark.parametrize("n,k,zp,bias", [(2048, 4096, True, False), (14336, 2048, False, True),
+                                         (128, 1024, True, True)])
 def test_silu_epilogue_equals_gemv_then_silu(n, k, zp, bias):
     from quanta.kernels.activation import silu_and_mul
     from quanta.quantization import w_int_gemv_asm

@@ -343,6 +343,7 @@ def decode_attention_fused(
     else:
         part_out = part_lse = cnt = out  # unused
     use_pdl = pdl_enabled(q.device)
+    merge_chunk = max(1, min(next_pow2(num_splits), MERGE_VALUES // (next_pow2(group) * d_pad)))  # splits a load
     kk, vv, slots = (k, v, slot_mapping) if write_kv else (q, q, seq_lens)  # placeholders when unused
     # fmt: off
     _decode_fused_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -354,7 +355,7 @@ def decode_attention_fused(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         QUERIES_PER_KV=group, G_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
-        G_MERGE=next_pow2(group), MERGE_CHUNK=max(1, min(next_pow2(num_splits), MERGE_VALUES // (next_pow2(group) * d_pad))),
+        G_MERGE=next_pow2(group), MERGE_CHUNK=merge_chunk,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-FUSED_MIN_TOKENS_PER_SPLIT // tile_n),
         ONE_SPLIT_TILES=FUSED_ONE_SPLIT_TOKENS // tile_n,
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,

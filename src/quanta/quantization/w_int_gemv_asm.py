@@ -194,8 +194,8 @@ def _w_int_gemv_asm_kernel(
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
     values, WPG words a chunk); the partial of every (row, chunk, word) is scaled and kept, summed after the loop.
     STAGES (the config's num_stages): Triton's software pipeline of the K loop (cp.async into shared memory,
-    STAGES - 1 steps in flight); 1 = plain loads. NEXT ("_nx"): the next step's words and scales are loaded into registers before this step's math (two steps
-    in flight a program). TMA ("_tma"): w_ptr is a host TensorDescriptor of the words, block [BLOCK_N, BLOCK_K / 8]
+    STAGES - 1 steps in flight); 1 = plain loads. NEXT ("_nx"): the next step's words and scales are loaded into
+    registers before this step's math (two steps in flight a program). TMA ("_tma"): w_ptr is a host TensorDescriptor of the words, block [BLOCK_N, BLOCK_K / 8]
     (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton.
     ACT_OUT: W is the MLP's gate | up weight [2I, K]; program p computes gate rows [p * BN/2, +BN/2) and the same up
     rows, and stores SiLU(gate) * up ([I] outputs, rounded as silu_and_mul rounds the bf16 GEMV outputs; no
