@@ -28,7 +28,7 @@ for part in "$@"; do
     lat1ab|lat8ab) cfg=$C/llama-3.2-1b.json; [ $part = lat8ab ] && cfg=$C/llama-3.1-8b.json
       for on in 0 1; do QUANTA_FUSED_DECODE=$on QUANTA_FUSED_GEMV_ROWS=$on timeout 120 python -m quanta.cli bench latency "$cfg" --json "$OUT/${part}_$on.json" 2>&1 | tail -1; done ;;
     loraab) for rows in 0 64; do QUANTA_LORA_FOLD_MAX_ROWS=$rows timeout ${LORA_S:-150} python benchmarks/bench_lora.py "$C/llama-3.2-1b.json" --repeats ${LORA_REPEATS:-5} --out "$OUT/lora_fold$rows.json" 2>&1 | tail -1; done ;;
-    pdltest) timeout 200 python -m pytest -q -x tests/gpu/test_pdl_gpu.py tests/gpu/test_gemv_fused_gpu.py tests/gpu/test_decode_attention_fused_gpu.py --timeout 150 2>&1 | tail -6 ;;
+    pdltest) timeout ${PT_S:-200} python -m pytest -q -x tests/gpu/test_pdl_gpu.py ${PDLTEST_MORE:-tests/gpu/test_gemv_fused_gpu.py tests/gpu/test_decode_attention_fused_gpu.py} --timeout 150 2>&1 | tail -6 ;;
     # PDL (kernels/pdl.py) A/B on 1B batch-1 latency, one run per variant, same machine: env settings per variant
     pdlab) cfg=$C/llama-3.2-1b.json; [ -n "$PDL_8B" ] && cfg=$C/llama-3.1-8b.json
       for v in ${PDL_VARIANTS:-base pdl oproj pdl_oproj pdl_oproj_nopf pdl_oproj_gateup}; do
@@ -81,6 +81,10 @@ for part in "$@"; do
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"
         for tree in old new; do i=$((i+1)); src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "$spec $tree"
           PYTHONPATH=$src:$PWD timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/abold_${i}_${mdl}_${qa}_$tree.json" 2>&1 | grep -v Calibrating | tail -1; done; done ;;
+    # batch-1 latency under env settings, same machine: ENV_RUNS="MODEL:QUANT:VAR=1,VAR2=0 ..." (MODEL 1b / 8b, QUANT bf16 / awq)
+    envab) i=0; for spec in ${ENV_RUNS:-1b:bf16:QUANTA_PDL=0 1b:bf16:QUANTA_PDL=1}; do IFS=: read -r mdl qa ev <<< "$spec"
+        cfg=$C/llama-3.2-1b.json; [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"
+        i=$((i+1)); echo "$spec"; env ${ev//,/ } timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/envab_${i}_${mdl}_${qa}.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
     dtest) timeout 250 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py ${DTEST_MORE:-tests/gpu/test_int_planes_gpu.py} --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;

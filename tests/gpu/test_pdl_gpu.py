@@ -117,3 +117,57 @@ def test_engine_tokens_with_pdl(tmp_path, monkeypatch) -> None:
         outs[on] = (out.token_ids, out.generation_logits.float())
     assert outs[False][0] == outs[True][0]
     assert torch.equal(outs[False][1], outs[True][1])
+
+
+@hopper
+def test_asm_gemv_preload_matches_plain(pdl_on) -> None:
+    """The one-row int4 asm GEMV with PDL (the first K step's words loaded before the wait): the plain kernel's
+    bits, for each config kind (plain, "_nx", x planes with the SiLU epilogue)."""
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+    from quanta.quantization.w_int_kernel import w_int_gemv
+
+    g = torch.Generator().manual_seed(3)
+    for n, k, cfg, act in ((1024, 4096, w_int_gemv_asm.config_for(1024, 4096), False),
+                           (512, 8192, w_int_gemv_asm.config_for(512, 8192), False),
+                           (2048, 2048, w_int_gemv_asm.planes_config(), True)):
+        w = torch.randn(n, k, generator=g)
+        s, z = group_qparams(w, 4, 128, True, torch.bfloat16)
+        packed, s, z = pack_int4(quantize_groups(w, s, z, 4, 128)).cuda(), s.cuda(), z.cuda()
+        h = torch.randn(1, k, device="cuda").bfloat16()
+        planes = w_int_gemv_asm.x_planes(h[0], 128) if cfg.x_planes else None
+        got = w_int_gemv(h, packed, s, z, 4, 128, k, None, cfg, planes=planes, act=act)
+        pdl.set_pdl(False)
+        want = w_int_gemv(h, packed, s, z, 4, 128, k, None, cfg, planes=planes, act=act)
+        pdl.set_pdl(True)
+        assert torch.equal(got, want), (n, k, cfg)
+
+
+@hopper
+def test_engine_w4_tokens_with_pdl(tmp_path) -> None:
+    """W4A16 batch-1 decode (asm GEMVs with x planes and the SiLU epilogue, the one-launch decode attention that
+    reads its lengths, block table and first KV tile before the wait; CUDA graphs; a 300-token prompt, so the
+    attention splits): the same greedy tokens and logits with PDL on as off."""
+    import json
+
+    from quanta import LLM, QuantConfig, SamplingParams
+
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
+               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+               max_position_embeddings=1024, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "llama-1024.json"
+    path.write_text(json.dumps(cfg))
+    prompt = [3 + (7 * i) % 500 for i in range(300)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, return_generation_logits=True)
+    outs = {}
+    for on in (False, True):
+        pdl.set_pdl(on)
+        try:
+            with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                     quant_config=QuantConfig(quant_algo="W4A16")) as llm:
+                out = llm.generate(prompt, params).outputs[0]
+        finally:
+            pdl.set_pdl(None)
+        outs[on] = (out.token_ids, out.generation_logits.float())
+    assert outs[False][0] == outs[True][0]
+    assert torch.equal(outs[False][1], outs[True][1])

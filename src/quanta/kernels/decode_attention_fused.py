@@ -17,8 +17,9 @@ with no query token or past n_eff return; (2) the block-table entries of the spl
 position, the slot, the new k and v rows; (3) the cos/sin rows and the first tile's K and V; then the dots. Each
 tile's K and V load together; with PREFETCH (K/V tiles of <= PREFETCH_TILE_BYTES, e.g. 64 keys x head_dim 64 at
 16 bits) tile j + 1's load is issued before tile j's dots, else after them; block-table entries run one tile ahead.
-With PDL on (kernels/pdl.py, QUANTA_PDL=1, Hopper+) the kernel may launch while the previous one drains and waits
-for it before its first load (it reads nothing that earlier kernels do not write).
+With PDL on (kernels/pdl.py, QUANTA_PDL=1, Hopper+) the kernel may launch while the previous one (the qkv GEMV)
+drains; with PDL_PRELOAD (QUANTA_PDL_PRELOAD, default on) round trips 1-3 (lengths, block table, position, slot,
+cos/sin, the first K/V tile: nothing that kernel writes) run before the wait, and only q, k, v after it.
 
 KV write (k, v given): the program whose key range holds position seq_len - 1 (the new token; in a decode step
 slot_mapping[token] is that position's slot, as the model runner builds it) rotates k, rounds k and v as the
@@ -39,16 +40,14 @@ import torch
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
-from quanta.kernels.kv_cache_write import kv_cache_write_ref
 from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
 from quanta.kernels.paged_attention_decode import (
     DECODE_NUM_WARPS,
     DECODE_TILE_N,
     decode_num_splits,
 )
-from quanta.kernels.paged_attention_ref import paged_attention_ref
-from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs
-from quanta.kernels.rotary import apply_rotary_emb_ref
+from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noqa: F401 (the twin lives there)
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
 # A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
 PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a thread for the 4 tiles (4 warps)
@@ -126,6 +125,20 @@ def _attend_loaded(q, m_i, l_i, acc, kt, vt, j, kv_lo, kv_end, offs_n, new_pos, 
 
 
 @triton.jit
+def _load_qkv(q_ptr, k_ptr, v_ptr, tok, head, kv_head, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+              stride_vh, offs_d, d_valid, io_mask, HALF: tl.constexpr, HAS_ROPE: tl.constexpr, WRITE_KV: tl.constexpr):
+    # The token's q rows (rotation partners too) and, writing the cache, its k and v rows.
+    q, q_partner = _rope_rows(q_ptr + tok * stride_qt + head[:, None] * stride_qh, offs_d, io_mask, HALF, HAS_ROPE)
+    k_new = 0.0
+    k_partner = 0.0
+    v_new = 0.0
+    if WRITE_KV:
+        k_new, k_partner = _rope_rows(k_ptr + tok * stride_kt + kv_head * stride_kh, offs_d, d_valid, HALF, HAS_ROPE)
+        v_new = tl.load(v_ptr + tok * stride_vt + kv_head * stride_vh + offs_d, mask=d_valid, other=0.0)
+    return q, q_partner, k_new, k_partner, v_new
+
+
+@triton.jit
 def _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_splits, out_rows, stride_oh, offs_d, d_valid,
                  QUERIES_PER_KV: tl.constexpr, G: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  SPLITS_PAD: tl.constexpr, SCH: tl.constexpr):
@@ -168,9 +181,10 @@ def _decode_fused_kernel(
     SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, G_MERGE: tl.constexpr = 1,
-    MERGE_CHUNK: tl.constexpr = 1,
+    MERGE_CHUNK: tl.constexpr = 1, PDL_PRELOAD: tl.constexpr = False,
 ):
-    pdl_begin(USE_PDL)  # everything below reads what earlier kernels wrote
+    if not PDL_PRELOAD:
+        pdl_begin(USE_PDL)  # everything below may read what the kernel before this one wrote
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -210,17 +224,16 @@ def _decode_fused_kernel(
     g_valid = offs_g < QUERIES_PER_KV
     head = kv_head * QUERIES_PER_KV + offs_g
     io_mask = g_valid[:, None] & d_valid[None, :]
-    q, q_partner = _rope_rows(q_ptr + tok * stride_qt + head[:, None] * stride_qh, offs_d, io_mask, HALF, HAS_ROPE)
+    if not PDL_PRELOAD:
+        q, q_partner, k_new, k_partner, v_new = _load_qkv(q_ptr, k_ptr, v_ptr, tok, head, kv_head, stride_qt,
+                                                          stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                                          offs_d, d_valid, io_mask, HALF, HAS_ROPE, WRITE_KV)
     pos = 0
     if HAS_ROPE:
         pos = tl.load(pos_ptr + tok).to(tl.int64)
-    k_new = 0.0
-    v_new = 0.0
     new_pos = -1
     if WRITE_KV:
         slot = tl.load(slot_ptr + tok).to(tl.int64)
-        k_new, k_partner = _rope_rows(k_ptr + tok * stride_kt + kv_head * stride_kh, offs_d, d_valid, HALF, HAS_ROPE)
-        v_new = tl.load(v_ptr + tok * stride_vt + kv_head * stride_vh + offs_d, mask=d_valid, other=0.0)
 
     # Round trip 3: the cos/sin rows and the first tile's K and V.
     cos = 0.0
@@ -231,6 +244,11 @@ def _decode_fused_kernel(
         sin = tl.load(sin_ptr + pos * stride_sin + offs_d % HALF, mask=cs_mask, other=0.0).to(tl.float32)
     kt, vt = _load_kv(k_cache_ptr, v_cache_ptr, blk, tile_lo, kv_lo, kv_end, kv_head, offs_n, offs_d, d_valid,
                       stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, BLOCK_SIZE, TILE_N)
+    if PDL_PRELOAD:  # all of the above reads nothing the kernel before this one writes; q, k and v come from it
+        pdl_begin(USE_PDL)
+        q, q_partner, k_new, k_partner, v_new = _load_qkv(q_ptr, k_ptr, v_ptr, tok, head, kv_head, stride_qt,
+                                                          stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                                          offs_d, d_valid, io_mask, HALF, HAS_ROPE, WRITE_KV)
     q = _rope(q, q_partner, cos, sin, offs_d, HALF, HAS_ROPE).to(q_ptr.dtype.element_ty)  # [G_PAD, D_PAD]
     if WRITE_KV:  # the new token: rounded as the twin stores it, kept in registers for its tile
         k_new = _rope(k_new, k_partner, cos, sin, offs_d, HALF, HAS_ROPE)
@@ -361,29 +379,8 @@ def decode_attention_fused(
         SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
+        PDL_PRELOAD=use_pdl and preload_enabled(),
         num_warps=DECODE_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out
-
-
-def decode_attention_fused_ref(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    k: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    slot_mapping: torch.Tensor | None = None,
-    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    window: int | None = None,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """The twin: rotary (q not in place), the cache write, then paged attention, one op at a time."""
-    if rope is not None:
-        q, k = apply_rotary_emb_ref(q, k, *rope, inplace=False)
-    if k is not None:
-        kv_cache_write_ref(k, v, k_cache, v_cache, slot_mapping)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window=window)

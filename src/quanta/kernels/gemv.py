@@ -43,7 +43,14 @@ from quanta.kernels.gemv_config import (  # GemvConfig, GEMV_CONFIGS, gemv_confi
     gemv_config,
     num_sms,
 )
-from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, pdl_prefetch_rows, prefetch_enabled
+from quanta.kernels.pdl import (
+    pdl_begin,
+    pdl_enabled,
+    pdl_launch_kwargs,
+    pdl_prefetch_rows,
+    prefetch_enabled,
+    preload_enabled,
+)
 
 MAX_M = 16  # the GEMV handles M <= MAX_M rows; larger M is a GEMM
 
@@ -99,6 +106,16 @@ def gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, st
 
 
 @triton.jit
+def _gemv_step(acc, x, w, USE_DOT: tl.constexpr):
+    # acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T (tensor cores), or acc [BM, BN, BK] += the fp32 products
+    if USE_DOT:
+        acc += tl.dot(x, tl.trans(w))
+    else:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_SPLIT, num_splits,
@@ -106,10 +123,11 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
-    PF_COLS: tl.constexpr = 64,
+    PF_COLS: tl.constexpr = 64, PRELOAD: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
-    K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split."""
+    K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split.
+    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -123,22 +141,26 @@ def _gemv_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     if PREFETCH:  # PDL: this program's weights HBM -> L2 while the previous kernel finishes (kernels/pdl.py)
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
+    if PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
+        w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < K)[None, :], other=0.0)
     pdl_begin(USE_PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + offs_k
-            w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
-            x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(x, tl.trans(w))
     else:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + offs_k
-            w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32)
-            x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0).to(tl.float32)
-            acc3 += x[:, None, :] * w[None, :, :]
-        acc = tl.sum(acc3, axis=2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = k_lo
+    if PRELOAD:
+        kk = k_lo + offs_k
+        x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0)
+        acc = _gemv_step(acc, x, w_pre, USE_DOT)
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        w = tl.load(w_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=mask_m & (kk[None, :] < K), other=0.0)
+        acc = _gemv_step(acc, x, w, USE_DOT)
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
     gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
                   HAS_BIAS, USE_SPLIT)
 # fmt: on
@@ -169,7 +191,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, USE_SPLIT=split > 1, USE_DOT=use_dot,
         BLOCK_M=16 if use_dot else next_pow2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
-        PF_COLS=max(1, 256 // cfg.block_n),
+        PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_epilogue, plan_split
-from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, pdl_prefetch_rows, prefetch_enabled
+from quanta.kernels.pdl import (
+    pdl_begin,
+    pdl_enabled,
+    pdl_launch_kwargs,
+    pdl_prefetch_rows,
+    prefetch_enabled,
+    preload_enabled,
+)
 
 PRO_NORM = 1  # x = RMSNorm(x + residual) * norm_weight
 PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
@@ -55,13 +62,15 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
 # fmt: off
 @triton.jit
 def _step_loads(k0, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K, PROLOGUE: tl.constexpr,
-                HAS_RES: tl.constexpr):
+                HAS_RES: tl.constexpr, LOAD_W: tl.constexpr = True):
     """The loads of the K step at k0 (none past k_hi): the weight tile and the prologue's inputs, (w, a, b, c) =
-    norm: (W, x, residual or x, norm weight); SiLU: (W, gate, up, up again: unused)."""
+    norm: (W, x, residual or x, norm weight); SiLU: (W, gate, up, up again: unused). LOAD_W False: w is 0."""
     kk = k0 + offs_k
     live = kk < k_hi
     msk = mask_m & live[None, :]
-    w = tl.load(w_rows + kk[None, :], mask=live[None, :], other=0.0)
+    w = 0.0
+    if LOAD_W:
+        w = tl.load(w_rows + kk[None, :], mask=live[None, :], other=0.0)
     a = tl.load(x_rows + kk[None, :], mask=msk, other=0.0)
     if PROLOGUE == 1:
         b = a
@@ -83,7 +92,7 @@ def _gemv_prologue_kernel(
     USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
-    PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False,
+    PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
     with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up).
@@ -103,6 +112,8 @@ def _gemv_prologue_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     if PREFETCH:  # PDL: this program's weights HBM -> L2 while the previous kernel finishes (kernels/pdl.py)
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
+    if PRELOAD:  # PDL: the first step's weight tile in flight before the wait (kernels/pdl.py)
+        w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < k_hi)[None, :], other=0.0)
     pdl_begin(USE_PDL)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == 1:  # pass 1: each row's mean square of h = x + residual (rounded as the norm kernel does)
@@ -121,7 +132,10 @@ def _gemv_prologue_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w, a, b, c = _step_loads(k_lo, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K, PROLOGUE, HAS_RES)
+    w, a, b, c = _step_loads(k_lo, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K, PROLOGUE, HAS_RES,
+                             not PRELOAD)
+    if PRELOAD:
+        w = w_pre
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if NEXT:  # issue the next step's loads before this step's math: two steps in flight per program
             w_n, a_n, b_n, c_n = _step_loads(k0 + BLOCK_K, k_hi, offs_k, mask_m, x_rows, r_rows, nw_ptr, w_rows, K,
@@ -179,7 +193,7 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
         USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         NORM_BLOCK=max(16, min(next_pow2(k), 2048 // block_m)),
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
-        PF_COLS=max(1, 256 // cfg.block_n), NEXT=cfg.next_step,
+        PF_COLS=max(1, 256 // cfg.block_n), NEXT=cfg.next_step, PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on

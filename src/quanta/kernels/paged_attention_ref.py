@@ -52,3 +52,29 @@ def paged_attention_ref(
                 o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         out[q0:q1] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def decode_attention_fused_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """The twin of decode_attention_fused.decode_attention_fused: rotary (q not in place), the cache write, then
+    paged attention, one op at a time."""
+    from quanta.kernels.kv_cache_write import kv_cache_write_ref
+    from quanta.kernels.rotary import apply_rotary_emb_ref
+
+    if rope is not None:
+        q, k = apply_rotary_emb_ref(q, k, *rope, inplace=False)
+    if k is not None:
+        kv_cache_write_ref(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window=window)

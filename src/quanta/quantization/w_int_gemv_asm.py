@@ -40,6 +40,7 @@ import torch
 
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
+from quanta.kernels.pdl import pdl_begin
 
 ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
@@ -181,6 +182,60 @@ def _pair(lo, hi):
 
 # fmt: off
 @triton.jit
+def _asm_loads(w_ptr, w_rows, s_rows, z_rows, k0, word, offs_g, pid_n, GROUP: tl.constexpr, SUB: tl.constexpr,
+               HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr,
+               WPG: tl.constexpr, TMA: tl.constexpr):
+    # The K step at k0: words [BN, NG, WPG] int32, scales [BN, NG, 1] (stored dtype), zeros [BN, NG, 1] (or 8)
+    kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
+    if TMA:
+        q = tl.reshape(w_ptr.load([pid_n * BLOCK_N, k0 // 8]), (BLOCK_N, NG, WPG))
+    else:
+        q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])
+    s = tl.load(s_rows + kg // GROUP)
+    z = tl.full((BLOCK_N, NG, 1), 8, tl.int32)
+    if HAS_ZERO:
+        z = tl.load(z_rows + kg // GROUP)
+    return q, s, z
+
+
+@triton.jit
+def _asm_step(q, s, z, k0, x_ptr, offs_g, offs_k, PTX: tl.constexpr, MAGIC16: tl.constexpr, SUB: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, WPG: tl.constexpr,
+              XPLANES: tl.constexpr):
+    # The K step's scaled partial sums [BN, NG, WPG] from its words q, scales s and zeros z
+    ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
+    nz = (MAGIC16 | z.to(tl.int32)) ^ 0x8000  # -(OFFSET + z) as half bits
+    nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
+    # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3
+    if XPLANES:  # x_ptr: x_planes(x) as int32, chunk c of SUB values = [4 (j), WPG (word)] pairs
+        # pointers of the weights' shape (broadcast over the rows): loaded in the weights' layout, no shuffle
+        xq = tl.broadcast_to(x_ptr + (k0 // 2 + offs_g * (SUB // 2))[None, :, None]
+                             + tl.arange(0, WPG)[None, None, :], (BLOCK_N, NG, WPG))
+        x0 = tl.load(xq)
+        x1 = tl.load(xq + WPG)
+        x2 = tl.load(xq + 2 * WPG)
+        x3 = tl.load(xq + 3 * WPG)
+    else:
+        xv = tl.load(x_ptr + k0 + offs_k)
+        xb = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
+        pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
+        p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3
+        x0, x2 = tl.split(p_even)
+        x1, x3 = tl.split(p_odd)
+        x0 = tl.broadcast_to(x0[None, :, :], (BLOCK_N, NG, WPG))
+        x1 = tl.broadcast_to(x1[None, :, :], (BLOCK_N, NG, WPG))
+        x2 = tl.broadcast_to(x2[None, :, :], (BLOCK_N, NG, WPG))
+        x3 = tl.broadcast_to(x3[None, :, :], (BLOCK_N, NG, WPG))
+    part = tl.inline_asm_elementwise(
+        PTX, "=r,r,r,r,r,r,r,r",
+        [q, nz, x0, x1, x2, x3, tl.full((BLOCK_N, NG, WPG), ONE, tl.int32)],
+        dtype=tl.float32, is_pure=True, pack=1)
+    return part * s.to(tl.float32)
+
+
+# fmt: off
+@triton.jit
 def _w_int_gemv_asm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, K_PAD, K_SPLIT, num_splits,
@@ -189,6 +244,7 @@ def _w_int_gemv_asm_kernel(
     USE_SPLIT: tl.constexpr, PTX: tl.constexpr, MAGIC16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
     NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False, ACT_OUT: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -202,7 +258,6 @@ def _w_int_gemv_asm_kernel(
     split-K)."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
-    ONE: tl.constexpr = 0x3F803F80 if MAGIC16 == 0x4300 else 0x3C003C00  # 1.0 as a half2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -224,61 +279,28 @@ def _w_int_gemv_asm_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
     acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
     if NEXT:  # the first step's words / scales / zeros; the loop loads one step ahead
-        q_nx = tl.load(w_rows + (tl.multiple_of(k_lo // 8, 4) + word)[None, :, :])
-        s_nx = tl.load(s_rows + ((k_lo + offs_g * SUB)[None, :, None]) // GROUP)
-        if HAS_ZERO:
-            z_nx = tl.load(z_rows + ((k_lo + offs_g * SUB)[None, :, None]) // GROUP)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async, STAGES - 1 steps ahead
-        kg = (k0 + offs_g * SUB)[None, :, None]  # [1, NG, 1]
+        q_nx, s_nx, z_nx = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
+                                      BLOCK_N, BLOCK_K, NG, WPG, TMA)
+    elif PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
+        q0, s0, z0 = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
+                                BLOCK_N, BLOCK_K, NG, WPG, TMA)
+    pdl_begin(USE_PDL)
+    k_start = k_lo
+    if PRELOAD:
+        if not NEXT:
+            acc += _asm_step(q0, s0, z0, k_lo, x_ptr, offs_g, offs_k, PTX, MAGIC16, SUB, BLOCK_N, BLOCK_K, NG, WPG,
+                             XPLANES)
+            k_start = k_lo + BLOCK_K
+    for k0 in tl.range(k_start, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async, STAGES - 1 steps ahead
         if NEXT:
-            q, s, z = q_nx, s_nx.to(tl.float32), tl.full((BLOCK_N, NG, 1), 8, tl.int32)
-            if HAS_ZERO:
-                z = z_nx.to(tl.int32)
+            q, s, z = q_nx, s_nx, z_nx
             k_nx = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)  # the last step reloads itself (cached, unused)
-            kg_nx = (k_nx + offs_g * SUB)[None, :, None]
-            q_nx = tl.load(w_rows + (tl.multiple_of(k_nx // 8, 4) + word)[None, :, :])
-            s_nx = tl.load(s_rows + kg_nx // GROUP)
-            if HAS_ZERO:
-                z_nx = tl.load(z_rows + kg_nx // GROUP)
+            q_nx, s_nx, z_nx = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_nx, word, offs_g, pid_n, GROUP, SUB,
+                                          HAS_ZERO, BLOCK_N, BLOCK_K, NG, WPG, TMA)
         else:
-            if TMA:
-                q = tl.reshape(w_ptr.load([pid_n * BLOCK_N, k0 // 8]), (BLOCK_N, NG, WPG))
-            else:
-                q = tl.load(w_rows + (tl.multiple_of(k0 // 8, 4) + word)[None, :, :])  # [BN, NG, WPG] int32
-            s = tl.load(s_rows + kg // GROUP).to(tl.float32)  # [BN, NG, 1]
-            if HAS_ZERO:
-                z = tl.load(z_rows + kg // GROUP).to(tl.int32)
-            else:
-                z = tl.full((BLOCK_N, NG, 1), 8, tl.int32)
-        nz = (MAGIC16 | z) ^ 0x8000  # -(OFFSET + z) as half bits
-        nz = tl.broadcast_to(nz | (nz << 16), (BLOCK_N, NG, WPG))
-        # x of the step as [NG, WPG, 2, 4] (k = 8 * word + 4 * h + j) -> the half2 pairs (x_j, x_j+4), j = 0..3
-        if XPLANES:  # x_ptr: x_planes(x) as int32, chunk c of SUB values = [4 (j), WPG (word)] pairs
-            # pointers of the weights' shape (broadcast over the rows): loaded in the weights' layout, no shuffle
-            xq = tl.broadcast_to(x_ptr + (k0 // 2 + offs_g * (SUB // 2))[None, :, None]
-                                 + tl.arange(0, WPG)[None, None, :], (BLOCK_N, NG, WPG))
-            x0 = tl.load(xq)
-            x1 = tl.load(xq + WPG)
-            x2 = tl.load(xq + 2 * WPG)
-            x3 = tl.load(xq + 3 * WPG)
-        else:
-            xv = tl.load(x_ptr + k0 + offs_k)
-        if not XPLANES:
-            xb = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            lo, hi = tl.split(tl.permute(tl.reshape(xb, (NG, WPG, 2, 4)), (0, 1, 3, 2)))  # [NG, WPG, 4] each
-            pairs = lo | (hi << 16)  # [NG, WPG, 4]: j = 2a + b
-            p_even, p_odd = tl.split(tl.reshape(pairs, (NG, WPG, 2, 2)))  # b = 0: j = 0, 2; b = 1: j = 1, 3
-            x0, x2 = tl.split(p_even)
-            x1, x3 = tl.split(p_odd)
-            x0 = tl.broadcast_to(x0[None, :, :], (BLOCK_N, NG, WPG))
-            x1 = tl.broadcast_to(x1[None, :, :], (BLOCK_N, NG, WPG))
-            x2 = tl.broadcast_to(x2[None, :, :], (BLOCK_N, NG, WPG))
-            x3 = tl.broadcast_to(x3[None, :, :], (BLOCK_N, NG, WPG))
-        part = tl.inline_asm_elementwise(
-            PTX, "=r,r,r,r,r,r,r,r",
-            [q, nz, x0, x1, x2, x3, tl.full((BLOCK_N, NG, WPG), ONE, tl.int32)],
-            dtype=tl.float32, is_pure=True, pack=1)
-        acc += part * s
+            q, s, z = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k0, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
+                                 BLOCK_N, BLOCK_K, NG, WPG, TMA)
+        acc += _asm_step(q, s, z, k0, x_ptr, offs_g, offs_k, PTX, MAGIC16, SUB, BLOCK_N, BLOCK_K, NG, WPG, XPLANES)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
     if ACT_OUT:
         _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, HB, HAS_BIAS)

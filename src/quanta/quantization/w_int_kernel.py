@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
+from quanta.kernels.pdl import pdl_enabled, pdl_launch_kwargs, preload_enabled
 from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
@@ -289,6 +290,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         a_w = args_for(as_words(packed))
+        use_pdl = pdl_enabled(x.device)  # kernels/pdl.py
         xp = cfg.x_planes
         if xp and planes is None:
             planes = x_planes(x2, sub)
@@ -297,6 +299,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
         _w_int_gemv_asm_kernel[grid](planes if xp else a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
                                      NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
+                                     USE_PDL=use_pdl, PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl),
                                      **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}))
     elif act:
         raise ValueError("the SiLU epilogue needs the asm GEMV (one int4 row on sm_90)")
