@@ -150,7 +150,7 @@ def test_engine_w4_tokens_with_pdl(tmp_path) -> None:
     attention splits): the same greedy tokens and logits with PDL on as off."""
     import json
 
-    from quanta import LLM, QuantConfig, SamplingParams
+    from quanta.llmapi import LLM, QuantConfig, SamplingParams
 
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
