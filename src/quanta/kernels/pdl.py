@@ -19,8 +19,10 @@ preceding kernel writes (a GEMV's input row, attention's q / k / v) has to wait.
 Under CUDA graphs the launch attribute becomes a programmatic edge of the graph. A PDL kernel after a kernel
 that never triggers (cuBLAS, PyTorch) simply starts when that one ends; kernels launched without PDL after ours
 wait for them as usual. With USE_PDL False the kernels are exactly the plain ones (the constexpr branch is
-compiled out; the interpreter never runs it). Env QUANTA_PDL=1 turns it on (Hopper or newer only),
-QUANTA_PDL_PRELOAD=0 / QUANTA_PDL_PREFETCH=1 pick the overlap of step 1.
+compiled out; the interpreter never runs it). ON by default on Hopper or newer (env QUANTA_PDL=0 turns it off);
+QUANTA_PDL_PRELOAD=0 / QUANTA_PDL_PREFETCH=1 pick the overlap of step 1. H200, batch-1 decode, tok/s, same call
+(benchmarks/results/h200_s8a_*): 8B W4A16_AWQ 420.8 off -> 460.3 on; 1B bf16 952.0 -> 998.1 (PDL without the
+preloads: 950.7; + o_proj on the skinny GEMV, fast_ops.GEMV_LINEAR_MAX_BYTES: 1,026.7); 8B bf16 218.1 -> 220.6.
 """
 
 from __future__ import annotations
@@ -43,15 +45,15 @@ def set_pdl(on: bool | None) -> None:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """PDL for kernels launched on `device`: env QUANTA_PDL=1, a CUDA device of compute capability >= 9, not the
-    Triton interpreter."""
+    """PDL for kernels launched on `device`: env QUANTA_PDL not 0, a CUDA device of compute capability >= 9, not
+    the Triton interpreter."""
     if device.type != "cuda" or not HAS_TRITON:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     on = _ENABLED.get(idx)
     if on is None:
         on = (
-            (_FORCED[0] if _FORCED else os.environ.get("QUANTA_PDL", "0") == "1")
+            (_FORCED[0] if _FORCED else os.environ.get("QUANTA_PDL", "1") == "1")
             and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and torch.cuda.get_device_capability(idx)[0] >= 9
         )

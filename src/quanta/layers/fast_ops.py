@@ -23,8 +23,11 @@ FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "1"))
 FUSED_NORM_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_NORM_MAX_MB", "16")) << 20
 FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 20
 # Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
-# of cuBLAS at batch 1, so that with PDL (kernels/pdl.py) their weights stream in while attention runs; 0 = cuBLAS.
-GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "0")) << 20
+# of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while attention runs. H200, 1B
+# batch 1 with PDL: 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS (benchmarks/results/h200_s8*); without PDL the GEMV
+# lost (H100: 763.9 vs 778.4), so it follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS).
+GEMV_LINEAR_PDL_BYTES = 16 << 20
+GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "-1")) << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
 # 347.7 vs 380.9 for the 8B one in bench_gemv (H100, cold weights); off until measured in the engine.
 GEMV_LMHEAD = os.environ.get("QUANTA_GEMV_LMHEAD", "0") == "1"
@@ -138,7 +141,12 @@ def _planes_sub(linear, x: torch.Tensor) -> int:
 
 def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
-    if GEMV_LINEAR_MAX_BYTES and _fusable(linear, x, GEMV_LINEAR_MAX_BYTES):
+    max_bytes = GEMV_LINEAR_MAX_BYTES
+    if max_bytes < 0:  # unset: on with PDL
+        from quanta.kernels.pdl import pdl_enabled
+
+        max_bytes = GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
+    if max_bytes and _fusable(linear, x, max_bytes):
         from quanta.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias)
