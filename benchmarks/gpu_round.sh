@@ -85,6 +85,9 @@ for part in "$@"; do
     envab) i=0; for spec in ${ENV_RUNS:-1b:bf16:QUANTA_PDL=0 1b:bf16:QUANTA_PDL=1}; do IFS=: read -r mdl qa ev <<< "$spec"
         cfg=$C/llama-3.2-1b.json; [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"
         i=$((i+1)); echo "$spec"; env ${ev//,/ } timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/envab_${i}_${mdl}_${qa}.json" 2>&1 | grep -v Calibrating | tail -1; done ;;
+    # 1B throughput (TP_REQ requests, 128 / 128), the tree in .carry/old vs this one, same machine
+    tpold) for tree in old new; do src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "1b throughput $tree"
+        PYTHONPATH=$src:$PWD timeout 150 python -m quanta.cli bench throughput "$C/llama-3.2-1b.json" --num-requests ${TP_REQ:-1024} --json "$OUT/tpold_$tree.json" 2>&1 | tail -2; done ;;
     dtest) timeout 250 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py ${DTEST_MORE:-tests/gpu/test_int_planes_gpu.py} --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
