@@ -171,3 +171,32 @@ def test_engine_w4_tokens_with_pdl(tmp_path) -> None:
         outs[on] = (out.token_ids, out.generation_logits.float())
     assert outs[False][0] == outs[True][0]
     assert torch.equal(outs[False][1], outs[True][1])
+
+
+@hopper
+@pytest.mark.parametrize("rows", [5, 16])
+def test_swap_ab_gemv_and_silu_preload_match_plain(rows) -> None:
+    """The 5-16 row int GEMV (swap-AB, w_int_gemv_t.py) with PDL (the first K step's bytes loaded before the wait)
+    and the PDL silu_and_mul: the plain kernels' bits."""
+    from quanta.kernels.activation import silu_and_mul
+    from quanta.kernels.gemv import gemv_config
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+    from quanta.quantization.w_int_kernel import w_int_gemv
+
+    g = torch.Generator().manual_seed(rows)
+    outs = {}
+    for n, k in ((4096, 2048), (1024, 4096)):
+        w = torch.randn(n, k, generator=g)
+        s, z = group_qparams(w, 4, 128, True, torch.bfloat16)
+        packed, s, z = pack_int4(quantize_groups(w, s, z, 4, 128)).cuda(), s.cuda(), z.cuda()
+        h = torch.randn(rows, k, device="cuda").bfloat16()
+        cfg = gemv_config("w4", rows, n, k)
+        for on in (False, True):
+            pdl.set_pdl(on)
+            try:
+                y = w_int_gemv(h, packed, s, z, 4, 128, k, None, cfg)
+                outs[(n, on)] = (y, silu_and_mul(y))
+            finally:
+                pdl.set_pdl(None)
+        assert cfg.use_dot_t or rows < 16
+        assert all(torch.equal(a, b) for a, b in zip(outs[(n, False)], outs[(n, True)])), (n, k, cfg)

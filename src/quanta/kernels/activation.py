@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
+from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs
 
 
 # fmt: off
@@ -13,8 +14,9 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 def _silu_and_mul_kernel(
     x_ptr, out_ptr,
     stride_x, stride_out, inter,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_begin(USE_PDL)  # kernels/pdl.py: nothing to read before the wait, but the next kernel may launch early
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -34,7 +36,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [..., 2 * inter] -> [..
     if x2.shape[0] > 0:
         block = min(next_pow2(inter), 1024)
         grid = (x2.shape[0], triton.cdiv(inter, block))
-        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+        use_pdl = pdl_enabled(x.device)
+        _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+                                   USE_PDL=use_pdl, **pdl_launch_kwargs(use_pdl))
     return out.view(*x.shape[:-1], inter)
 
 

@@ -28,9 +28,67 @@ import torch
 
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
+from quanta.kernels.pdl import pdl_begin
 
 
 # fmt: off
+@triton.jit
+def _t_step(acc, q, k0, x_rows, offs_m, offs_x, rows, s_ptr, z_ptr, M, K, K_PAD, stride_sn, stride_zn,
+            GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+            OFFSET_BITS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BN, 16] += the K step at k0 of the weight bytes q [BN, KB] (int32) times x^T."""
+    NG: tl.constexpr = BLOCK_K // SUB
+    CB: tl.constexpr = SUB * BITS // 8  # bytes of one chunk of one row
+    dt = x_rows.dtype.element_ty
+    kx = k0 + offs_x
+    x = tl.load(x_rows + kx[None, :], mask=(offs_m[:, None] < M) & (kx[None, :] < K), other=0.0)  # [BM, BK]
+    if NG == 1:  # the step lies in one group (k0 < K_PAD): one scale / zero per row
+        g = k0 // GROUP
+        s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)  # [BN]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
+        else:
+            z = tl.full((BLOCK_N,), 2 ** (BITS - 1), tl.float32)
+        if OFFSET_BITS > 0:  # OFFSET + q straight from the bits, minus OFFSET + z in x.dtype (half2 ops)
+            if BITS == 4:
+                lo = ((q & 0xF) | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)  # even k
+                hi = ((q >> 4) | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)  # odd k
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+            else:
+                w = (q | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)
+            part = tl.dot(w - (z + OFFSET).to(dt)[:, None], tl.trans(x))
+        else:  # q - z exactly (integer-valued in x.dtype)
+            zb = z + 8388608.0
+            if BITS == 4:
+                lo = ((q & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
+                hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(dt)
+            else:
+                w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]).to(dt)
+            part = tl.dot(w, tl.trans(x))
+        acc += part * s[:, None]
+    else:  # NG groups a step: (q - z) * s per weight, as the `_dot` path
+        q3 = tl.reshape(q, (BLOCK_N, NG, CB))
+        kg = k0 + tl.arange(0, NG) * SUB
+        gidx = kg // GROUP
+        s3 = tl.load(s_ptr + rows[:, None] * stride_sn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0.0)
+        s3 = s3.to(tl.float32)[:, :, None]  # [BN, NG, 1]
+        if HAS_ZERO:
+            z3 = tl.load(z_ptr + rows[:, None] * stride_zn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0)
+            zb3 = z3.to(tl.float32)[:, :, None] + 8388608.0
+        else:
+            zb3 = tl.full((BLOCK_N, NG, 1), 2 ** (BITS - 1) + 8388608.0, tl.float32)
+        if BITS == 4:
+            lo = (((q3 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3
+            hi = (((q3 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(dt)
+        else:
+            w = tl.reshape(((q3 | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3, (BLOCK_N, BLOCK_K))
+            w = w.to(dt)
+        acc += tl.dot(w, tl.trans(x))
+    return acc
+
+
 @triton.jit
 def _w_int_gemv_t_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -39,13 +97,12 @@ def _w_int_gemv_t_kernel(
     GROUP: tl.constexpr, SUB: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, OFFSET_BITS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N packed rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps), as
-    `_w_int_gemv_kernel`; SUB = the group (NG = BLOCK_K / SUB chunks a step) or BLOCK_K (dividing the group)."""
-    NG: tl.constexpr = BLOCK_K // SUB
+    `_w_int_gemv_kernel`; SUB = the group (NG = BLOCK_K / SUB chunks a step) or BLOCK_K (dividing the group).
+    PRELOAD (PDL): the first step's weight bytes load before the wait; that step runs before the loop."""
     KB: tl.constexpr = BLOCK_K * BITS // 8  # bytes of one row per step
-    CB: tl.constexpr = SUB * BITS // 8  # bytes of one chunk of one row
-    dt = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -58,55 +115,20 @@ def _w_int_gemv_t_kernel(
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K_PAD)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    if PRELOAD:  # PDL: the first step's weight bytes in flight before the wait (kernels/pdl.py)
+        bb = k_lo * BITS // 8 + offs_b
+        q0 = tl.load(w_rows + bb[None, :], mask=bb[None, :] < K_PAD * BITS // 8, other=0).to(tl.int32)
+    pdl_begin(USE_PDL)
+    k_start = k_lo
+    if PRELOAD:
+        acc = _t_step(acc, q0, k_lo, x_rows, offs_m, offs_x, rows, s_ptr, z_ptr, M, K, K_PAD, stride_sn, stride_zn,
+                      GROUP, SUB, BITS, HAS_ZERO, OFFSET_BITS, OFFSET, BLOCK_N, BLOCK_K)
+        k_start = k_lo + BLOCK_K
+    for k0 in range(k_start, k_hi, BLOCK_K):
         bb = k0 * BITS // 8 + offs_b
         q = tl.load(w_rows + bb[None, :], mask=bb[None, :] < K_PAD * BITS // 8, other=0).to(tl.int32)  # [BN, KB]
-        kx = k0 + offs_x
-        x = tl.load(x_rows + kx[None, :], mask=(offs_m[:, None] < M) & (kx[None, :] < K), other=0.0)  # [BM, BK]
-        if NG == 1:  # the step lies in one group (k0 < K_PAD): one scale / zero per row
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rows * stride_sn + g).to(tl.float32)  # [BN]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rows * stride_zn + g).to(tl.float32)
-            else:
-                z = tl.full((BLOCK_N,), 2 ** (BITS - 1), tl.float32)
-            if OFFSET_BITS > 0:  # OFFSET + q straight from the bits, minus OFFSET + z in x.dtype (half2 ops)
-                if BITS == 4:
-                    lo = ((q & 0xF) | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)  # even k
-                    hi = ((q >> 4) | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)  # odd k
-                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-                else:
-                    w = (q | OFFSET_BITS).to(tl.int16).to(dt, bitcast=True)
-                part = tl.dot(w - (z + OFFSET).to(dt)[:, None], tl.trans(x))
-            else:  # q - z exactly (integer-valued in x.dtype)
-                zb = z + 8388608.0
-                if BITS == 4:
-                    lo = ((q & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
-                    hi = ((q >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]
-                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(dt)
-                else:
-                    w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - zb[:, None]).to(dt)
-                part = tl.dot(w, tl.trans(x))
-            acc += part * s[:, None]
-        else:  # NG groups a step: (q - z) * s per weight, as the `_dot` path
-            q3 = tl.reshape(q, (BLOCK_N, NG, CB))
-            kg = k0 + tl.arange(0, NG) * SUB
-            gidx = kg // GROUP
-            s3 = tl.load(s_ptr + rows[:, None] * stride_sn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0.0)
-            s3 = s3.to(tl.float32)[:, :, None]  # [BN, NG, 1]
-            if HAS_ZERO:
-                z3 = tl.load(z_ptr + rows[:, None] * stride_zn + gidx[None, :], mask=kg[None, :] < K_PAD, other=0)
-                zb3 = z3.to(tl.float32)[:, :, None] + 8388608.0
-            else:
-                zb3 = tl.full((BLOCK_N, NG, 1), 2 ** (BITS - 1) + 8388608.0, tl.float32)
-            if BITS == 4:
-                lo = (((q3 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3
-                hi = (((q3 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3
-                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(dt)
-            else:
-                w = tl.reshape(((q3 | 0x4B000000).to(tl.float32, bitcast=True) - zb3) * s3, (BLOCK_N, BLOCK_K))
-                w = w.to(dt)
-            acc += tl.dot(w, tl.trans(x))
+        acc = _t_step(acc, q, k0, x_rows, offs_m, offs_x, rows, s_ptr, z_ptr, M, K, K_PAD, stride_sn, stride_zn,
+                      GROUP, SUB, BITS, HAS_ZERO, OFFSET_BITS, OFFSET, BLOCK_N, BLOCK_K)
     gemv_epilogue(tl.trans(acc), offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr,
                   cnt_ptr, HAS_BIAS, USE_SPLIT)
 # fmt: on

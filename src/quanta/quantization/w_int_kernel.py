@@ -287,7 +287,9 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     grid = (triton.cdiv(n, cfg.block_n), split)
     if use_dot_t:
         off_bits, off = offset_bits(x.dtype, bits) if cfg.dot_t_offset else (0, 0.0)
-        _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common)
+        use_pdl = pdl_enabled(x.device)  # kernels/pdl.py
+        _w_int_gemv_t_kernel[grid](*args, OFFSET_BITS=off_bits, OFFSET=off, BLOCK_M=16, **common, USE_PDL=use_pdl,
+                                   PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl))
     elif asm_ok(bits, packed, x2, m, sub, k == k_pad and k_pad % bk == 0):  # w_int_gemv_asm.py
         a_w = args_for(as_words(packed))
         use_pdl = pdl_enabled(x.device)  # kernels/pdl.py
