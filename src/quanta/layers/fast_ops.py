@@ -25,7 +25,9 @@ FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 
 # Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
 # of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while attention runs. H200, 1B
 # batch 1 with PDL: 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS (benchmarks/results/h200_s8*); without PDL the GEMV
-# lost (H100: 763.9 vs 778.4), so it follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS).
+# lost (H100: 763.9 vs 778.4), so it follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS); it
+# also covers a plain linear after an unfused norm (`norm_linear`: the 1B gate_up at 64 MiB, the 8B qkv at 48 MiB),
+# which no default reaches: not yet measured with PDL.
 GEMV_LINEAR_PDL_BYTES = 16 << 20
 GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "-1")) << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
@@ -111,7 +113,7 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
         h, residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
         return linear.quant_method.apply_planes(linear, h, planes), residual
     h, residual = norm(x, residual)
-    return linear(h), residual
+    return decode_linear(linear, h), residual
 
 
 def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
