@@ -95,6 +95,21 @@ def test_pdl_chain_in_cuda_graph(pdl_on) -> None:
             assert torch.equal(out, e_out) and torch.equal(res, e_res)
 
 
+def _same_with_and_without_pdl(make_llm, prompt, params) -> None:
+    """The engine from make_llm() generates the same tokens and logits with PDL off and on."""
+    outs = {}
+    for on in (False, True):
+        pdl.set_pdl(on)
+        try:
+            with make_llm() as llm:
+                out = llm.generate(prompt, params).outputs[0]
+        finally:
+            pdl.set_pdl(None)
+        outs[on] = (out.token_ids, out.generation_logits.float())
+    assert outs[False][0] == outs[True][0]
+    assert torch.equal(outs[False][1], outs[True][1])
+
+
 @hopper
 def test_engine_tokens_with_pdl(tmp_path, monkeypatch) -> None:
     """bf16 batch-1 decode (CUDA graphs) gives the same greedy tokens and logits with PDL on as off, with o_proj
@@ -106,17 +121,7 @@ def test_engine_tokens_with_pdl(tmp_path, monkeypatch) -> None:
     path = make_tiny_model(tmp_path / "llama", "llama")
     prompt = [1, 5, 9, 33, 7, 100, 42]
     params = SamplingParams(max_tokens=16, ignore_eos=True, return_generation_logits=True)
-    outs = {}
-    for on in (False, True):
-        pdl.set_pdl(on)
-        try:
-            with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16") as llm:
-                out = llm.generate(prompt, params).outputs[0]
-        finally:
-            pdl.set_pdl(None)
-        outs[on] = (out.token_ids, out.generation_logits.float())
-    assert outs[False][0] == outs[True][0]
-    assert torch.equal(outs[False][1], outs[True][1])
+    _same_with_and_without_pdl(lambda: LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16"), prompt, params)
 
 
 @hopper
@@ -159,18 +164,8 @@ def test_engine_w4_tokens_with_pdl(tmp_path) -> None:
     path.write_text(json.dumps(cfg))
     prompt = [3 + (7 * i) % 500 for i in range(300)]
     params = SamplingParams(max_tokens=24, ignore_eos=True, return_generation_logits=True)
-    outs = {}
-    for on in (False, True):
-        pdl.set_pdl(on)
-        try:
-            with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                     quant_config=QuantConfig(quant_algo="W4A16")) as llm:
-                out = llm.generate(prompt, params).outputs[0]
-        finally:
-            pdl.set_pdl(None)
-        outs[on] = (out.token_ids, out.generation_logits.float())
-    assert outs[False][0] == outs[True][0]
-    assert torch.equal(outs[False][1], outs[True][1])
+    _same_with_and_without_pdl(lambda: LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                                           quant_config=QuantConfig(quant_algo="W4A16")), prompt, params)
 
 
 @hopper
