@@ -18,7 +18,7 @@ from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_pre
 DECODE_TILE_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_MIN_TOKENS_PER_SPLIT = int(os.environ.get("QUANTA_DECODE_MIN_SPLIT_TOKENS", "128"))  # keys a split reads, at least
-DECODE_MAX_SPLITS = 64
+DECODE_MAX_SPLITS = int(os.environ.get("QUANTA_DECODE_MAX_SPLITS", "64"))  # splits per (sequence, kv head), at most
 DECODE_WAVES = 2  # aim for this many programs per SM when splitting
 
 
