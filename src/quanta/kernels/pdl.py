@@ -45,8 +45,8 @@ def set_pdl(on: bool | None) -> None:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """PDL for kernels launched on `device`: env QUANTA_PDL not 0, a CUDA device of compute capability >= 9, not
-    the Triton interpreter."""
+    """PDL for kernels launched on `device`: env QUANTA_PDL not 0, a CUDA device of compute capability >= 9, a
+    Triton that has it (griddepcontrol in tl.extra.cuda, `launch_pdl`: 3.3+), not the Triton interpreter."""
     if device.type != "cuda" or not HAS_TRITON:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -55,6 +55,7 @@ def pdl_enabled(device: torch.device) -> bool:
         on = (
             (_FORCED[0] if _FORCED else os.environ.get("QUANTA_PDL", "1") == "1")
             and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and hasattr(tl.extra.cuda, "gdc_wait")
             and torch.cuda.get_device_capability(idx)[0] >= 9
         )
         _ENABLED[idx] = on
