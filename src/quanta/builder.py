@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from quanta import envs
 from quanta.config import EngineConfig
 from quanta.engine.engine import LLMEngine
 from quanta.llmapi.llm_args import LlmArgs, resolve_dtype
@@ -90,7 +90,7 @@ def build(model, args: LlmArgs, dtype, revision, trust_remote_code, tokenizer) -
     from dataclasses import replace
 
     overlap = (not args.disable_overlap_scheduler if args.disable_overlap_scheduler is not None
-               else device.type == "cuda" or os.environ.get("QUANTA_OVERLAP") == "1")
+               else device.type == "cuda" or envs.get("QUANTA_OVERLAP"))
     config = replace(config, num_kv_blocks=blocks, num_host_kv_blocks=host_blocks, overlap_scheduler=overlap)
     kv_tokens = blocks * config.tokens_per_block
     logger.info("quanta: %s on %s (%s); KV cache %d tokens (%d blocks), max concurrency %.1f at max_seq_len",

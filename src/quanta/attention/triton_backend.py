@@ -4,10 +4,9 @@ steps: the (rotary +) reshape-and-cache kernel, then the unified varlen kernel."
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quanta import envs
 from quanta.attention.backend import register_backend
 from quanta.attention.metadata import AttentionMetadata
 from quanta.kernels.decode_attention_fused import decode_attention_fused
@@ -23,8 +22,8 @@ class TritonBackend:
     # NOTE: False = the three-launch decode path (cache write, split kernel, reduce kernel), for A/B timing
     # (env QUANTA_FUSED_DECODE=0). The one-launch kernel is measured only at small batches (H200, Llama-3.2-1B
     # batch 1: 1.067 vs 1.080 ms/step), so it runs there; larger decode batches keep the three-launch path.
-    fused_decode: bool = os.environ.get("QUANTA_FUSED_DECODE", "1") != "0"
-    fused_decode_max_seqs: int = int(os.environ.get("QUANTA_FUSED_DECODE_MAX_SEQS", "1"))
+    fused_decode: bool = envs.get("QUANTA_FUSED_DECODE")
+    fused_decode_max_seqs: int = envs.get("QUANTA_FUSED_DECODE_MAX_SEQS")
 
     def forward(
         self,

@@ -34,10 +34,9 @@ Twin: decode_attention_fused_ref = apply_rotary_emb_ref + kv_cache_write_ref + p
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
@@ -54,8 +53,8 @@ PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a th
 # Keys a split reads at least, and the length up to which one split reads them all. H200, batch 1, us a launch
 # (bench_decode_fused.py, benchmarks/results/h200_s7c_decode_fused_*): 8B shape at 192 / 256 / 1,024 keys, 64 a
 # split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
-FUSED_MIN_TOKENS_PER_SPLIT = int(os.environ.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS", "64"))
-FUSED_ONE_SPLIT_TOKENS = int(os.environ.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS", "128"))
+FUSED_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS")
+FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
 MERGE_VALUES = 8192
 

@@ -24,13 +24,13 @@ the (out_features, in_features) of every unquantized Linear and the decode batch
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.gemv_config import (  # GemvConfig, GEMV_CONFIGS, gemv_config... are imported from here too
@@ -244,7 +244,7 @@ def time_cuda(fn, reps: int = 30, warmup: int = 3, flush: torch.Tensor | None = 
         flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    read_flush = os.environ.get("QUANTA_BENCH_FLUSH", "write") == "read"
+    read_flush = envs.get("QUANTA_BENCH_FLUSH") == "read"
     for s, e in zip(starts, ends):
         if read_flush:  # evict by reading: L2 holds clean lines (as in decode), no write-back during fn
             flush.amax()

@@ -5,11 +5,11 @@ automatic split-K and the candidates a tuning run times."""
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; the real count is read from the device when there is one
@@ -70,8 +70,8 @@ class GemvConfig:
 # (kind, M, N, K) -> config; kind: "w16" (fp16 / bf16 / fp32 weights), "w4", "w8". Filled from bench_gemv.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], GemvConfig] = {}
 _BITS = {"w16": 16, "w8": 8, "w4": 4}
-INT4_MANY_CONFIG = os.environ.get("QUANTA_INT4_GEMV_MANY_CONFIG", "")  # int4 GEMVs of 5-16 rows (default: _dott)
-INT4_MANY_SHAPES = os.environ.get("QUANTA_INT4_GEMV_MANY_SHAPES", "")  # per shape: "NxK=config;..."
+INT4_MANY_CONFIG = envs.get("QUANTA_INT4_GEMV_MANY_CONFIG")  # int4 GEMVs of 5-16 rows (default: _dott)
+INT4_MANY_SHAPES = envs.get("QUANTA_INT4_GEMV_MANY_SHAPES")  # per shape: "NxK=config;..."
 
 
 @functools.lru_cache(maxsize=8)
@@ -122,7 +122,7 @@ def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
 
 
 def gemv_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
-    env = os.environ.get("QUANTA_GEMV_CONFIG")
+    env = envs.get("QUANTA_GEMV_CONFIG")
     if env:
         return GemvConfig.parse(env)
     return GEMV_CONFIGS.get((kind, m, n, k)) or default_config(kind, m, n, k)

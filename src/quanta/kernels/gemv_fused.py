@@ -18,11 +18,10 @@ run the unfused PyTorch references.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_epilogue, plan_split
 from quanta.kernels.pdl import (
@@ -42,8 +41,8 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
     """Config of the fused GEMV (benchmarks/bench_fused_gemv.py, H200, 1B shapes at M=1: bn4_bk512 without
     split-K for the norm prologue, which re-reads the whole row per split); env
     QUANTA_GEMV_FUSED_CONFIG[_NORM|_SILU]='bn4_bk512_sk1_w4_s3' forces one."""
-    env = os.environ.get(f"QUANTA_GEMV_FUSED_CONFIG_{'NORM' if prologue == PRO_NORM else 'SILU'}")
-    env = env or os.environ.get("QUANTA_GEMV_FUSED_CONFIG")
+    env = envs.get(f"QUANTA_GEMV_FUSED_CONFIG_{'NORM' if prologue == PRO_NORM else 'SILU'}")
+    env = env or envs.get("QUANTA_GEMV_FUSED_CONFIG")
     if env:
         return GemvConfig.parse(env)
     if m > 4:

@@ -24,10 +24,9 @@ device buffers. `lora_folded_ref` is the PyTorch twin (no host sync, no F.one_ho
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 
 # Tokens per forward up to which a folded layer runs the folded path (one GEMM on w_full + lora_folded);
@@ -36,7 +35,8 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 # most KERNEL_MAX_ROWS). QUANTA_LORA_FOLD_MAX_ROWS=0 turns the folded path off (A/B benchmarks; the layers
 # stay folded in memory and their prefill path is unchanged).
 KERNEL_MAX_ROWS = 64
-FOLD_MAX_ROWS = min(KERNEL_MAX_ROWS, int(os.environ.get("QUANTA_LORA_FOLD_MAX_ROWS", str(KERNEL_MAX_ROWS))))
+_FOLD_ROWS_ENV = envs.get("QUANTA_LORA_FOLD_MAX_ROWS")  # -1: KERNEL_MAX_ROWS
+FOLD_MAX_ROWS = KERNEL_MAX_ROWS if _FOLD_ROWS_ENV < 0 else min(KERNEL_MAX_ROWS, _FOLD_ROWS_ENV)
 
 
 MAX_K_STEP = 128  # (slot, rank) pairs per contraction step: 8 slots of rank 16 in one step

@@ -7,18 +7,18 @@ the cache write and the merge folded in); this pair stays for `TritonBackend.fus
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_precision, _head_dim_pad, _num_sms
 
 # Tunables (H100 first guesses; benchmarks/bench_kernels.py measures them).
 DECODE_TILE_N = 64
 DECODE_NUM_WARPS = 4
-DECODE_MIN_TOKENS_PER_SPLIT = int(os.environ.get("QUANTA_DECODE_MIN_SPLIT_TOKENS", "128"))  # keys a split reads, at least
-DECODE_MAX_SPLITS = int(os.environ.get("QUANTA_DECODE_MAX_SPLITS", "64"))  # splits per (sequence, kv head), at most
+DECODE_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_DECODE_MIN_SPLIT_TOKENS")  # keys a split reads, at least
+DECODE_MAX_SPLITS = envs.get("QUANTA_DECODE_MAX_SPLITS")  # splits per (sequence, kv head), at most
 DECODE_WAVES = 2  # aim for this many programs per SM when splitting
 
 

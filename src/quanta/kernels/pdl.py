@@ -31,6 +31,7 @@ import os
 
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import HAS_TRITON, tl, triton
 
 _ENABLED: dict[int, bool] = {}
@@ -53,7 +54,7 @@ def pdl_enabled(device: torch.device) -> bool:
     on = _ENABLED.get(idx)
     if on is None:
         on = (
-            (_FORCED[0] if _FORCED else os.environ.get("QUANTA_PDL", "1") == "1")
+            (_FORCED[0] if _FORCED else envs.get("QUANTA_PDL"))
             and os.environ.get("TRITON_INTERPRET", "0") != "1"
             and hasattr(tl.extra.cuda, "gdc_wait")
             and torch.cuda.get_device_capability(idx)[0] >= 9
@@ -63,11 +64,11 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def prefetch_enabled() -> bool:
-    return os.environ.get("QUANTA_PDL_PREFETCH", "0") == "1"
+    return envs.get("QUANTA_PDL_PREFETCH")
 
 
 def preload_enabled() -> bool:
-    return os.environ.get("QUANTA_PDL_PRELOAD", "1") == "1"
+    return envs.get("QUANTA_PDL_PRELOAD")
 
 
 def pdl_launch_kwargs(on: bool) -> dict:

@@ -5,11 +5,10 @@ The choice is made once per process (`set_use_kernels`); model code calls these 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from quanta import envs
 from quanta.layers.linear import Linear, MergedLinear
 from quanta.layers.norm import rms_norm_ref
 
@@ -17,11 +16,11 @@ _USE_KERNELS = False
 # Batch-1 decode (<= this many rows) runs norm -> linear and SiLU -> linear as one fused GEMV (kernels/gemv_fused.py)
 # when the linear is a plain bf16 / fp16 one; 0 turns the fusion off. H200, 1B shapes: at M=1 the fused GEMVs win
 # (1.076 vs 1.130 ms/step); at M=4 they are ~2x slower than norm kernel + cuBLAS.
-FUSED_GEMV_MAX_ROWS = int(os.environ.get("QUANTA_FUSED_GEMV_ROWS", "1"))
+FUSED_GEMV_MAX_ROWS = envs.get("QUANTA_FUSED_GEMV_ROWS")
 # ... for weights up to these sizes (measured on the 1B shapes: the fused GEMV wins on small projections, cuBLAS
 # keeps the large gate_up one).
-FUSED_NORM_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_NORM_MAX_MB", "16")) << 20
-FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 20
+FUSED_NORM_MAX_BYTES = envs.get("QUANTA_FUSED_NORM_MAX_MB") << 20
+FUSED_SILU_MAX_BYTES = envs.get("QUANTA_FUSED_SILU_MAX_MB") << 20
 # Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
 # of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while attention runs. H200, 1B
 # batch 1 with PDL: 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS (benchmarks/results/h200_s8*); without PDL the GEMV
@@ -29,10 +28,10 @@ FUSED_SILU_MAX_BYTES = int(os.environ.get("QUANTA_FUSED_SILU_MAX_MB", "40")) << 
 # also covers a plain linear after an unfused norm (`norm_linear`: the 1B gate_up at 64 MiB, the 8B qkv at 48 MiB),
 # which no default reaches: not yet measured with PDL.
 GEMV_LINEAR_PDL_BYTES = 16 << 20
-GEMV_LINEAR_MAX_BYTES = int(os.environ.get("QUANTA_GEMV_LINEAR_MB", "-1")) << 20
+GEMV_LINEAR_MAX_BYTES = envs.get("QUANTA_GEMV_LINEAR_MB") << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
 # 347.7 vs 380.9 for the 8B one in bench_gemv (H100, cold weights); off until measured in the engine.
-GEMV_LMHEAD = os.environ.get("QUANTA_GEMV_LMHEAD", "0") == "1"
+GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 
 
 def set_use_kernels(flag: bool) -> None:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quanta import envs
 from quanta.kernels.lora import group_by_slot
 from quanta.lora.adapter import (
     LoRAAdapter,
@@ -37,7 +37,7 @@ from quanta.lora.layers import LoRAContext, LoRALinear
 
 # Projections (attribute names, e.g. "o_proj,down_proj") kept unfolded: their LoRA runs base GEMM + shrink +
 # expand instead of one GEMM on the folded weight + one kernel (A/B runs of kernels/lora_folded.py's choice).
-FOLD_SKIP = {s for s in os.environ.get("QUANTA_LORA_FOLD_SKIP", "").split(",") if s}
+FOLD_SKIP = {s for s in envs.get("QUANTA_LORA_FOLD_SKIP").split(",") if s}
 
 logger = logging.getLogger("quanta")
 

@@ -13,13 +13,12 @@ Env QUANTA_INT_DEQUANT_MIN_ROWS (default 64; 0 = never) sets the row count from 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import require_triton, tl, triton
 
-DEQUANT_MIN_ROWS = int(os.environ.get("QUANTA_INT_DEQUANT_MIN_ROWS", "64"))
+DEQUANT_MIN_ROWS = envs.get("QUANTA_INT_DEQUANT_MIN_ROWS")
 
 
 # fmt: off

@@ -34,20 +34,20 @@ at ~2.2 TB/s: the rest is the K loop's issue and latency (~1.7 instructions a cy
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from quanta import envs
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 from quanta.kernels.pdl import pdl_begin
 
-ASM_ENABLED = os.environ.get("QUANTA_INT_GEMV_ASM", "1") == "1"
+ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
 # on the 8B o_proj (9.3 vs 10.7 us) and gained nowhere (benchmarks/results/h200_s6c_int_gemv_8b_read.json)
-ASM_CONFIG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1")
+ASM_CONFIG = envs.get("QUANTA_INT_GEMV_ASM_CONFIG")
 # K >= LONG_K (8B down_proj: 14 steps a program): the next step's words in registers ("_nx"): 18.2 vs 19.0 us
-ASM_CONFIG_LONG = os.environ.get("QUANTA_INT_GEMV_ASM_CONFIG_LONG", "bn8_bk1024_sk1_w4_s1_nx")
+ASM_CONFIG_LONG = envs.get("QUANTA_INT_GEMV_ASM_CONFIG_LONG")
 LONG_K = 8192
 _PTX = """{
 .reg .b32 t0, t1, t2, t3, s, a;
@@ -93,15 +93,15 @@ def asm_ok(bits: int, packed: torch.Tensor, x: torch.Tensor, m: int, sub: int, e
 # the K loop loads its half2 pairs in the weights' layout, without the shared-memory shuffle of x (no barrier in
 # the loop; offline sm_90: 204 vs 223 instructions a step). ON: H200, 8B W4A16_AWQ batch 1, 406.8 vs 397.4 tok/s
 # (bf16 213.8, same call; benchmarks/results/h200_s6g_*); 8B gate_up 26.4 vs 28.4 us (h200_s6e_int_gemv_8b_read.json)
-PLANES = os.environ.get("QUANTA_INT_GEMV_PLANES", "1") == "1"
-PLANES_CONFIG = os.environ.get("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp")
+PLANES = envs.get("QUANTA_INT_GEMV_PLANES")
+PLANES_CONFIG = envs.get("QUANTA_INT_GEMV_PLANES_CONFIG")
 
 
 # gate_up_proj's planes GEMV computes SiLU(gate) * up in its epilogue (ACT_OUT): no silu_and_mul launch, no gate_up
 # round trip. H200, 8B W4A16_AWQ batch 1: 409.8 vs 407.9 / 407.8 tok/s (benchmarks/results/h200_s7b_*). Tried and
 # slower: the epilogue also writing down_proj's x planes (down on PLANES_CONFIG: 398.6), and (fifth session) SiLU *
 # up as down_proj's prologue (384.9 vs 387.1: every program recomputed the SiLU of its whole row slice).
-SILU_EPILOGUE = os.environ.get("QUANTA_INT_SILU_EPILOGUE", "1") == "1"
+SILU_EPILOGUE = envs.get("QUANTA_INT_SILU_EPILOGUE")
 
 
 def planes_config():
@@ -126,7 +126,7 @@ def _config():
 
 
 # Per-shape configs: env QUANTA_INT_GEMV_ASM_SHAPES="6144x4096=bn8_bk1024_sk2_w4_s1_nx;4096x4096=..." (N x K)
-ASM_SHAPES = os.environ.get("QUANTA_INT_GEMV_ASM_SHAPES", "")
+ASM_SHAPES = envs.get("QUANTA_INT_GEMV_ASM_SHAPES")
 
 
 def config_for(n: int, k: int):

@@ -14,11 +14,11 @@ on the GPU; benchmarks/bench_int_gemv.py has a `tinygemm` variant).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-MAX_ROWS = int(os.environ.get("QUANTA_INT4_TINYGEMM_MAX_ROWS", "0"))
+from quanta import envs
+
+MAX_ROWS = envs.get("QUANTA_INT4_TINYGEMM_MAX_ROWS")
 INNER_K_TILES = 8  # K is tiled by INNER_K_TILES * 16 (torchao's default)
 GROUPS = (32, 64, 128, 256)
 

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from quanta import envs
+
 _MISSING = object()
 
 
@@ -135,8 +137,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "config", None):
         merged.update(load_yaml(args.config))
     merged.update(given)
-    if merged.get("api_key") is None and os.environ.get("QUANTA_API_KEY"):
-        merged["api_key"] = os.environ["QUANTA_API_KEY"]
+    if merged.get("api_key") is None and envs.get("QUANTA_API_KEY"):
+        merged["api_key"] = envs.get("QUANTA_API_KEY")
     return merged
 
 
