@@ -42,6 +42,13 @@ def test_defaults_and_parsing(monkeypatch) -> None:
     assert "QUANTA_PDL = '0'" in envs.describe()
 
 
+def test_env_command(capsys) -> None:
+    from quanta.cli import main
+
+    assert main(["env"]) == 0
+    assert "QUANTA_PDL" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name,value,expect", [
     ("QUANTA_PDL", "yes", "QUANTA_PDL='yes': expected 0 or 1"),
     ("QUANTA_FUSED_NORM_MAX_MB", "16MB", "QUANTA_FUSED_NORM_MAX_MB='16MB': expected an integer"),

@@ -43,7 +43,19 @@ def _run_generate(args) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_generate]
+def _add_env(sub) -> Callable:
+    sub.add_parser("env", help="list the QUANTA_* environment variables, their values and defaults")
+
+    def run(args) -> int:
+        from quanta import envs
+
+        print(envs.describe())
+        return 0
+
+    return run
+
+
+COMMANDS: list[Callable] = [_add_generate, _add_env]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ variables are read here, never deep in the code). Code reads one with `envs.get(
 
 Most are A/B switches of the GPU fast paths (benchmarks/gpu_round.sh sets them); the defaults are the measured
 winners (benchmarks/RESULTS.md). A value that does not parse raises ValueError naming the variable and what it
-takes. `python -m quanta.envs` prints the table with the values in effect.
+takes. `quanta env` prints them with the values in effect.
 """
 
 from __future__ import annotations
@@ -112,7 +112,3 @@ def registered() -> dict[str, EnvVar]:
 def describe() -> str:
     rows = [f"{v.name} = {os.environ.get(v.name, v.default)!r} (default {v.default!r}): {v.doc}" for v in _VARS.values()]
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(describe())
