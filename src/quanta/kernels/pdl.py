@@ -47,7 +47,7 @@ def set_pdl(on: bool | None) -> None:
 
 def pdl_enabled(device: torch.device) -> bool:
     """PDL for kernels launched on `device`: env QUANTA_PDL not 0, a CUDA device of compute capability >= 9, a
-    Triton that has it (griddepcontrol in tl.extra.cuda, `launch_pdl`: 3.3+), not the Triton interpreter."""
+    Triton that has it (`tl.extra.cuda.gdc_wait` and `launch_pdl`), not the Triton interpreter."""
     if device.type != "cuda" or not HAS_TRITON:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
