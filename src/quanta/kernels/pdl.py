@@ -63,12 +63,17 @@ def pdl_enabled(device: torch.device) -> bool:
     return on
 
 
+# Read once (kernel launchers ask on every launch): what a PDL kernel does before its wait (step 1 above)
+_PREFETCH = envs.get("QUANTA_PDL_PREFETCH")
+_PRELOAD = envs.get("QUANTA_PDL_PRELOAD")
+
+
 def prefetch_enabled() -> bool:
-    return envs.get("QUANTA_PDL_PREFETCH")
+    return _PREFETCH
 
 
 def preload_enabled() -> bool:
-    return envs.get("QUANTA_PDL_PRELOAD")
+    return _PRELOAD
 
 
 def pdl_launch_kwargs(on: bool) -> dict:
