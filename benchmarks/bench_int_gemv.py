@@ -3,7 +3,8 @@
     python benchmarks/bench_int_gemv.py [--models 8b] [--ms 1,2] [--bits 4] [--json out.json]
 
 Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
-tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row). Times are medians of CUDA-graph replays after a 256 MiB L2
+tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row |
+mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_zs]"). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
@@ -94,7 +95,7 @@ def main() -> None:
         print(pick(a.best_of, a.best_kinds, a.best_m))
         return
     from quanta.kernels.gemv import GemvConfig, time_cuda
-    from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
+    from quanta.quantization import w_int_gemv_asm, w_int_mma, w_int_tinygemm
     from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
@@ -123,10 +124,14 @@ def main() -> None:
                 nbytes = packed.numel() + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
                 line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
                 tg = w_int_tinygemm.pack(packed, scale, zero) if bits == 4 else None
+                words = w_int_mma.mma_pack(packed, group) if bits == 4 and "mma:" in a.variants else None
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
                     if kind == "tinygemm":
                         fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
+                    elif kind == "mma":
+                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None,
+                                     w_int_mma.MmaConfig.parse(cfg_s))
                     else:
                         cfg = GemvConfig.parse(cfg_s)
                         w_int_gemv_asm.ASM_ENABLED = kind == "asm"
@@ -146,7 +151,7 @@ def main() -> None:
                             model=model, layer=name, n=n, k=k, m=m, variant=v, us=t, gbps=gbps, cublas_us=t_ref, err=err
                         )
                     )
-                    line += f" {v.split(':')[0][0]}:{cfg_s.rsplit('_sk', 1)[0]} {t:6.1f}"
+                    line += f" {v.split(':')[0][:2]}:{cfg_s.rsplit('_sk', 1)[0]} {t:6.1f}"
                 w_int_gemv_asm.ASM_ENABLED = True
                 print(line, flush=True)
             x = torch.randn(m, k_lm, device=dev).bfloat16()

@@ -1,0 +1,353 @@
+"""int4 weight-only GEMV on the tensor cores (W4A16 decode, 1 - 16 rows; issue 6), written in Gluon.
+
+The asm GEMV (w_int_gemv_asm.py, one row) spends ~3.4 SASS instructions a weight on packed half2 arithmetic, the
+swap-AB kernel (w_int_gemv_t.py, <= 16 rows) ~5.4 (its tile reaches the wgmma operand through shared memory a byte
+at a time). Here the weight is stored in the register order of `mma.sync.m16n8k16`'s A operand, so a thread's
+int32 word IS its A fragment for one 16 x 16 tile (8 nibbles): per word, three shifts and four `lop3` make the
+four bf16x2 (fp16x2) registers OFFSET + q (exact), four half2 subtracts take OFFSET + z away (exact, |q - z| <=
+15), and one `mma.sync` per 8 batch rows multiplies them with x^T (fp32 accumulate): ~1.5 instructions a weight at
+one row, ~1.6 at 16. The group's scale multiplies the fp32 partial once per (row, group) after its K16 steps.
+
+Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, WPG, 32] for groups of GROUP
+values (WPG = GROUP / 16 words a lane and group), lane l = 4 * r + c of tile t, group g, K16 step j holds
+    nibble h + 2 * kh + 4 * e = q[16 t + r + 8 h, g * GROUP + 16 j + 8 kh + 2 c + e]
+(h: row half, kh: K half, e: pair element): the lanes of one step are 128 contiguous bytes (one load a warp).
+C fragment: lane l holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile).
+
+Gluon (explicit layouts) keeps each [KW, TN, 32] tensor's last dimension on the 32 lanes of a warp, which the
+warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles (16 TN rows) over all of K; its
+KW warps take every KW-th group, summed across warps at the end. sm_80+ for fp16, sm_90 for bf16 (sub.bf16x2).
+The twin is `w_int_mma_linear_ref` (unpack the words, then w_int_kernel.w_int_linear_ref).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quanta.quantization.int_quant import unpack_int4
+
+try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001 - no triton, or a triton without gluon
+    HAS_GLUON = False
+    gluon = gl = None
+
+# x.dtype: (PTX pair type, PTX scalar type, 16-bit magic: OFFSET as a half, OFFSET)
+_TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x4300, 128.0), torch.float16: ("f16x2", "f16", 0x6400, 1024.0)}
+
+_DEQ = """shr.u32 s, $W, 4;
+lop3.b32 a0, $W, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 a1, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $W, 8;
+lop3.b32 a2, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $W, 12;
+lop3.b32 a3, s, 0x000F000F, MAGIC, 0xEA;
+sub.rn.T a0, a0, $ZL;
+sub.rn.T a1, a1, $ZH;
+sub.rn.T a2, a2, $ZL;
+sub.rn.T a3, a3, $ZH;
+"""
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.S.S.f32 {D}, {{a0, a1, a2, a3}}, {{XA, XB}}, {C};\n"
+
+
+def mma_ptx(dtype: torch.dtype, nt: int, zsub: bool = True) -> tuple[str, str]:
+    """(asm, constraints) of one K16 step for nt n-tiles: outputs d[4 nt] (f32); inputs w, z_lo, z_hi (half2 of
+    OFFSET + z for rows r and r + 8), then per n-tile x words (k 2c.., 2c+8..), then c[4 nt] (f32). zsub False:
+    no subtraction (the A operand is OFFSET + q; the kernel takes (OFFSET + z) * sum(x) away per group)."""
+    t, s, magic, _ = _TYPES[dtype]
+    n_out = 4 * nt
+    w, zl, zh = n_out, n_out + 1, n_out + 2
+    deq = _DEQ if zsub else _DEQ[: _DEQ.index("sub.rn")]
+    body = deq.replace("$W", f"${w}").replace("$ZL", f"${zl}").replace("$ZH", f"${zh}")
+    body = body.replace("MAGIC", f"0x{magic * 0x10001:08X}").replace(".T ", f".{t} ")
+    for i in range(nt):
+        xa, xb = n_out + 3 + 2 * i, n_out + 4 + 2 * i
+        c0 = n_out + 3 + 2 * nt + 4 * i
+        d = "{" + ", ".join(f"${4 * i + j}" for j in range(4)) + "}"
+        c = "{" + ", ".join(f"${c0 + j}" for j in range(4)) + "}"
+        body += _MMA.format(D=d, C=c).replace("XA", f"${xa}").replace("XB", f"${xb}").replace(".S.S.", f".{s}.{s}.")
+    asm = "{\n.reg .b32 s, a0, a1, a2, a3;\n" + body + "}"
+    constraints = ",".join(["=f"] * n_out + ["r"] * (3 + 2 * nt) + ["f"] * n_out)
+    return asm, constraints
+
+
+def xsum_ptx(dtype: torch.dtype) -> tuple[str, str]:
+    """(asm, constraints): d[4] = c[4] + ones(16 x 16) @ x^T for one n-tile's x words (xa, xb): per-lane sums of x
+    over K16 steps (the ZSUM kernels' sum(x) of a group)."""
+    t, s, _, _ = _TYPES[dtype]
+    one = 0x3F803F80 if dtype == torch.bfloat16 else 0x3C003C00
+    asm = ("{\n.reg .b32 o;\n" + f"mov.b32 o, 0x{one:08X};\n"
+           + f"mma.sync.aligned.m16n8k16.row.col.f32.{s}.{s}.f32 {{$0, $1, $2, $3}}, {{o, o, o, o}}, {{$4, $5}}, "
+           + "{$6, $7, $8, $9};\n}")
+    return asm, "=f,=f,=f,=f,r,r,f,f,f,f"
+
+
+def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """quanta's int4 bytes [N, K / 2] (low nibble = even k) -> the mma words [N / 16, G, 32, GROUP / 16] int32."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if n % 16 or k % group or group % 16:
+        raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 16 == 0 (N={n}, K={k}, group={group})")
+    q = unpack_int4(packed).to(torch.int32)  # [N, K]
+    g, wpg = k // group, group // 16
+    q = q.view(n // 16, 2, 8, g, 4, wpg, 2, 2)  # [t, h, r, g, c, j, kh, e]
+    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)  # [t, g, r, c, j, e, kh, h]: nibble = h + 2 kh + 4 e
+    q = q.reshape(n // 16, g, 32, wpg, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    words = (q << shifts).sum(-1, dtype=torch.int64)  # < 2^32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def mma_unpack(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of mma_pack: mma words -> quanta's int4 bytes [N, K / 2] uint8."""
+    t, g, _, wpg = words.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+    q = (words.to(torch.int32)[..., None] >> shifts) & 0xF  # [t, g, 32, j, 8]
+    q = q.view(t, g, 8, 4, wpg, 2, 2, 2)  # [t, g, r, c, j, e, kh, h]
+    q = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(t * 16, g * wpg * 16)  # [t, h, r, g, c, j, kh, e]
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
+    from quanta.quantization.w_int_kernel import w_int_linear_ref
+
+    packed = mma_unpack(words)
+    return w_int_linear_ref(x, packed, scale, zero, 4, group, packed.shape[1] * 2, bias)
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    tiles: int = 1  # TN: 16-row tiles a program
+    warps: int = 4  # KW: warps a program, splitting the groups
+    zsum: bool = False  # zero points through sum(x) per group instead of a half2 subtract a weight
+
+    @classmethod
+    def parse(cls, text: str) -> MmaConfig:
+        """"t2_w4[_zs]" -> tiles 2, warps 4 (zsum)."""
+        parts = [p for p in text.split("_") if p]
+        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "tw"}
+        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), zsum="zs" in parts)
+
+    def __str__(self) -> str:
+        return f"t{self.tiles}_w{self.warps}" + ("_zs" if self.zsum else "")
+
+
+_LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights: streamed once
+_LD4X = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"  # x: read by every program (L1 / L2)
+
+if HAS_GLUON:
+    LD4W = gl.constexpr(_LD4W)
+    LD4X = gl.constexpr(_LD4X)
+
+    @gluon.jit
+    def _ld4(ptr, ASM: gl.constexpr):
+        """Four int32 words from 16-byte aligned ptr, as four tensors of ptr's shape (one vector load)."""
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptr.to(gl.int64)],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _k16(ASM: gl.constexpr, CONS: gl.constexpr, NT: gl.constexpr, w, zl, zh, xa, xb, xa1, xb1, a0, a1, a2, a3,
+             a4, a5, a6, a7):
+        """One K16 step: the accumulators of NT n-tiles (a4..a7 pass through when NT == 1)."""
+        if NT == 2:
+            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+                ASM, CONS, [w, zl, zh, xa, xb, xa1, xb1, a0, a1, a2, a3, a4, a5, a6, a7],
+                dtype=(gl.float32, gl.float32, gl.float32, gl.float32, gl.float32, gl.float32, gl.float32,
+                       gl.float32), is_pure=True, pack=1)
+        else:
+            a0, a1, a2, a3 = gl.inline_asm_elementwise(ASM, CONS, [w, zl, zh, xa, xb, a0, a1, a2, a3],
+                                                       dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                       is_pure=True, pack=1)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @gluon.jit
+    def _xs4(XASM: gl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1):
+        """c0 / c1 (batch rows 2c, 2c + 1 of the lane) += sum of x over four K16 steps (ones @ x^T)."""
+        c2 = c0
+        c3 = c1
+        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x0, x1, c0, c1, c2, c3],
+                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                   is_pure=True, pack=1)
+        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x2, x3, c0, c1, c2, c3],
+                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                   is_pure=True, pack=1)
+        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x4, x5, c0, c1, c2, c3],
+                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                   is_pure=True, pack=1)
+        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x6, x7, c0, c1, c2, c3],
+                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                   is_pure=True, pack=1)
+        return c0, c1
+
+    @gluon.jit
+    def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
+                       ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
+                       NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, ZSUM: gl.constexpr = False, XASM: gl.constexpr = "",
+                       OFFSET: gl.constexpr = 128.0):
+        WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
+        L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
+        kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
+        tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        n_tiles = N // 16
+        tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
+        row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
+        row_hi = row_lo + 8
+        # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
+        # columns of the product), words (l % 4) * GROUP / 8 .. + 2 WPG of a group
+        xr = gl.minimum(ln // 4, M - 1)
+        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)  # [1, 1, 32]
+        xr1 = gl.minimum(ln // 4 + 8, M - 1)
+        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)
+        w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
+        zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
+        t0 = zeros
+        t1 = zeros
+        t2 = zeros
+        t3 = zeros
+        t4 = zeros
+        t5 = zeros
+        t6 = zeros
+        t7 = zeros
+        for g0 in range(0, G, KW):
+            g = g0 + kw  # [KW, 1, 1]
+            gc = gl.minimum(g, G - 1)
+            s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
+            s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
+            if HAS_ZERO:
+                z_lo = gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32)
+                z_hi = gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32)
+            else:
+                z_lo = gl.full([KW, TN, 32], 8, gl.int32, L3)
+                z_hi = z_lo
+            zl = (z_lo | MAGIC16) * 65537
+            zh = (z_hi | MAGIC16) * 65537
+            xz = gl.zeros([KW, 1, 32], gl.float32, L3)
+            xs0 = xz
+            xs1 = xz
+            xs4 = xz
+            xs5 = xz
+            w_g = w_l + gc * (32 * WPG)
+            x_g = x_l + gc * (GROUP // 2)
+            x_g1 = x_l1 + gc * (GROUP // 2)
+            a0 = zeros
+            a1 = zeros
+            a2 = zeros
+            a3 = zeros
+            a4 = zeros
+            a5 = zeros
+            a6 = zeros
+            a7 = zeros
+            for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
+                w0, w1, w2, w3 = _ld4(w_g + 4 * i, LD4W)
+                x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X)
+                x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X)
+                y0 = x0
+                y1 = x1
+                y2 = x2
+                y3 = x3
+                y4 = x4
+                y5 = x5
+                y6 = x6
+                y7 = x7
+                if NT == 2:
+                    y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X)
+                    y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w0, zl, zh, x0, x1, y0, y1,
+                                                      a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w1, zl, zh, x2, x3, y2, y3,
+                                                      a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w2, zl, zh, x4, x5, y4, y5,
+                                                      a0, a1, a2, a3, a4, a5, a6, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w3, zl, zh, x6, x7, y6, y7,
+                                                      a0, a1, a2, a3, a4, a5, a6, a7)
+                if ZSUM:
+                    xs0, xs1 = _xs4(XASM, x0, x1, x2, x3, x4, x5, x6, x7, xs0, xs1)
+                    if NT == 2:
+                        xs4, xs5 = _xs4(XASM, y0, y1, y2, y3, y4, y5, y6, y7, xs4, xs5)
+            if ZSUM:  # a = sum (OFFSET + q) x: take (OFFSET + z) * sum(x) away
+                zo_lo = z_lo.to(gl.float32) + OFFSET
+                zo_hi = z_hi.to(gl.float32) + OFFSET
+                a0 = a0 - zo_lo * xs0
+                a1 = a1 - zo_lo * xs1
+                a2 = a2 - zo_hi * xs0
+                a3 = a3 - zo_hi * xs1
+                if NT == 2:
+                    a4 = a4 - zo_lo * xs4
+                    a5 = a5 - zo_lo * xs5
+                    a6 = a6 - zo_hi * xs4
+                    a7 = a7 - zo_hi * xs5
+            t0 += a0 * s_lo
+            t1 += a1 * s_lo
+            t2 += a2 * s_hi
+            t3 += a3 * s_hi
+            if NT == 2:
+                t4 += a4 * s_lo
+                t5 += a5 * s_lo
+                t6 += a6 * s_hi
+                t7 += a7 * s_hi
+        # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
+        LR: gl.constexpr = gl.SliceLayout(0, L3)
+        tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
+        ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
+        ok = tile_r < n_tiles
+        r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
+        m0 = 2 * (ln_r % 4)
+        _store(y_ptr, b_ptr, gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        if NT == 2:
+            _store(y_ptr, b_ptr, gl.sum(t4, axis=0), r0, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+
+    @gluon.jit
+    def _store(y_ptr, b_ptr, v, row, m, ok, M, stride_ym, HAS_BIAS: gl.constexpr):
+        if HAS_BIAS:
+            v = v + gl.load(b_ptr + row, mask=ok, other=0.0).to(gl.float32)
+        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, v.to(y_ptr.dtype.element_ty), mask=ok & (m < M))
+
+
+def mma_ok(x: torch.Tensor, words: torch.Tensor) -> bool:
+    return (HAS_GLUON and x.is_cuda and x.dtype in _TYPES and words.dim() == 4
+            and torch.cuda.get_device_capability(x.device) >= ((9, 0) if x.dtype == torch.bfloat16 else (8, 0)))
+
+
+def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                     bias: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
+    """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack)."""
+    t, g, wpg, _ = words.shape
+    n, k = t * 16, g * group
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte x loads
+        x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
+    m = x2.shape[0]
+    if m > 16 or wpg * 16 != group or wpg % 4:
+        raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of 64k matching the words' (M={m}, "
+                         f"group {group}, words for {wpg * 16})")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or MmaConfig()
+    nt = 1 if m <= 8 else 2
+    asm, cons = mma_ptx(x.dtype, nt, zsub=not cfg.zsum)
+    xw = x2.view(torch.int32)  # [m, k / 2]
+    grid = (triton_cdiv(t, cfg.tiles),)
+    _w4_mma_kernel[grid](
+        xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
+        m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
+        ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=cfg.tiles, KW=cfg.warps,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, ZSUM=cfg.zsum, XASM=xsum_ptx(x.dtype)[0],
+        OFFSET=_TYPES[x.dtype][3], num_warps=cfg.warps)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,49 @@
+"""The tensor-core int4 GEMV on mma words (quantization/w_int_mma.py) against its twin: 1 - 16 rows, zero points
+or not, bias, groups 64 / 128, bf16 and fp16, every config kind (tiles, warps, zsum)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="needs an sm_90 GPU"
+)
+
+
+def _case(n, k, group, zp, seed, dtype=torch.bfloat16):
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+    from quanta.quantization.w_int_mma import mma_pack
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    s, z = group_qparams(w, 4, group, zp, dtype)
+    packed = pack_int4(quantize_groups(w, s, z, 4, group))
+    return mma_pack(packed, group).cuda(), s.cuda(), z.cuda() if z is not None else None
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("cfg", ["t1_w4", "t2_w4", "t4_w2", "t2_w8_zs", "t1_w4_zs"])
+@pytest.mark.parametrize("n,k,group,zp", [(96, 1024, 128, True), (6144, 4096, 128, False), (512, 768, 64, True)])
+def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
+    from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref
+
+    words, s, z = _case(n, k, group, zp, n + k + m)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    got = w_int_mma_linear(x, words, s, z, group, None, MmaConfig.parse(cfg))
+    ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, group)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_gemv_bias_3d_and_fp16(dtype):
+    from quanta.quantization.w_int_mma import w_int_mma_linear, w_int_mma_linear_ref
+
+    words, s, z = _case(256, 512, 128, True, 7, dtype)
+    x = torch.randn(2, 3, 512, device="cuda").to(dtype)
+    b = torch.randn(256, device="cuda").to(dtype)
+    got = w_int_mma_linear(x, words, s, z, 128, b)
+    ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, 128, b.float())
+    assert got.shape == (2, 3, 256)
+    assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()

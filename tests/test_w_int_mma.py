@@ -1,0 +1,49 @@
+"""The mma word layout of the tensor-core int4 GEMV (quantization/w_int_mma.py), on the CPU: pack / unpack round
+trip, the documented nibble formula, and the twin equal to the canonical reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quanta.quantization.int_quant import unpack_int4
+from quanta.quantization.w_int_mma import MmaConfig, mma_pack, mma_unpack, w_int_mma_linear_ref
+
+
+@pytest.mark.parametrize("n,k,group", [(48, 256, 128), (16, 128, 64), (32, 512, 32)])
+def test_pack_round_trip_and_formula(n, k, group):
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    words = mma_pack(packed, group)
+    assert words.shape == (n // 16, k // group, 32, group // 16) and words.dtype == torch.int32
+    assert torch.equal(mma_unpack(words), packed)
+    q = unpack_int4(packed)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        t, g, lane, j = (int(torch.randint(0, d, (1,), generator=gen)) for d in words.shape)
+        r, c, word = lane // 4, lane % 4, int(words[t, g, lane, j]) & 0xFFFFFFFF
+        for h in range(2):
+            for kh in range(2):
+                for e in range(2):
+                    want = q[16 * t + r + 8 * h, g * group + c * group // 4 + 4 * j + 2 * kh + e]
+                    assert (word >> (4 * (h + 2 * kh + 4 * e))) & 0xF == want
+
+
+def test_pack_rejects_ragged_shapes():
+    with pytest.raises(ValueError, match="N % 16"):
+        mma_pack(torch.zeros(24, 64, dtype=torch.uint8), 128)
+
+
+def test_ref_equals_canonical_ref():
+    from quanta.quantization.w_int_kernel import w_int_linear_ref
+
+    packed = torch.randint(0, 256, (32, 128), dtype=torch.uint8)
+    scale = torch.rand(32, 2) * 0.01
+    zero = torch.randint(0, 16, (32, 2), dtype=torch.uint8)
+    x = torch.randn(3, 256)
+    want = w_int_linear_ref(x, packed, scale, zero, 4, 128, 256)
+    assert torch.equal(w_int_mma_linear_ref(x, mma_pack(packed, 128), scale, zero, 128), want)
+
+
+def test_config_text():
+    assert MmaConfig.parse("t2_w8_zs") == MmaConfig(tiles=2, warps=8, zsum=True)
+    assert str(MmaConfig.parse("t4_w4")) == "t4_w4"
