@@ -323,7 +323,7 @@ def mma_ok(x: torch.Tensor, words: torch.Tensor) -> bool:
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                      bias: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack)."""
-    t, g, wpg, _ = words.shape
+    t, g, _, wpg = words.shape
     n, k = t * 16, g * group
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte x loads
