@@ -45,5 +45,5 @@ def test_ref_equals_canonical_ref():
 
 
 def test_config_text():
-    assert MmaConfig.parse("t2_w8_zs") == MmaConfig(tiles=2, warps=8, zsum=True)
+    assert MmaConfig.parse("t2_w8_np") == MmaConfig(tiles=2, warps=8, prefetch=False)
     assert str(MmaConfig.parse("t4_w4")) == "t4_w4"

@@ -55,15 +55,13 @@ sub.rn.T a3, a3, $ZH;
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.S.S.f32 {D}, {{a0, a1, a2, a3}}, {{XA, XB}}, {C};\n"
 
 
-def mma_ptx(dtype: torch.dtype, nt: int, zsub: bool = True) -> tuple[str, str]:
+def mma_ptx(dtype: torch.dtype, nt: int) -> tuple[str, str]:
     """(asm, constraints) of one K16 step for nt n-tiles: outputs d[4 nt] (f32); inputs w, z_lo, z_hi (half2 of
-    OFFSET + z for rows r and r + 8), then per n-tile x words (k 2c.., 2c+8..), then c[4 nt] (f32). zsub False:
-    no subtraction (the A operand is OFFSET + q; the kernel takes (OFFSET + z) * sum(x) away per group)."""
+    OFFSET + z for rows r and r + 8), then per n-tile x words (k slots 2c.., 2c+8..), then c[4 nt] (f32)."""
     t, s, magic, _ = _TYPES[dtype]
     n_out = 4 * nt
     w, zl, zh = n_out, n_out + 1, n_out + 2
-    deq = _DEQ if zsub else _DEQ[: _DEQ.index("sub.rn")]
-    body = deq.replace("$W", f"${w}").replace("$ZL", f"${zl}").replace("$ZH", f"${zh}")
+    body = _DEQ.replace("$W", f"${w}").replace("$ZL", f"${zl}").replace("$ZH", f"${zh}")
     body = body.replace("MAGIC", f"0x{magic * 0x10001:08X}").replace(".T ", f".{t} ")
     for i in range(nt):
         xa, xb = n_out + 3 + 2 * i, n_out + 4 + 2 * i
@@ -74,17 +72,6 @@ def mma_ptx(dtype: torch.dtype, nt: int, zsub: bool = True) -> tuple[str, str]:
     asm = "{\n.reg .b32 s, a0, a1, a2, a3;\n" + body + "}"
     constraints = ",".join(["=f"] * n_out + ["r"] * (3 + 2 * nt) + ["f"] * n_out)
     return asm, constraints
-
-
-def xsum_ptx(dtype: torch.dtype) -> tuple[str, str]:
-    """(asm, constraints): d[4] = c[4] + ones(16 x 16) @ x^T for one n-tile's x words (xa, xb): per-lane sums of x
-    over K16 steps (the ZSUM kernels' sum(x) of a group)."""
-    t, s, _, _ = _TYPES[dtype]
-    one = 0x3F803F80 if dtype == torch.bfloat16 else 0x3C003C00
-    asm = ("{\n.reg .b32 o;\n" + f"mov.b32 o, 0x{one:08X};\n"
-           + f"mma.sync.aligned.m16n8k16.row.col.f32.{s}.{s}.f32 {{$0, $1, $2, $3}}, {{o, o, o, o}}, {{$4, $5}}, "
-           + "{$6, $7, $8, $9};\n}")
-    return asm, "=f,=f,=f,=f,r,r,f,f,f,f"
 
 
 def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
@@ -123,17 +110,17 @@ def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
 class MmaConfig:
     tiles: int = 1  # TN: 16-row tiles a program
     warps: int = 4  # KW: warps a program, splitting the groups
-    zsum: bool = False  # zero points through sum(x) per group instead of a half2 subtract a weight
+    prefetch: bool = True  # PF: a warp's next group's words load before this group's math ("_np": after)
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4[_zs]" -> tiles 2, warps 4 (zsum)."""
+        """"t2_w4[_np]" -> tiles 2, warps 4 (no prefetch)."""
         parts = [p for p in text.split("_") if p]
         vals = {p[0]: int(p[1:]) for p in parts if p[0] in "tw"}
-        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), zsum="zs" in parts)
+        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts)
 
     def __str__(self) -> str:
-        return f"t{self.tiles}_w{self.warps}" + ("_zs" if self.zsum else "")
+        return f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np")
 
 
 _LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights: streamed once
@@ -165,30 +152,93 @@ if HAS_GLUON:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @gluon.jit
-    def _xs4(XASM: gl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1):
-        """c0 / c1 (batch rows 2c, 2c + 1 of the lane) += sum of x over four K16 steps (ones @ x^T)."""
-        c2 = c0
-        c3 = c1
-        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x0, x1, c0, c1, c2, c3],
-                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
-                                                   is_pure=True, pack=1)
-        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x2, x3, c0, c1, c2, c3],
-                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
-                                                   is_pure=True, pack=1)
-        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x4, x5, c0, c1, c2, c3],
-                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
-                                                   is_pure=True, pack=1)
-        c0, c1, c2, c3 = gl.inline_asm_elementwise(XASM, "=f,=f,=f,=f,r,r,f,f,f,f", [x6, x7, c0, c1, c2, c3],
-                                                   dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
-                                                   is_pure=True, pack=1)
-        return c0, c1
+    def _wload(w_l, g, G, GROUP: gl.constexpr):
+        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first)."""
+        WPG: gl.constexpr = GROUP // 16
+        w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
+        w0, w1, w2, w3 = _ld4(w_g, LD4W)
+        w4 = w0
+        w5 = w1
+        w6 = w2
+        w7 = w3
+        if WPG == 8:
+            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @gluon.jit
+    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+               stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr,
+               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr):
+        """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
+        its words (_wload)."""
+        WPG: gl.constexpr = GROUP // 16
+        gc = gl.minimum(g, G - 1)
+        x_g = x_l + gc * (GROUP // 2)
+        x_g1 = x_l1 + gc * (GROUP // 2)
+        s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
+        s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
+        if HAS_ZERO:
+            zl = (gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+            zh = (gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+        else:
+            zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
+            zh = zl
+        a0 = zeros
+        a1 = zeros
+        a2 = zeros
+        a3 = zeros
+        a4 = zeros
+        a5 = zeros
+        a6 = zeros
+        a7 = zeros
+        for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
+            x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X)
+            x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X)
+            y0 = x0
+            y1 = x1
+            y2 = x2
+            y3 = x3
+            y4 = x4
+            y5 = x5
+            y6 = x6
+            y7 = x7
+            if NT == 2:
+                y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X)
+                y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X)
+            if i == 0:
+                v0 = w0
+                v1 = w1
+                v2 = w2
+                v3 = w3
+            else:
+                v0 = w4
+                v1 = w5
+                v2 = w6
+                v3 = w7
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v0, zl, zh, x0, x1, y0, y1,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v1, zl, zh, x2, x3, y2, y3,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v2, zl, zh, x4, x5, y4, y5,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v3, zl, zh, x6, x7, y6, y7,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+        t0 += a0 * s_lo
+        t1 += a1 * s_lo
+        t2 += a2 * s_hi
+        t3 += a3 * s_hi
+        if NT == 2:
+            t4 += a4 * s_lo
+            t5 += a5 * s_lo
+            t6 += a6 * s_hi
+            t7 += a7 * s_hi
+        return t0, t1, t2, t3, t4, t5, t6, t7
 
     @gluon.jit
     def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, ZSUM: gl.constexpr = False, XASM: gl.constexpr = "",
-                       OFFSET: gl.constexpr = 128.0):
+                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -214,83 +264,17 @@ if HAS_GLUON:
         t5 = zeros
         t6 = zeros
         t7 = zeros
+        # the K loop: each warp's next group's words load before this group's math (PF), or with it
+        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP)
         for g0 in range(0, G, KW):
-            g = g0 + kw  # [KW, 1, 1]
-            gc = gl.minimum(g, G - 1)
-            s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
-            s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
-            if HAS_ZERO:
-                z_lo = gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32)
-                z_hi = gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32)
-            else:
-                z_lo = gl.full([KW, TN, 32], 8, gl.int32, L3)
-                z_hi = z_lo
-            zl = (z_lo | MAGIC16) * 65537
-            zh = (z_hi | MAGIC16) * 65537
-            xz = gl.zeros([KW, 1, 32], gl.float32, L3)
-            xs0 = xz
-            xs1 = xz
-            xs4 = xz
-            xs5 = xz
-            w_g = w_l + gc * (32 * WPG)
-            x_g = x_l + gc * (GROUP // 2)
-            x_g1 = x_l1 + gc * (GROUP // 2)
-            a0 = zeros
-            a1 = zeros
-            a2 = zeros
-            a3 = zeros
-            a4 = zeros
-            a5 = zeros
-            a6 = zeros
-            a7 = zeros
-            for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
-                w0, w1, w2, w3 = _ld4(w_g + 4 * i, LD4W)
-                x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X)
-                x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X)
-                y0 = x0
-                y1 = x1
-                y2 = x2
-                y3 = x3
-                y4 = x4
-                y5 = x5
-                y6 = x6
-                y7 = x7
-                if NT == 2:
-                    y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X)
-                    y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w0, zl, zh, x0, x1, y0, y1,
-                                                      a0, a1, a2, a3, a4, a5, a6, a7)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w1, zl, zh, x2, x3, y2, y3,
-                                                      a0, a1, a2, a3, a4, a5, a6, a7)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w2, zl, zh, x4, x5, y4, y5,
-                                                      a0, a1, a2, a3, a4, a5, a6, a7)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, w3, zl, zh, x6, x7, y6, y7,
-                                                      a0, a1, a2, a3, a4, a5, a6, a7)
-                if ZSUM:
-                    xs0, xs1 = _xs4(XASM, x0, x1, x2, x3, x4, x5, x6, x7, xs0, xs1)
-                    if NT == 2:
-                        xs4, xs5 = _xs4(XASM, y0, y1, y2, y3, y4, y5, y6, y7, xs4, xs5)
-            if ZSUM:  # a = sum (OFFSET + q) x: take (OFFSET + z) * sum(x) away
-                zo_lo = z_lo.to(gl.float32) + OFFSET
-                zo_hi = z_hi.to(gl.float32) + OFFSET
-                a0 = a0 - zo_lo * xs0
-                a1 = a1 - zo_lo * xs1
-                a2 = a2 - zo_hi * xs0
-                a3 = a3 - zo_hi * xs1
-                if NT == 2:
-                    a4 = a4 - zo_lo * xs4
-                    a5 = a5 - zo_lo * xs5
-                    a6 = a6 - zo_hi * xs4
-                    a7 = a7 - zo_hi * xs5
-            t0 += a0 * s_lo
-            t1 += a1 * s_lo
-            t2 += a2 * s_hi
-            t3 += a3 * s_hi
-            if NT == 2:
-                t4 += a4 * s_lo
-                t5 += a5 * s_lo
-                t6 += a6 * s_hi
-                t7 += a7 * s_hi
+            v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
+            if PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _group(
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
+            if not PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
         LR: gl.constexpr = gl.SliceLayout(0, L3)
         tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
@@ -337,15 +321,14 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         return y.reshape(*x.shape[:-1], n)
     cfg = config or MmaConfig()
     nt = 1 if m <= 8 else 2
-    asm, cons = mma_ptx(x.dtype, nt, zsub=not cfg.zsum)
+    asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
     grid = (triton_cdiv(t, cfg.tiles),)
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=cfg.tiles, KW=cfg.warps,
-        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, ZSUM=cfg.zsum, XASM=xsum_ptx(x.dtype)[0],
-        OFFSET=_TYPES[x.dtype][3], num_warps=cfg.warps)
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, num_warps=cfg.warps)
     return y.reshape(*x.shape[:-1], n)
 
 
