@@ -4,7 +4,8 @@
 
 Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
 tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row |
-mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_zs]"). Times are medians of CUDA-graph replays after a 256 MiB L2
+mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_np]" or "auto" (config_for) |
+auto: w_int_linear's own pick, config ignored). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
@@ -96,7 +97,7 @@ def main() -> None:
         return
     from quanta.kernels.gemv import GemvConfig, time_cuda
     from quanta.quantization import w_int_gemv_asm, w_int_mma, w_int_tinygemm
-    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear_ref
+    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear, w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
@@ -130,8 +131,10 @@ def main() -> None:
                     if kind == "tinygemm":
                         fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
                     elif kind == "mma":
-                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None,
-                                     w_int_mma.MmaConfig.parse(cfg_s))
+                        mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
+                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg)
+                    elif kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
+                        fn = partial(w_int_linear, x, packed, scale, zero, bits, group, k)
                     else:
                         cfg = GemvConfig.parse(cfg_s)
                         w_int_gemv_asm.ASM_ENABLED = kind == "asm"

@@ -47,3 +47,25 @@ def test_ref_equals_canonical_ref():
 def test_config_text():
     assert MmaConfig.parse("t2_w8_np") == MmaConfig(tiles=2, warps=8, prefetch=False)
     assert str(MmaConfig.parse("t4_w4")) == "t4_w4"
+
+
+def test_rows_and_configs():
+    from quanta.quantization import w_int_mma
+
+    assert w_int_mma._rows("2-16") == (2, 16) and w_int_mma._rows("4") == (4, 4) and w_int_mma._rows("") == (0, -1)
+    assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False)
+    assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
+    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=2, warps=4, prefetch=False)
+
+
+def test_attach_is_a_no_op_on_the_cpu():
+    from quanta.quantization import w_int_mma
+
+    class Layer:
+        in_features, out_features = 256, 32
+        weight_packed = torch.zeros(32, 128, dtype=torch.uint8)
+        weight_scale = torch.ones(32, 2, dtype=torch.bfloat16)
+
+    layer = Layer()
+    w_int_mma.attach(layer, 128)
+    assert not hasattr(layer, "weight_mma") and not w_int_mma.usable(layer, torch.zeros(2, 256))

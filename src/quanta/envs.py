@@ -92,6 +92,8 @@ _add("QUANTA_INT_SILU_EPILOGUE", "1", "flag", "gate_up's int4 GEMV stores SiLU(g
 _add("QUANTA_INT4_GEMV_MANY_CONFIG", "", "str", "config of the int4 GEMVs of 5-16 rows")
 _add("QUANTA_INT4_GEMV_MANY_SHAPES", "", "str", "per-shape configs of those: 'NxK=config;...'")
 _add("QUANTA_INT_DEQUANT_MIN_ROWS", "64", "int", "from this many rows int linears dequantize once + cuBLAS")
+_add("QUANTA_INT_MMA_ROWS", "2-16", "str", "int4 linears of this many rows on the tensor-core mma GEMV ('' = off)")
+_add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4[_np]'; '' = by shape)")
 _add("QUANTA_INT4_TINYGEMM_MAX_ROWS", "0", "int", "int4 linears of up to this many rows on PyTorch's tinygemm")
 # LoRA
 _add("QUANTA_LORA_FOLD_MAX_ROWS", "-1", "int", "decode batches of up to this many rows use folded LoRA (-1: 64)")

@@ -47,3 +47,29 @@ def test_mma_gemv_bias_3d_and_fp16(dtype):
     ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, 128, b.float())
     assert got.shape == (2, 3, 256)
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_engine_mma_equal_tokens(tmp_path, monkeypatch):
+    """A W4A16 engine decoding 4 sequences (CUDA graphs) gives the same tokens with the 2-16 row linears on the mma
+    GEMV as on the byte / swap-AB GEMVs."""
+    import json
+
+    from quanta.llmapi import LLM, QuantConfig, SamplingParams
+    from quanta.quantization import w_int_mma
+
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
+               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+               max_position_embeddings=512, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "llama-1024.json"
+    path.write_text(json.dumps(cfg))
+    prompts = [[1, 17, 42, 99, 7], [1, 5, 6], [1, 300, 301, 302, 303, 304], [1, 2, 3, 4]]
+    tokens = []
+    for rows in ((2, 16), (0, -1)):
+        monkeypatch.setattr(w_int_mma, "ROWS", rows)
+        with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                 quant_config=QuantConfig(quant_algo="W4A16")) as llm:
+            outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+            tokens.append([o.outputs[0].token_ids for o in outs])
+            attached = sum(hasattr(mod, "weight_mma") for mod in llm.engine.runner.model.modules())
+            assert attached == (8 if rows[0] else 0)  # qkv, o, gate_up, down x 2 layers
+    assert tokens[0] == tokens[1]

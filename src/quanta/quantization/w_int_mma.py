@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quanta import envs
 from quanta.quantization.int_quant import unpack_int4
 
 try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
@@ -104,6 +105,17 @@ def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
 
     packed = mma_unpack(words)
     return w_int_linear_ref(x, packed, scale, zero, 4, group, packed.shape[1] * 2, bias)
+
+
+def _rows(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return (int(lo), int(hi or lo)) if text else (0, -1)
+
+
+# Linears of ROWS[0] .. ROWS[1] rows run here where the layer has its mma words (attach; env QUANTA_INT_MMA_ROWS,
+# "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
+ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
+CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
 
 
 @dataclass(frozen=True)
@@ -299,9 +311,51 @@ if HAS_GLUON:
         gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, v.to(y_ptr.dtype.element_ty), mask=ok & (m < M))
 
 
-def mma_ok(x: torch.Tensor, words: torch.Tensor) -> bool:
-    return (HAS_GLUON and x.is_cuda and x.dtype in _TYPES and words.dim() == 4
-            and torch.cuda.get_device_capability(x.device) >= ((9, 0) if x.dtype == torch.bfloat16 else (8, 0)))
+def config_for(m: int, n: int, k: int) -> MmaConfig:
+    """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
+    `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
+    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6); one row: qkv t1_w8 11.4-11.5 (asm 10.5), o
+    10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
+    if CONFIG:
+        return MmaConfig.parse(CONFIG)
+    tiles = 2 if m > 8 else 1
+    if k >= 8192:  # few row tiles, long K: more warps share it
+        return MmaConfig(tiles=tiles, warps=8)
+    if n >= 16384:  # many row tiles: small programs
+        return MmaConfig(tiles=tiles, warps=2, prefetch=m <= 8)
+    return MmaConfig(tiles=tiles, warps=4 if m > 8 else 8, prefetch=False)
+
+
+def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """What the kernel takes: Gluon, CUDA sm_90 (bf16 needs sub.bf16x2), fp16 / bf16, rows and K in whole tiles
+    and groups of a multiple of 64."""
+    return (HAS_GLUON and device.type == "cuda" and dtype in _TYPES and group % 64 == 0 and n % 16 == 0
+            and k % group == 0 and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def attach(layer, group: int) -> None:
+    """Give a W4 layer its mma words (layer.weight_mma, next to the canonical bytes that LLM.save writes, the one-row
+    asm GEMV and the many-row dequantize path read: + 0.5 byte a weight of GPU memory) where the kernel takes it."""
+    packed = layer.weight_packed
+    if ROWS[1] < ROWS[0] or getattr(layer, "weight_g_idx", None) is not None:
+        return
+    k, n = layer.in_features, layer.out_features
+    if packed.shape[1] * 2 != k or not supported(group, n, k, layer.weight_scale.dtype, packed.device):
+        return
+    layer.weight_mma = mma_pack(packed, group)
+
+
+def usable(layer, x: torch.Tensor) -> bool:
+    words = getattr(layer, "weight_mma", None)
+    m = x.numel() // layer.in_features
+    return words is not None and x.dtype in _TYPES and ROWS[0] <= m <= min(ROWS[1], 16)
+
+
+def linear(layer, x: torch.Tensor, group: int) -> torch.Tensor:
+    """The layer's int4 weight times x (usable(layer, x)) on its mma words."""
+    m = x.numel() // layer.in_features
+    return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
+                            layer.bias, config_for(m, layer.out_features, layer.in_features))
 
 
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,

@@ -76,10 +76,11 @@ class WeightOnlyInt(QuantMethod):
                                  getattr(layer, "weight_g_idx", None))
 
     def process_after_loading(self, layer) -> None:
-        if self.bits == 4:  # PyTorch's int4 GEMM (w_int_tinygemm.py), where enabled and it takes the shape
-            from quanta.quantization import w_int_tinygemm
+        if self.bits == 4:  # second copies for PyTorch's int4 GEMM / the tensor-core GEMV, where they take the shape
+            from quanta.quantization import w_int_mma, w_int_tinygemm
 
             w_int_tinygemm.attach(layer, self.group_size(layer))
+            w_int_mma.attach(layer, self.group_size(layer))
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return _int_linear(layer, pre_scale(layer, x), self.bits)
@@ -137,6 +138,10 @@ def _int_linear(layer, x: torch.Tensor, bits: int) -> torch.Tensor:
 
         if w_int_tinygemm.usable(layer, x):
             return w_int_tinygemm.linear(x, *layer.tinygemm, method.group_size(layer), layer.out_features, layer.bias)
+        from quanta.quantization import w_int_mma
+
+        if w_int_mma.usable(layer, x):
+            return w_int_mma.linear(layer, x, method.group_size(layer))
         return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
                             bits, method.group_size(layer), layer.in_features, layer.bias)
     return F.linear(x, method.dequantize(layer, x.dtype), layer.bias)
