@@ -68,6 +68,8 @@ def measure(name: str, config: str, args, **kw) -> dict:
         res["batch1"] = quanta_latency(llm, 128, 128)
     if "batch16" in which:
         res["batch16_decode_tok_s"] = decode_tok_s(llm, 16)
+    if "batch4" in which:
+        res["batch4_decode_tok_s"] = decode_tok_s(llm, 4)
     if "throughput" in which:
         res["throughput_128_128"] = quanta_throughput(llm, args.num_requests, 128, 128)
     res["weight_gib"] = sum(p.numel() * p.element_size() for p in llm._built.engine.runner.model.parameters()) / 2**30
@@ -103,7 +105,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(SHARED / "configs" / "llama-3.1-8b.json"))
     ap.add_argument("--parts", default="bf16,awq,fp8,awq_time")
     ap.add_argument("--num-requests", type=int, default=512, help="requests in the 128/128 throughput run")
-    ap.add_argument("--measures", default="batch1,batch16,throughput", help="which of the three runs")
+    ap.add_argument("--measures", default="batch1,batch16,throughput", help="which of the runs (also: batch4)")
     ap.add_argument("--calib-batches", type=int, default=128, help="AWQ calibration sequences (x 512 tokens)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench_quant.json"))
     args = ap.parse_args()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from quanta import envs
+from quanta.kernels.pdl import pdl_enabled, pdl_launch_kwargs
 from quanta.quantization.int_quant import unpack_int4
 
 try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
@@ -137,16 +138,27 @@ class MmaConfig:
 
 _LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights: streamed once
 _LD4X = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"  # x: read by every program (L1 / L2)
+# the first group's words before the PDL wait: a coherent load (ptxas hoists the wait above .nc loads)
+_LD4P = "ld.global.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
 
 if HAS_GLUON:
     LD4W = gl.constexpr(_LD4W)
     LD4X = gl.constexpr(_LD4X)
+    LD4P = gl.constexpr(_LD4P)
 
     @gluon.jit
-    def _ld4(ptr, ASM: gl.constexpr):
-        """Four int32 words from 16-byte aligned ptr, as four tensors of ptr's shape (one vector load)."""
+    def _ld4(ptr, ASM: gl.constexpr, PURE: gl.constexpr = True):
+        """Four int32 words from 16-byte aligned ptr, as four tensors of ptr's shape (one vector load). PURE False
+        (x under PDL): kept in program order, after the griddepcontrol.wait."""
         return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptr.to(gl.int64)],
-                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=PURE, pack=1)
+
+    @gluon.jit
+    def _pdl_begin():
+        """kernels/pdl.pdl_begin in Gluon: wait for the previous kernel, then let the next one launch."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _k16(ASM: gl.constexpr, CONS: gl.constexpr, NT: gl.constexpr, w, zl, zh, xa, xb, xa1, xb1, a0, a1, a2, a3,
@@ -164,23 +176,25 @@ if HAS_GLUON:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @gluon.jit
-    def _wload(w_l, g, G, GROUP: gl.constexpr):
-        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first)."""
+    def _wload(w_l, g, G, GROUP: gl.constexpr, PURE: gl.constexpr = True):
+        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first).
+        PURE False: issued where written (the preload before the PDL wait)."""
         WPG: gl.constexpr = GROUP // 16
         w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
-        w0, w1, w2, w3 = _ld4(w_g, LD4W)
+        w0, w1, w2, w3 = _ld4(w_g, LD4W if PURE else LD4P, PURE)
         w4 = w0
         w5 = w1
         w6 = w2
         w7 = w3
         if WPG == 8:
-            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W)
+            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W if PURE else LD4P, PURE)
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @gluon.jit
     def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr,
-               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr):
+               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr,
+               USE_PDL: gl.constexpr):
         """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
         its words (_wload)."""
         WPG: gl.constexpr = GROUP // 16
@@ -204,8 +218,8 @@ if HAS_GLUON:
         a6 = zeros
         a7 = zeros
         for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
-            x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X)
-            x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X)
+            x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X, not USE_PDL)
+            x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X, not USE_PDL)
             y0 = x0
             y1 = x1
             y2 = x2
@@ -215,8 +229,8 @@ if HAS_GLUON:
             y6 = x6
             y7 = x7
             if NT == 2:
-                y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X)
-                y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X)
+                y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X, not USE_PDL)
+                y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X, not USE_PDL)
             if i == 0:
                 v0 = w0
                 v1 = w1
@@ -250,7 +264,7 @@ if HAS_GLUON:
     def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True):
+                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -277,14 +291,16 @@ if HAS_GLUON:
         t6 = zeros
         t7 = zeros
         # the K loop: each warp's next group's words load before this group's math (PF), or with it
-        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
+        if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
+            _pdl_begin()
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             if PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(
                 g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
-                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
+                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO, USE_PDL)
             if not PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
@@ -377,12 +393,14 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     nt = 1 if m <= 8 else 2
     asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
+    use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
     grid = (triton_cdiv(t, cfg.tiles),)
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=cfg.tiles, KW=cfg.warps,
-        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, num_warps=cfg.warps)
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, num_warps=cfg.warps,
+        **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n)
 
 
