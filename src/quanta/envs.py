@@ -78,7 +78,7 @@ _add("QUANTA_GEMV_FUSED_CONFIG_SILU", "", "str", "force the SiLU -> GEMV config"
 _add("QUANTA_FUSED_GEMV_ROWS", "1", "int", "decode batches of up to this many rows fuse norm / SiLU into GEMVs")
 _add("QUANTA_FUSED_NORM_MAX_MB", "16", "int", "largest weight (MiB) the norm -> GEMV fusion takes")
 _add("QUANTA_FUSED_SILU_MAX_MB", "40", "int", "largest weight (MiB) the SiLU -> GEMV fusion takes")
-_add("QUANTA_GEMV_LINEAR_MB", "-1", "int", "plain batch-1 linears up to this size (MiB) on the GEMV; -1: 16 with PDL")
+_add("QUANTA_GEMV_LINEAR_MB", "-1", "int", "plain batch-1 linears up to this size (MiB) on the GEMV; -1: 48 with PDL")
 _add("QUANTA_GEMV_LMHEAD", "0", "flag", "the batch-1 lm_head on the skinny GEMV")
 _add("QUANTA_BENCH_FLUSH", "write", "choice", "how GEMV benchmarks evict L2", ("write", "read"))
 # weight-only int kernels (quantization/w_int_*.py, kernels/gemv_config.py)
@@ -94,6 +94,8 @@ _add("QUANTA_INT4_GEMV_MANY_SHAPES", "", "str", "per-shape configs of those: 'Nx
 _add("QUANTA_INT_DEQUANT_MIN_ROWS", "64", "int", "from this many rows int linears dequantize once + cuBLAS")
 _add("QUANTA_INT_MMA_ROWS", "2-16", "str", "int4 linears of this many rows on the tensor-core mma GEMV ('' = off)")
 _add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4[_np]'; '' = by shape)")
+_add("QUANTA_INT_MMA_SILU_ROWS", "1-16", "str", "gate_up linears of this many rows on the mma GEMV with SiLU * up")
+_add("QUANTA_INT_MMA_SILU_CONFIG", "", "str", "its config ('t2_w2[_np]'; '' = 2 warps)")
 _add("QUANTA_INT4_TINYGEMM_MAX_ROWS", "0", "int", "int4 linears of up to this many rows on PyTorch's tinygemm")
 # LoRA
 _add("QUANTA_LORA_FOLD_MAX_ROWS", "-1", "int", "decode batches of up to this many rows use folded LoRA (-1: 64)")

@@ -36,6 +36,26 @@ def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("cfg", ["t2_w2", "t2_w4_np", "t2_w8"])
+@pytest.mark.parametrize("n,k,zp,bias", [(2048, 1024, True, False), (512, 768, False, True)])
+def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
+    import torch.nn.functional as F
+
+    from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref
+
+    group = 128 if k % 128 == 0 else 64
+    words, s, z = _case(n, k, group, zp, n + k + m)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    b = torch.randn(n, device="cuda").bfloat16() if bias else None
+    got = w_int_mma_linear(x, words, s, z, group, b, MmaConfig.parse(cfg), act=True)
+    gate_up = w_int_mma_linear_ref(x.float(), words, s.float(), z, group, b.float() if bias else None)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    assert got.shape == (m, n // 2)
+    assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mma_gemv_bias_3d_and_fp16(dtype):
     from quanta.quantization.w_int_mma import w_int_mma_linear, w_int_mma_linear_ref
@@ -51,8 +71,8 @@ def test_mma_gemv_bias_3d_and_fp16(dtype):
 
 def test_engine_mma_equal_tokens(tmp_path, monkeypatch):
     """A W4A16 engine decoding 4 sequences (CUDA graphs, PDL as configured) gives the same first tokens with the 2-16
-    row linears on the mma GEMV as on the byte / swap-AB GEMVs (later ones may flip: the kernels round differently
-    and dummy weights leave near-ties)."""
+    row linears and the gate_up SiLU epilogue on the mma GEMV as on the byte / swap-AB GEMVs + silu_and_mul (later
+    ones may flip: the kernels round differently and dummy weights leave near-ties)."""
     import json
 
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
@@ -67,10 +87,13 @@ def test_engine_mma_equal_tokens(tmp_path, monkeypatch):
     tokens = []
     for rows in ((2, 16), (0, -1)):
         monkeypatch.setattr(w_int_mma, "ROWS", rows)
+        monkeypatch.setattr(w_int_mma, "SILU_ROWS", (1, 16) if rows[0] else (0, -1))
         with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                  quant_config=QuantConfig(quant_algo="W4A16")) as llm:
             outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
             tokens.append([o.outputs[0].token_ids for o in outs])
+            one = llm.generate(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))  # batch 1: asm + mma SiLU
+            tokens.append(one.outputs[0].token_ids)
             attached = sum(hasattr(mod, "weight_mma") for mod in llm.engine.runner.model.modules())
             assert attached == (8 if rows[0] else 0)  # qkv, o, gate_up, down x 2 layers
-    assert tokens[0] == tokens[1]
+    assert tokens[0] == tokens[2] and tokens[1] == tokens[3]

@@ -22,12 +22,12 @@ FUSED_GEMV_MAX_ROWS = envs.get("QUANTA_FUSED_GEMV_ROWS")
 FUSED_NORM_MAX_BYTES = envs.get("QUANTA_FUSED_NORM_MAX_MB") << 20
 FUSED_SILU_MAX_BYTES = envs.get("QUANTA_FUSED_SILU_MAX_MB") << 20
 # Plain projections with no op to fuse (o_proj) of up to this size run on the skinny GEMV (kernels/gemv.py) instead
-# of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while attention runs. H200, 1B
-# batch 1 with PDL: 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS (benchmarks/results/h200_s8*); without PDL the GEMV
-# lost (H100: 763.9 vs 778.4), so it follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS); it
-# also covers a plain linear after an unfused norm (`norm_linear`: the 1B gate_up at 64 MiB, the 8B qkv at 48 MiB),
-# which no default reaches: not yet measured with PDL.
-GEMV_LINEAR_PDL_BYTES = 16 << 20
+# of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while the kernel before runs. H200,
+# batch 1 with PDL (benchmarks/results/h200_s8*, h200_s9a_*): 1B o_proj 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS;
+# 8B qkv (48 MiB, after the unfused norm: `norm_linear`) and o_proj 225.8 vs 220.1 (64 MiB, same call); the 1B
+# gate_up (64 MiB) stays on cuBLAS (1,013.1 vs 1,025.5). Without PDL the GEMV lost (H100: 763.9 vs 778.4), so it
+# follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS).
+GEMV_LINEAR_PDL_BYTES = 48 << 20
 GEMV_LINEAR_MAX_BYTES = envs.get("QUANTA_GEMV_LINEAR_MB") << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
 # 347.7 vs 380.9 for the 8B one in bench_gemv (H100, cold weights); off until measured in the engine.
@@ -116,10 +116,15 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 
 
 def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). One
-    int4 row on the asm GEMV: the norm writes x planes, gate_up_proj's GEMV computes SiLU(gate) * up in its epilogue
-    (no silu_and_mul launch)."""
+    """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). int4
+    gate_up on the tensor-core GEMV (w_int_mma.py, 1-16 rows) computes SiLU(gate) * up in its epilogue; else one
+    int4 row on the asm GEMV: the norm writes x planes, the asm GEMV's epilogue does (no silu_and_mul launch)."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    method = getattr(gate_up, "quant_method", None)
+    if (residual is not None and _USE_KERNELS and x.is_cuda and type(gate_up) in (Linear, MergedLinear)
+            and hasattr(method, "mma_silu") and method.mma_silu(gate_up, x)):  # int4 on the tensor-core GEMV
+        h, residual = norm(x, residual)
+        return down(method.apply_silu(gate_up, h)), residual
     sub = _planes_sub(gate_up, x) if residual is not None else 0
     if sub and hasattr(gate_up.quant_method, "apply_planes_silu"):
         from quanta.kernels.rms_norm import fused_add_rms_norm_planes

@@ -117,6 +117,10 @@ def _rows(text: str) -> tuple[int, int]:
 # "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
+# gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
+# launch; at one row instead of the asm GEMV's SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" = off)
+SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
+SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 
 
 @dataclass(frozen=True)
@@ -264,14 +268,18 @@ if HAS_GLUON:
     def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False):
+                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
+                       ACT: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
         tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         n_tiles = N // 16
-        tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
+        if ACT:  # W = gate | up, TN = 2: gate tile pid and up tile pid + n_tiles / 2, SiLU(gate) * up stored
+            tile_c = gl.program_id(0) + tn * (n_tiles // 2)
+        else:
+            tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
         row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
         row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
@@ -305,6 +313,21 @@ if HAS_GLUON:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
         LR: gl.constexpr = gl.SliceLayout(0, L3)
+        if ACT:
+            sel = gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)  # [2, 1]: gate, up
+            l1 = gl.arange(0, 32, layout=gl.SliceLayout(0, LR))
+            r1 = (gl.program_id(0) * 16 + l1 // 4).to(gl.int64)  # [32] rows of the output
+            c1 = 2 * (l1 % 4)
+            _store_act(y_ptr, b_ptr, gl.sum(t0, axis=0), sel, r1, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t1, axis=0), sel, r1, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t2, axis=0), sel, r1 + 8, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t3, axis=0), sel, r1 + 8, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            if NT == 2:
+                _store_act(y_ptr, b_ptr, gl.sum(t4, axis=0), sel, r1, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t5, axis=0), sel, r1, c1 + 9, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
+            return
         tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
         ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
         ok = tile_r < n_tiles
@@ -319,6 +342,17 @@ if HAS_GLUON:
             _store(y_ptr, b_ptr, gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
             _store(y_ptr, b_ptr, gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
             _store(y_ptr, b_ptr, gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+
+    @gluon.jit
+    def _store_act(y_ptr, b_ptr, v, sel, row, m, M, N, stride_ym, HAS_BIAS: gl.constexpr):
+        """v [2, 32]: (gate, up) of rows `row` (< N / 2) -> y[m, row] = SiLU(gate) * up (fp32 math)."""
+        gate = gl.sum(gl.where(sel == 0, v, 0.0), axis=0)
+        up = gl.sum(gl.where(sel == 1, v, 0.0), axis=0)
+        if HAS_BIAS:
+            gate = gate + gl.load(b_ptr + row).to(gl.float32)
+            up = up + gl.load(b_ptr + row + N // 2).to(gl.float32)
+        act = gate / (1.0 + gl.exp(-gate)) * up
+        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, act.to(y_ptr.dtype.element_ty), mask=m < M)
 
     @gluon.jit
     def _store(y_ptr, b_ptr, v, row, m, ok, M, stride_ym, HAS_BIAS: gl.constexpr):
@@ -353,7 +387,7 @@ def attach(layer, group: int) -> None:
     """Give a W4 layer its mma words (layer.weight_mma, next to the canonical bytes that LLM.save writes, the one-row
     asm GEMV and the many-row dequantize path read: + 0.5 byte a weight of GPU memory) where the kernel takes it."""
     packed = layer.weight_packed
-    if ROWS[1] < ROWS[0] or getattr(layer, "weight_g_idx", None) is not None:
+    if (ROWS[1] < ROWS[0] and SILU_ROWS[1] < SILU_ROWS[0]) or getattr(layer, "weight_g_idx", None) is not None:
         return
     k, n = layer.in_features, layer.out_features
     if packed.shape[1] * 2 != k or not supported(group, n, k, layer.weight_scale.dtype, packed.device):
@@ -367,18 +401,37 @@ def usable(layer, x: torch.Tensor) -> bool:
     return words is not None and x.dtype in _TYPES and ROWS[0] <= m <= min(ROWS[1], 16)
 
 
-def linear(layer, x: torch.Tensor, group: int) -> torch.Tensor:
-    """The layer's int4 weight times x (usable(layer, x)) on its mma words."""
+def usable_silu(layer, x: torch.Tensor) -> bool:
+    """SiLU(gate) * up of this gate | up layer on its mma words (SILU_ROWS rows; gate and up of whole tiles)."""
+    words = getattr(layer, "weight_mma", None)
     m = x.numel() // layer.in_features
+    return (words is not None and x.dtype in _TYPES and SILU_ROWS[0] <= m <= min(SILU_ROWS[1], 16)
+            and words.shape[0] % 2 == 0)
+
+
+def silu_config(m: int) -> MmaConfig:
+    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps."""
+    return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, prefetch=m <= 8)
+
+
+def linear(layer, x: torch.Tensor, group: int, act: bool = False) -> torch.Tensor:
+    """The layer's int4 weight times x (usable(layer, x)) on its mma words; act: SiLU(gate) * up (usable_silu)."""
+    m = x.numel() // layer.in_features
+    cfg = silu_config(m) if act else config_for(m, layer.out_features, layer.in_features)
     return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
-                            layer.bias, config_for(m, layer.out_features, layer.in_features))
+                            layer.bias, cfg, act)
 
 
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-                     bias: torch.Tensor | None = None, config: MmaConfig | None = None) -> torch.Tensor:
-    """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack)."""
+                     bias: torch.Tensor | None = None, config: MmaConfig | None = None,
+                     act: bool = False) -> torch.Tensor:
+    """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack).
+    act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
+    config's tiles become the pair)."""
     t, g, _, wpg = words.shape
     n, k = t * 16, g * group
+    if act and t % 2:
+        raise ValueError(f"the SiLU epilogue needs gate and up of whole 16-row tiles each (N={n})")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte x loads
         x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
@@ -386,22 +439,24 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     if m > 16 or wpg * 16 != group or wpg % 4:
         raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of 64k matching the words' (M={m}, "
                          f"group {group}, words for {wpg * 16})")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    n_out = n // 2 if act else n
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], n_out)
     cfg = config or MmaConfig()
+    tiles = 2 if act else cfg.tiles
     nt = 1 if m <= 8 else 2
     asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
-    grid = (triton_cdiv(t, cfg.tiles),)
+    grid = (t // 2 if act else triton_cdiv(t, tiles),)
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
-        ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=cfg.tiles, KW=cfg.warps,
-        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, num_warps=cfg.warps,
-        **pdl_launch_kwargs(use_pdl))
-    return y.reshape(*x.shape[:-1], n)
+        ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
+        num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -123,6 +123,18 @@ class WeightOnlyInt(QuantMethod):
                           self.group_size(layer), layer.in_features, layer.bias, cfg, planes=planes.view(torch.int32),
                           act=True)
 
+    def mma_silu(self, layer, x: torch.Tensor) -> bool:
+        """apply_silu takes this gate | up layer and x (the tensor-core GEMV's SiLU epilogue, w_int_mma.py)."""
+        from quanta.quantization import w_int_mma
+
+        return self.bits == 4 and _use_gpu_kernel(layer, x) and w_int_mma.usable_silu(layer, x)
+
+    def apply_silu(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up [..., I] of this gate | up layer [2I, K] in one launch (where mma_silu)."""
+        from quanta.quantization import w_int_mma
+
+        return w_int_mma.linear(layer, pre_scale(layer, x), self.group_size(layer), act=True)
+
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
         cfg.update(bits=self.bits, per_channel=self.per_channel)
@@ -176,6 +188,9 @@ class W4A8Awq(WeightOnlyInt):
 
     def planes_sub(self, layer, x: torch.Tensor) -> int:  # FP8 activations: x goes through apply()'s rounding
         return 0
+
+    def mma_silu(self, layer, x: torch.Tensor) -> bool:  # (the same)
+        return False
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         s = layer.input_scale
