@@ -69,10 +69,12 @@ def test_mma_gemv_bias_3d_and_fp16(dtype):
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
-def test_engine_mma_equal_tokens(tmp_path, monkeypatch):
-    """A W4A16 engine decoding 4 sequences (CUDA graphs, PDL as configured) gives the same first tokens with the 2-16
-    row linears and the gate_up SiLU epilogue on the mma GEMV as on the byte / swap-AB GEMVs + silu_and_mul (later
-    ones may flip: the kernels round differently and dummy weights leave near-ties)."""
+def test_engine_mma_same_distributions(tmp_path, monkeypatch):
+    """A W4A16 engine (CUDA graphs, PDL as configured) with the 2-16 row linears and the gate_up SiLU epilogue on the
+    mma GEMV gives the same next-token distributions as on the byte / swap-AB / asm GEMVs + silu_and_mul: 4 sequences
+    together (prefill and decode of up to 16 rows) and one alone (the one-row SiLU epilogue). Compared as top-8
+    logprobs of each step while the greedy tokens agree (the kernels round differently, and the near-ties of dummy
+    weights may flip a token)."""
     import json
 
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
@@ -84,16 +86,24 @@ def test_engine_mma_equal_tokens(tmp_path, monkeypatch):
     path = tmp_path / "llama-1024.json"
     path.write_text(json.dumps(cfg))
     prompts = [[1, 17, 42, 99, 7], [1, 5, 6], [1, 300, 301, 302, 303, 304], [1, 2, 3, 4]]
-    tokens = []
-    for rows in ((2, 16), (0, -1)):
-        monkeypatch.setattr(w_int_mma, "ROWS", rows)
-        monkeypatch.setattr(w_int_mma, "SILU_ROWS", (1, 16) if rows[0] else (0, -1))
+    params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=8)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(w_int_mma, "ROWS", (2, 16) if on else (0, -1))
+        monkeypatch.setattr(w_int_mma, "SILU_ROWS", (1, 16) if on else (0, -1))
         with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                  quant_config=QuantConfig(quant_algo="W4A16")) as llm:
-            outs = llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
-            tokens.append([o.outputs[0].token_ids for o in outs])
-            one = llm.generate(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))  # batch 1: asm + mma SiLU
-            tokens.append(one.outputs[0].token_ids)
+            outs = llm.generate(prompts, params) + [llm.generate(prompts[0], params)]
+            runs.append([o.outputs[0] for o in outs])
             attached = sum(hasattr(mod, "weight_mma") for mod in llm.engine.runner.model.modules())
-            assert attached == (8 if rows[0] else 0)  # qkv, o, gate_up, down x 2 layers
-    assert tokens[0] == tokens[2] and tokens[1] == tokens[3]
+            assert attached == (8 if on else 0)  # qkv, o, gate_up, down x 2 layers
+    worst, steps = 0.0, 0
+    for got, want in zip(*runs):
+        for tok_a, tok_b, lp_a, lp_b in zip(got.token_ids, want.token_ids, got.logprobs, want.logprobs):
+            common = set(lp_a) & set(lp_b)
+            assert len(common) >= 6
+            worst = max(worst, max(abs(lp_a[t].logprob - lp_b[t].logprob) for t in common))
+            steps += 1
+            if tok_a != tok_b:
+                break
+    assert steps >= 5 and worst < 0.05, (steps, worst)
