@@ -5,21 +5,32 @@ swap-AB kernel (w_int_gemv_t.py, <= 16 rows) ~5.4 (its tile reaches the wgmma op
 at a time). Here the weight is stored in the register order of `mma.sync.m16n8k16`'s A operand, so a thread's
 int32 word IS its A fragment for one 16 x 16 tile (8 nibbles): per word, three shifts and four `lop3` make the
 four bf16x2 (fp16x2) registers OFFSET + q (exact), four half2 subtracts take OFFSET + z away (exact, |q - z| <=
-15), and one `mma.sync` per 8 batch rows multiplies them with x^T (fp32 accumulate): ~1.5 instructions a weight at
-one row, ~1.6 at 16. The group's scale multiplies the fp32 partial once per (row, group) after its K16 steps.
+15), and one `mma.sync` per 8 batch rows multiplies them with x^T (fp32 accumulate). The group's scale multiplies
+the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K loop (sm_90, offline): ~2.0
+instructions a weight at 1 - 8 rows, ~2.2 at 16, and no shared memory in the loop.
 
-Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, WPG, 32] for groups of GROUP
-values (WPG = GROUP / 16 words a lane and group), lane l = 4 * r + c of tile t, group g, K16 step j holds
-    nibble h + 2 * kh + 4 * e = q[16 t + r + 8 h, g * GROUP + 16 j + 8 kh + 2 c + e]
-(h: row half, kh: K half, e: pair element): the lanes of one step are 128 contiguous bytes (one load a warp).
-C fragment: lane l holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile).
+Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, 32, WPG] for groups of GROUP
+values (WPG = GROUP / 16 words a lane and group); lane l = 4 r + c of tile t, group g, word j holds
+    nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + c GROUP / 4 + 4 j + 2 kh + e]
+(h: row half, kh, e: which of the lane's K slots 2c, 2c + 1, 2c + 8, 2c + 9 of the K16 step). The dot product does
+not care which k sits in which slot of a step, so each lane owns GROUP / 4 consecutive k of a group: its x values
+are 16-byte vector loads, its words too (a warp reads a group's 1 KB of a tile contiguously). C fragment: lane l
+holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile); batch rows >= M read row M - 1's
+x and are not stored (no masks in the loop).
 
 Gluon (explicit layouts) keeps each [KW, TN, 32] tensor's last dimension on the 32 lanes of a warp, which the
 warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles (16 TN rows) over all of K; its
-KW warps take every KW-th group, summed across warps at the end. sm_80+ for fp16, sm_90 for bf16 (sub.bf16x2).
-The twin is `w_int_mma_linear_ref` (unpack the words, then w_int_kernel.w_int_linear_ref).
-"""
+KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"), summed across
+warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and the epilogue stores
+SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads: ptxas hoists the
+wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
+w_int_kernel.w_int_linear_ref).
 
+Measured (H200, Llama-3.1-8B shapes, W4A16_AWQ, same calls; benchmarks/results/h200_s9*): the linears of a decode
+step in isolation (bench_int_gemv.py, reading L2 flush) 2,490 / 2,606 / 2,806 / 3,247 us at 2 / 4 / 8 / 16 rows
+against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engine (bench_quant.py) batch 4
+516.4 -> 1,557.5 tok/s, batch 16 4,493.9 -> 4,782.8 (bf16: 854.2 / 3,274.0).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -118,7 +129,9 @@ def _rows(text: str) -> tuple[int, int]:
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
 # gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
-# launch; at one row instead of the asm GEMV's SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" = off)
+# launch; at one row instead of the asm GEMV with x planes and its SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" =
+# off). H200, 8B W4A16_AWQ, tok/s, same call (h200_s9f_*): batch 1 462.0 -> 473.3, batch 4 1,554.4 -> 1,617.7,
+# batch 16 4,791.5 -> 4,635.3 (slower there: 1-8 by default)
 SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
 SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 
