@@ -110,6 +110,11 @@ for part in "$@"; do
       echo "asm config: ${QUANTA_INT_GEMV_ASM_CONFIG:-default}"
       for v in bf16 w4asm w4bytes; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16"; [ $v = w4bytes ] && e="QUANTA_INT_GEMV_ASM=0"
         echo "$v"; env $e timeout 150 python -m quanta.cli bench latency "$C/llama-3.1-8b.json" $q --json "$OUT/lat8q_$v.json" 2>&1 | tail -1; done ;;
+    # the tensor-core int4 GEMV (quantization/w_int_mma.py): the linears of an 8B step in isolation, what w_int_linear
+    # picked before vs the mma defaults and the SiLU epilogue; then the engine at batch 1 / 4 / 16, mma off vs on
+    mmabench) QUANTA_BENCH_FLUSH=read timeout 120 python benchmarks/bench_int_gemv.py --models 8b --ms ${MMA_MS:-1,2,4,8,16} --zero-point --variants auto:x,mma:auto,silu:t2_w2,silu:t2_w2_np --json "$OUT/mma_gemv.json" 2>&1 | grep -E "^8b|auto|silu" | tail -40 ;;
+    mmab) timeout 80 python benchmarks/bench_quant.py --parts bf16 --measures batch1,batch4,batch16 --json "$OUT/mmab_bf16.json" 2>&1 | grep -E "^bf16"
+      for rows in "" 2-16; do echo "QUANTA_INT_MMA_ROWS='$rows'"; QUANTA_INT_MMA_ROWS=$rows QUANTA_INT_MMA_SILU_ROWS=${rows:+1-8} timeout 120 python benchmarks/bench_quant.py --parts awq --measures batch1,batch4,batch16 --calib-batches 8 --json "$OUT/mmab_awq_${rows:-off}.json" 2>&1 | grep -E "^W4A16"; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -1,0 +1,276 @@
+"""The Gluon kernel of the tensor-core int4 GEMV (w_int_mma.py has the layout, the dispatch and the launcher).
+
+One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
+`mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
+KW-th group of K (words prefetched one group ahead, "PF"), summed across warps, stored (or SiLU(gate) * up, ACT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001 - no triton, or a triton without gluon
+    HAS_GLUON = False
+    gluon = gl = None
+
+# x.dtype: (PTX pair type, PTX scalar type, 16-bit magic: OFFSET as a half, OFFSET)
+_TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x4300, 128.0), torch.float16: ("f16x2", "f16", 0x6400, 1024.0)}
+
+_DEQ = """shr.u32 s, $W, 4;
+lop3.b32 a0, $W, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 a1, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $W, 8;
+lop3.b32 a2, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, $W, 12;
+lop3.b32 a3, s, 0x000F000F, MAGIC, 0xEA;
+sub.rn.T a0, a0, $ZL;
+sub.rn.T a1, a1, $ZH;
+sub.rn.T a2, a2, $ZL;
+sub.rn.T a3, a3, $ZH;
+"""
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.S.S.f32 {D}, {{a0, a1, a2, a3}}, {{XA, XB}}, {C};\n"
+
+
+def mma_ptx(dtype: torch.dtype, nt: int) -> tuple[str, str]:
+    """(asm, constraints) of one K16 step for nt n-tiles: outputs d[4 nt] (f32); inputs w, z_lo, z_hi (half2 of
+    OFFSET + z for rows r and r + 8), then per n-tile x words (k slots 2c.., 2c+8..), then c[4 nt] (f32)."""
+    t, s, magic, _ = _TYPES[dtype]
+    n_out = 4 * nt
+    w, zl, zh = n_out, n_out + 1, n_out + 2
+    body = _DEQ.replace("$W", f"${w}").replace("$ZL", f"${zl}").replace("$ZH", f"${zh}")
+    body = body.replace("MAGIC", f"0x{magic * 0x10001:08X}").replace(".T ", f".{t} ")
+    for i in range(nt):
+        xa, xb = n_out + 3 + 2 * i, n_out + 4 + 2 * i
+        c0 = n_out + 3 + 2 * nt + 4 * i
+        d = "{" + ", ".join(f"${4 * i + j}" for j in range(4)) + "}"
+        c = "{" + ", ".join(f"${c0 + j}" for j in range(4)) + "}"
+        body += _MMA.format(D=d, C=c).replace("XA", f"${xa}").replace("XB", f"${xb}").replace(".S.S.", f".{s}.{s}.")
+    asm = "{\n.reg .b32 s, a0, a1, a2, a3;\n" + body + "}"
+    constraints = ",".join(["=f"] * n_out + ["r"] * (3 + 2 * nt) + ["f"] * n_out)
+    return asm, constraints
+
+
+_LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights: streamed once
+_LD4X = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"  # x: read by every program (L1 / L2)
+# the first group's words before the PDL wait: a coherent load (ptxas hoists the wait above .nc loads)
+_LD4P = "ld.global.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
+
+if HAS_GLUON:
+    LD4W = gl.constexpr(_LD4W)
+    LD4X = gl.constexpr(_LD4X)
+    LD4P = gl.constexpr(_LD4P)
+
+    @gluon.jit
+    def _ld4(ptr, ASM: gl.constexpr, PURE: gl.constexpr = True):
+        """Four int32 words from 16-byte aligned ptr, as four tensors of ptr's shape (one vector load). PURE False
+        (x under PDL): kept in program order, after the griddepcontrol.wait."""
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptr.to(gl.int64)],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=PURE, pack=1)
+
+    @gluon.jit
+    def _pdl_begin():
+        """kernels/pdl.pdl_begin in Gluon: wait for the previous kernel, then let the next one launch."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _k16(ASM: gl.constexpr, CONS: gl.constexpr, NT: gl.constexpr, w, zl, zh, xa, xb, xa1, xb1, a0, a1, a2, a3,
+             a4, a5, a6, a7):
+        """One K16 step: the accumulators of NT n-tiles (a4..a7 pass through when NT == 1)."""
+        if NT == 2:
+            a0, a1, a2, a3, a4, a5, a6, a7 = gl.inline_asm_elementwise(
+                ASM, CONS, [w, zl, zh, xa, xb, xa1, xb1, a0, a1, a2, a3, a4, a5, a6, a7],
+                dtype=(gl.float32, gl.float32, gl.float32, gl.float32, gl.float32, gl.float32, gl.float32,
+                       gl.float32), is_pure=True, pack=1)
+        else:
+            a0, a1, a2, a3 = gl.inline_asm_elementwise(ASM, CONS, [w, zl, zh, xa, xb, a0, a1, a2, a3],
+                                                       dtype=(gl.float32, gl.float32, gl.float32, gl.float32),
+                                                       is_pure=True, pack=1)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @gluon.jit
+    def _wload(w_l, g, G, GROUP: gl.constexpr, PURE: gl.constexpr = True):
+        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first).
+        PURE False: issued where written (the preload before the PDL wait)."""
+        WPG: gl.constexpr = GROUP // 16
+        w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
+        w0, w1, w2, w3 = _ld4(w_g, LD4W if PURE else LD4P, PURE)
+        w4 = w0
+        w5 = w1
+        w6 = w2
+        w7 = w3
+        if WPG == 8:
+            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W if PURE else LD4P, PURE)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @gluon.jit
+    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+               stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr,
+               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr,
+               USE_PDL: gl.constexpr):
+        """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
+        its words (_wload)."""
+        WPG: gl.constexpr = GROUP // 16
+        gc = gl.minimum(g, G - 1)
+        x_g = x_l + gc * (GROUP // 2)
+        x_g1 = x_l1 + gc * (GROUP // 2)
+        s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
+        s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
+        if HAS_ZERO:
+            zl = (gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+            zh = (gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+        else:
+            zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
+            zh = zl
+        a0 = zeros
+        a1 = zeros
+        a2 = zeros
+        a3 = zeros
+        a4 = zeros
+        a5 = zeros
+        a6 = zeros
+        a7 = zeros
+        for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
+            x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X, not USE_PDL)
+            x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X, not USE_PDL)
+            y0 = x0
+            y1 = x1
+            y2 = x2
+            y3 = x3
+            y4 = x4
+            y5 = x5
+            y6 = x6
+            y7 = x7
+            if NT == 2:
+                y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X, not USE_PDL)
+                y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X, not USE_PDL)
+            if i == 0:
+                v0 = w0
+                v1 = w1
+                v2 = w2
+                v3 = w3
+            else:
+                v0 = w4
+                v1 = w5
+                v2 = w6
+                v3 = w7
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v0, zl, zh, x0, x1, y0, y1,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v1, zl, zh, x2, x3, y2, y3,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v2, zl, zh, x4, x5, y4, y5,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v3, zl, zh, x6, x7, y6, y7,
+                                                  a0, a1, a2, a3, a4, a5, a6, a7)
+        t0 += a0 * s_lo
+        t1 += a1 * s_lo
+        t2 += a2 * s_hi
+        t3 += a3 * s_hi
+        if NT == 2:
+            t4 += a4 * s_lo
+            t5 += a5 * s_lo
+            t6 += a6 * s_hi
+            t7 += a7 * s_hi
+        return t0, t1, t2, t3, t4, t5, t6, t7
+
+    @gluon.jit
+    def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
+                       ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
+                       NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
+                       ACT: gl.constexpr = False):
+        WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
+        L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
+        kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
+        tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        n_tiles = N // 16
+        if ACT:  # W = gate | up, TN = 2: gate tile pid and up tile pid + n_tiles / 2, SiLU(gate) * up stored
+            tile_c = gl.program_id(0) + tn * (n_tiles // 2)
+        else:
+            tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
+        row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
+        row_hi = row_lo + 8
+        # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
+        # columns of the product), words (l % 4) * GROUP / 8 .. + 2 WPG of a group
+        xr = gl.minimum(ln // 4, M - 1)
+        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)  # [1, 1, 32]
+        xr1 = gl.minimum(ln // 4 + 8, M - 1)
+        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)
+        w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
+        zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
+        t0 = zeros
+        t1 = zeros
+        t2 = zeros
+        t3 = zeros
+        t4 = zeros
+        t5 = zeros
+        t6 = zeros
+        t7 = zeros
+        # the K loop: each warp's next group's words load before this group's math (PF), or with it
+        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
+        if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
+            _pdl_begin()
+        for g0 in range(0, G, KW):
+            v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
+            if PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _group(
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO, USE_PDL)
+            if not PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+        # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
+        LR: gl.constexpr = gl.SliceLayout(0, L3)
+        if ACT:
+            sel = gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)  # [2, 1]: gate, up
+            l1 = gl.arange(0, 32, layout=gl.SliceLayout(0, LR))
+            r1 = (gl.program_id(0) * 16 + l1 // 4).to(gl.int64)  # [32] rows of the output
+            c1 = 2 * (l1 % 4)
+            _store_act(y_ptr, b_ptr, gl.sum(t0, axis=0), sel, r1, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t1, axis=0), sel, r1, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t2, axis=0), sel, r1 + 8, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, gl.sum(t3, axis=0), sel, r1 + 8, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            if NT == 2:
+                _store_act(y_ptr, b_ptr, gl.sum(t4, axis=0), sel, r1, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t5, axis=0), sel, r1, c1 + 9, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
+            return
+        tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
+        ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
+        ok = tile_r < n_tiles
+        r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
+        m0 = 2 * (ln_r % 4)
+        _store(y_ptr, b_ptr, gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        if NT == 2:
+            _store(y_ptr, b_ptr, gl.sum(t4, axis=0), r0, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+
+    @gluon.jit
+    def _store_act(y_ptr, b_ptr, v, sel, row, m, M, N, stride_ym, HAS_BIAS: gl.constexpr):
+        """v [2, 32]: (gate, up) of rows `row` (< N / 2) -> y[m, row] = SiLU(gate) * up (fp32 math)."""
+        gate = gl.sum(gl.where(sel == 0, v, 0.0), axis=0)
+        up = gl.sum(gl.where(sel == 1, v, 0.0), axis=0)
+        if HAS_BIAS:
+            gate = gate + gl.load(b_ptr + row).to(gl.float32)
+            up = up + gl.load(b_ptr + row + N // 2).to(gl.float32)
+        act = gate / (1.0 + gl.exp(-gate)) * up
+        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, act.to(y_ptr.dtype.element_ty), mask=m < M)
+
+    @gluon.jit
+    def _store(y_ptr, b_ptr, v, row, m, ok, M, stride_ym, HAS_BIAS: gl.constexpr):
+        if HAS_BIAS:
+            v = v + gl.load(b_ptr + row, mask=ok, other=0.0).to(gl.float32)
+        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, v.to(y_ptr.dtype.element_ty), mask=ok & (m < M))
