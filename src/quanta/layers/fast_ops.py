@@ -117,8 +117,9 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 
 def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). int4
-    gate_up on the tensor-core GEMV (w_int_mma.py, 1-16 rows) computes SiLU(gate) * up in its epilogue; else one
-    int4 row on the asm GEMV: the norm writes x planes, the asm GEMV's epilogue does (no silu_and_mul launch)."""
+    gate_up on the tensor-core GEMV (w_int_mma.py, QUANTA_INT_MMA_SILU_ROWS rows) computes SiLU(gate) * up in its
+    epilogue; else one int4 row on the asm GEMV: the norm writes x planes, the asm GEMV's epilogue does (no
+    silu_and_mul launch either way)."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     method = getattr(gate_up, "quant_method", None)
     if (residual is not None and _USE_KERNELS and x.is_cuda and type(gate_up) in (Linear, MergedLinear)

@@ -33,6 +33,7 @@ against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engin
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,7 @@ class MmaConfig:
         return f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np")
 
 
+@functools.lru_cache(maxsize=256)
 def config_for(m: int, n: int, k: int) -> MmaConfig:
     """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
     `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
@@ -159,6 +161,7 @@ def usable_silu(layer, x: torch.Tensor) -> bool:
             and words.shape[0] % 2 == 0)
 
 
+@functools.lru_cache(maxsize=32)
 def silu_config(m: int) -> MmaConfig:
     """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps."""
     return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, prefetch=m <= 8)

@@ -7,6 +7,8 @@ KW-th group of K (words prefetched one group ahead, "PF"), summed across warps, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
@@ -36,6 +38,7 @@ sub.rn.T a3, a3, $ZH;
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.S.S.f32 {D}, {{a0, a1, a2, a3}}, {{XA, XB}}, {C};\n"
 
 
+@functools.lru_cache(maxsize=8)
 def mma_ptx(dtype: torch.dtype, nt: int) -> tuple[str, str]:
     """(asm, constraints) of one K16 step for nt n-tiles: outputs d[4 nt] (f32); inputs w, z_lo, z_hi (half2 of
     OFFSET + z for rows r and r + 8), then per n-tile x words (k slots 2c.., 2c+8..), then c[4 nt] (f32)."""
