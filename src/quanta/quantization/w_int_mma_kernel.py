@@ -20,8 +20,8 @@ except Exception:  # noqa: BLE001 - no triton, or a triton without gluon
     HAS_GLUON = False
     gluon = gl = None
 
-# x.dtype: (PTX pair type, PTX scalar type, 16-bit magic: OFFSET as a half, OFFSET)
-_TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x4300, 128.0), torch.float16: ("f16x2", "f16", 0x6400, 1024.0)}
+# x.dtype: (PTX pair type, PTX scalar type, 16-bit magic: OFFSET as a half: 128 in bf16, 1024 in fp16)
+_TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x4300), torch.float16: ("f16x2", "f16", 0x6400)}
 
 _DEQ = """shr.u32 s, $W, 4;
 lop3.b32 a0, $W, 0x000F000F, MAGIC, 0xEA;
@@ -42,7 +42,7 @@ _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.S.S.f32 {D}, {{a0, a1, a2, a3}}, {
 def mma_ptx(dtype: torch.dtype, nt: int) -> tuple[str, str]:
     """(asm, constraints) of one K16 step for nt n-tiles: outputs d[4 nt] (f32); inputs w, z_lo, z_hi (half2 of
     OFFSET + z for rows r and r + 8), then per n-tile x words (k slots 2c.., 2c+8..), then c[4 nt] (f32)."""
-    t, s, magic, _ = _TYPES[dtype]
+    t, s, magic = _TYPES[dtype]
     n_out = 4 * nt
     w, zl, zh = n_out, n_out + 1, n_out + 2
     body = _DEQ.replace("$W", f"${w}").replace("$ZL", f"${zl}").replace("$ZH", f"${zh}")
