@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels show in the trace)")
     ap.add_argument("--quant-algo", default=None, help="quantize at load (random-token calibration), e.g. W4A16_AWQ")
+    ap.add_argument("--timeline", action="store_true", help="with --trace: kernel time line of the traced steps "
+                    "(busy time, gaps, overlap, per-kernel durations; benchmarks/trace_timeline.py)")
     a = ap.parse_args()
     dummy = a.model.endswith(".json")
     kw = {}
@@ -94,6 +96,16 @@ def main() -> None:
                 eng.step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROF_ROWS", "15")), max_name_column_width=60))
+        if a.timeline:
+            import json
+            import tempfile
+
+            from trace_timeline import summarize
+
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                prof.export_chrome_trace(f.name)
+                events = json.load(open(f.name))["traceEvents"]
+            print(summarize(events, steps=8))
 
 
 def _timed_call(sampler, logits, rows, acc):
