@@ -126,7 +126,7 @@ for part in "$@"; do
     # kernel time lines (busy, gaps, PDL overlap, per-kernel durations) of decode steps in graph mode: TL_RUNS="MODEL:QUANT:BATCH ..."
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"
-        PROF_ROWS=0 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -32; done ;;
+        PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
