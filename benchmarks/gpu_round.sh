@@ -121,8 +121,8 @@ for part in "$@"; do
     cpbench) for tree in old new; do src=$PWD/src; v=${MMA_VARIANTS:-auto:x,mma:auto}; [ $tree = old ] && src=$PWD/../old/src && v=auto:x,mma:auto,silu:t2_w2
         echo "kernels, $tree tree"; PYTHONPATH=$src:$PWD QUANTA_BENCH_FLUSH=read timeout ${CP_S:-200} python benchmarks/bench_int_gemv.py --models 8b --ms ${MMA_MS:-1,16} --zero-point --variants $v --json "$OUT/cp_gemv_$tree.json" 2>&1 | grep -E "^8b|auto|silu|mma" | tail -60; done ;;
     cpab) [ -n "$CP_BF16" ] && timeout 80 python benchmarks/bench_quant.py --parts bf16 --measures batch1,batch4,batch16 --json "$OUT/cpab_bf16.json" 2>&1 | grep -E "^bf16"
-      for tree in ${CP_TREES:-old new}; do src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "awq, $tree tree"
-        PYTHONPATH=$src:$PWD timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch1,batch4,batch16 --calib-batches 8 --json "$OUT/cpab_awq_$tree.json" 2>&1 | grep -E "^W4A16"; done ;;
+      i=0; for spec in ${CP_TREES:-old new}; do IFS=: read -r tree ev <<< "$spec"; src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src
+        i=$((i+1)); echo "awq, $tree tree ${ev}"; env ${ev//,/ } PYTHONPATH=$src:$PWD timeout 150 python benchmarks/bench_quant.py --parts awq --measures ${CP_MEASURES:-batch1,batch4,batch16} --calib-batches 8 --json "$OUT/cpab_awq_${i}_$tree.json" 2>&1 | grep -E "^W4A16"; done ;;
     # kernel time lines (busy, gaps, PDL overlap, per-kernel durations) of decode steps in graph mode: TL_RUNS="MODEL:QUANT:BATCH ..."
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"

@@ -135,6 +135,10 @@ def _rows(text: str) -> tuple[int, int]:
 # Linears of ROWS[0] .. ROWS[1] rows run here where the layer has its mma words (attach; env QUANTA_INT_MMA_ROWS,
 # "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
+# layers of < 16384 outputs (not gate_up) only at NARROW_ROWS rows: at 16 rows the swap-AB kernel was faster on them
+# (H200, 8B, reading L2 flush, us, same call, h200_s10b: qkv 17.0 vs 17.4, o 14.3 vs 15.6, down 29.1 vs 34.1)
+NARROW_ROWS = _rows(envs.get("QUANTA_INT_MMA_NARROW_ROWS"))
+NARROW_N = 16384
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
 # gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
 # launch; at one row instead of the asm GEMV with x planes and its SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" =
@@ -162,15 +166,17 @@ class MmaConfig:
 
 @functools.lru_cache(maxsize=256)
 def config_for(m: int, n: int, k: int) -> MmaConfig:
-    """QUANTA_INT_MMA_CONFIG, else by shape (see the measurements in benchmarks/RESULTS.md)."""
+    """QUANTA_INT_MMA_CONFIG, else by shape. The fastest measured (H200, Llama-3.1-8B shapes, zero points, reading L2
+    flush, us; benchmarks/results/h200_s10{a,b}_*): 1 / 4 rows qkv t1_w8_d1 11.2 / 12.4, o t1_w8_d1 9.8 / 10.7,
+    gate_up t1_w2_d4 28.1 / 33.2, down t1_w8_d1 18.3 / 20.1; 8 rows qkv t1_w8_d2 13.9, o 12.0, gate_up t2_w4_d1 28.8,
+    down t1_w8_d2 23.2; 16 rows qkv t2_w4_d1 17.4, o 15.6, gate_up t2_w2_d2 36.9, down t1_w8_d2 34.1."""
     if CONFIG:
         return MmaConfig.parse(CONFIG)
-    tiles = 2 if m > 8 else 1
+    if n >= NARROW_N:  # many row tiles: small programs
+        return MmaConfig(1, 2, 4) if m <= 4 else MmaConfig(2, 4, 1) if m <= 8 else MmaConfig(2, 2, 2)
     if k >= 8192:  # few row tiles, long K: more warps share it
-        return MmaConfig(tiles=tiles, warps=8, depth=2)
-    if n >= 16384:  # many row tiles: small programs
-        return MmaConfig(tiles=tiles, warps=2, depth=4)
-    return MmaConfig(tiles=tiles, warps=4 if m > 8 else 8, depth=2)
+        return MmaConfig(1, 8, 1 if m <= 4 else 2)
+    return MmaConfig(1, 8, 1) if m <= 4 else MmaConfig(1, 8, 2) if m <= 8 else MmaConfig(2, 4, 1)
 
 
 def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -196,7 +202,8 @@ def attach(layer, group: int) -> None:
 def usable(layer, x: torch.Tensor) -> bool:
     mw = getattr(layer, "weight_mma", None)
     m = x.numel() // layer.in_features
-    return mw is not None and x.dtype == mw.dtype and ROWS[0] <= m <= min(ROWS[1], 16)
+    rows = ROWS if layer.out_features >= NARROW_N else (max(ROWS[0], NARROW_ROWS[0]), min(ROWS[1], NARROW_ROWS[1]))
+    return mw is not None and x.dtype == mw.dtype and rows[0] <= m <= min(rows[1], 16)
 
 
 def usable_silu(layer, x: torch.Tensor) -> bool:
@@ -209,8 +216,11 @@ def usable_silu(layer, x: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def silu_config(m: int) -> MmaConfig:
-    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps."""
-    return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, depth=4 if m <= 8 else 2)
+    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else by rows (8B gate_up,
+    as config_for: 1 row t2_w2_d2 25.3 us, 4 rows t2_w4_d2 28.7, 8 rows 30.9, 16 rows t2_w2_d2 37.2)."""
+    if SILU_CONFIG:
+        return MmaConfig.parse(SILU_CONFIG)
+    return MmaConfig(2, 4, 2) if 2 < m <= 8 else MmaConfig(2, 2, 2)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False) -> torch.Tensor:
