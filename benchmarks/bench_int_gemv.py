@@ -4,7 +4,7 @@
 
 Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
 tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row |
-mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4_d2" (tiles, warps, depth) or "auto" (config_for) |
+mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_np]" or "auto" (config_for) |
 auto: w_int_linear's own pick, config ignored | silu: the mma GEMV with the SiLU(gate) * up epilogue, gate_up only). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
@@ -125,19 +125,19 @@ def main() -> None:
                 nbytes = packed.numel() + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
                 line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
                 tg = w_int_tinygemm.pack(packed, scale, zero) if bits == 4 else None
-                mw = (w_int_mma.mma_weights(packed, scale, zero, group, torch.bfloat16)
-                      if bits == 4 and ("mma:" in a.variants or "silu:" in a.variants) else None)
+                words = w_int_mma.mma_pack(packed, group) if bits == 4 and ("mma:" in a.variants or "silu:" in a.variants) else None
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
                     if kind == "tinygemm":
                         fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
                     elif kind == "mma":
                         mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
-                        fn = partial(w_int_mma.w_int_mma_linear, x, mw, None, mcfg)
+                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg)
                     elif kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
                         if name != "gate_up":
                             continue
-                        fn = partial(w_int_mma.w_int_mma_linear, x, mw, None, w_int_mma.MmaConfig.parse(cfg_s), True)
+                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None,
+                                     w_int_mma.MmaConfig.parse(cfg_s), True)
                     elif kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
                         fn = partial(w_int_linear, x, packed, scale, zero, bits, group, k)
                     else:

@@ -123,10 +123,11 @@ for part in "$@"; do
     cpab) [ -n "$CP_BF16" ] && timeout 80 python benchmarks/bench_quant.py --parts bf16 --measures batch1,batch4,batch16 --json "$OUT/cpab_bf16.json" 2>&1 | grep -E "^bf16"
       i=0; for spec in ${CP_TREES:-old new}; do IFS=: read -r tree ev <<< "$spec"; src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src
         i=$((i+1)); echo "awq, $tree tree ${ev}"; env ${ev//,/ } PYTHONPATH=$src:$PWD timeout 150 python benchmarks/bench_quant.py --parts awq --measures ${CP_MEASURES:-batch1,batch4,batch16} --calib-batches 8 --json "$OUT/cpab_awq_${i}_$tree.json" 2>&1 | grep -E "^W4A16"; done ;;
-    # kernel time lines (busy, gaps, PDL overlap, per-kernel durations) of decode steps in graph mode: TL_RUNS="MODEL:QUANT:BATCH ..."
-    timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs <<< "$spec"; cfg=$C/llama-3.2-1b.json
+    # kernel time lines (busy, gaps, PDL overlap, per-kernel durations) of decode steps in graph mode:
+    # TL_RUNS="MODEL:QUANT:BATCH[:VAR=1,VAR2=0] ..." (QUANTA_PDL=0: each kernel's duration is its own)
+    timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"
-        PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
+        env ${ev//,/ } PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

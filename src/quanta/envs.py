@@ -93,10 +93,9 @@ _add("QUANTA_INT4_GEMV_MANY_CONFIG", "", "str", "config of the int4 GEMVs of 5-1
 _add("QUANTA_INT4_GEMV_MANY_SHAPES", "", "str", "per-shape configs of those: 'NxK=config;...'")
 _add("QUANTA_INT_DEQUANT_MIN_ROWS", "64", "int", "from this many rows int linears dequantize once + cuBLAS")
 _add("QUANTA_INT_MMA_ROWS", "2-16", "str", "int4 linears of this many rows on the tensor-core mma GEMV ('' = off)")
-_add("QUANTA_INT_MMA_NARROW_ROWS", "2-8", "str", "of them, those with < 16384 outputs only at this many rows ('' = none)")
-_add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4_d2': tiles, warps, depth; '' = by shape)")
+_add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4[_np]'; '' = by shape)")
 _add("QUANTA_INT_MMA_SILU_ROWS", "1-8", "str", "gate_up linears of this many rows on the mma GEMV with SiLU * up")
-_add("QUANTA_INT_MMA_SILU_CONFIG", "", "str", "its config ('t2_w2_d2'; '' = by rows)")
+_add("QUANTA_INT_MMA_SILU_CONFIG", "", "str", "its config ('t2_w2[_np]'; '' = 2 warps)")
 _add("QUANTA_INT4_TINYGEMM_MAX_ROWS", "0", "int", "int4 linears of up to this many rows on PyTorch's tinygemm")
 # LoRA
 _add("QUANTA_LORA_FOLD_MAX_ROWS", "-1", "int", "decode batches of up to this many rows use folded LoRA (-1: 64)")

@@ -13,31 +13,31 @@ pytestmark = pytest.mark.skipif(
 
 def _case(n, k, group, zp, seed, dtype=torch.bfloat16):
     from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
-    from quanta.quantization.w_int_mma import mma_weights
+    from quanta.quantization.w_int_mma import mma_pack
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
     s, z = group_qparams(w, 4, group, zp, dtype)
     packed = pack_int4(quantize_groups(w, s, z, 4, group))
-    return mma_weights(packed.cuda(), s.cuda(), z.cuda() if z is not None else None, group, dtype)
+    return mma_pack(packed, group).cuda(), s.cuda(), z.cuda() if z is not None else None
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
-@pytest.mark.parametrize("cfg", ["t1_w4_d1", "t2_w4", "t4_w2_d3", "t2_w8_d4", "t1_w8_d2"])
+@pytest.mark.parametrize("cfg", ["t1_w4", "t2_w4", "t4_w2", "t2_w8_np", "t1_w8"])
 @pytest.mark.parametrize("n,k,group,zp", [(96, 1024, 128, True), (6144, 4096, 128, False), (512, 768, 64, True)])
 def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
     from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref
 
-    mw = _case(n, k, group, zp, n + k + m)
+    words, s, z = _case(n, k, group, zp, n + k + m)
     x = torch.randn(m, k, device="cuda").bfloat16()
-    got = w_int_mma_linear(x, mw, None, MmaConfig.parse(cfg))
-    ref = w_int_mma_linear_ref(x.float(), mw)
+    got = w_int_mma_linear(x, words, s, z, group, None, MmaConfig.parse(cfg))
+    ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, group)
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
 @pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("cfg", ["t2_w2_d4", "t2_w4_d1", "t2_w8"])
+@pytest.mark.parametrize("cfg", ["t2_w2", "t2_w4_np", "t2_w8"])
 @pytest.mark.parametrize("n,k,zp,bias", [(2048, 1024, True, False), (512, 768, False, True)])
 def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
     import torch.nn.functional as F
@@ -45,11 +45,11 @@ def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
     from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref
 
     group = 128 if k % 128 == 0 else 64
-    mw = _case(n, k, group, zp, n + k + m)
+    words, s, z = _case(n, k, group, zp, n + k + m)
     x = torch.randn(m, k, device="cuda").bfloat16()
     b = torch.randn(n, device="cuda").bfloat16() if bias else None
-    got = w_int_mma_linear(x, mw, b, MmaConfig.parse(cfg), act=True)
-    gate_up = w_int_mma_linear_ref(x.float(), mw, b.float() if bias else None)
+    got = w_int_mma_linear(x, words, s, z, group, b, MmaConfig.parse(cfg), act=True)
+    gate_up = w_int_mma_linear_ref(x.float(), words, s.float(), z, group, b.float() if bias else None)
     gate, up = gate_up.chunk(2, dim=-1)
     ref = F.silu(gate) * up
     assert got.shape == (m, n // 2)
@@ -60,15 +60,13 @@ def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
 def test_mma_gemv_bias_3d_and_fp16(dtype):
     from quanta.quantization.w_int_mma import w_int_mma_linear, w_int_mma_linear_ref
 
-    mw = _case(256, 512, 128, True, 7, dtype)
+    words, s, z = _case(256, 512, 128, True, 7, dtype)
     x = torch.randn(2, 3, 512, device="cuda").to(dtype)
     b = torch.randn(256, device="cuda").to(dtype)
-    got = w_int_mma_linear(x, mw, b)
-    ref = w_int_mma_linear_ref(x.float(), mw, b.float())
+    got = w_int_mma_linear(x, words, s, z, 128, b)
+    ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, 128, b.float())
     assert got.shape == (2, 3, 256)
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
-    with pytest.raises(ValueError, match="dtype"):
-        w_int_mma_linear(x.float(), mw)
 
 
 def test_engine_mma_same_distributions(tmp_path, monkeypatch):

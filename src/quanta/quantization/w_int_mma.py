@@ -6,8 +6,8 @@ at a time). Here the weight is stored in the register order of `mma.sync.m16n8k1
 int32 word IS its A fragment for one 16 x 16 tile (8 nibbles): per word, three shifts and four `lop3` make the
 four bf16x2 (fp16x2) registers OFFSET + q (exact), four half2 subtracts take OFFSET + z away (exact, |q - z| <=
 15), and one `mma.sync` per 8 batch rows multiplies them with x^T (fp32 accumulate). The group's scale multiplies
-the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K loop (sm_90, offline): ~2.4
-instructions a weight at one row (with the stage's shared-memory reads and copies).
+the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K loop (sm_90, offline): ~2.0-2.2
+instructions a weight at 1 - 8 rows, ~2.2 at 16, and no shared memory in the loop.
 
 Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, 32, WPG] for groups of GROUP
 values (WPG = GROUP / 16 words a lane and group); lane l = 4 r + c of tile t, group g, word j holds
@@ -20,16 +20,11 @@ x and are not stored (no masks in the loop).
 
 Gluon (explicit layouts) keeps each [KW, TN, 32] tensor's last dimension on the 32 lanes of a warp, which the
 warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles (16 TN rows) over all of K; its
-KW warps take every KW-th group, summed across warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t
-and up tile t + N / 32, and the epilogue stores SiLU(gate) * up.
-
-Loads: a group's words and its scale / zero words ("a stage"; `mma_pack_scales`: one 8-byte word pair per two rows,
-the scale bits and OFFSET + z as halves) go by cp.async into shared memory, DEPTH groups ahead of the math (a ring
-of DEPTH + 1 slots; each thread reads back what it copied). The loads of a register prefetch were no use: ptxas
-schedules a load whose use is in the next loop pass just before the end of this one (its latency model is a few
-hundred cycles; an HBM read under load takes ~1-2 us), so each warp waited a full memory latency a group. PDL: the
-first DEPTH stages are copied before `griddepcontrol.wait`. sm_90 (bf16 needs sub.bf16x2). The twin is
-`w_int_mma_linear_ref` (unpack words and scales, then w_int_kernel.w_int_linear_ref).
+KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"), summed across
+warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and the epilogue stores
+SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads: ptxas hoists the
+wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
+w_int_kernel.w_int_linear_ref).
 
 Measured (H200, Llama-3.1-8B shapes, W4A16_AWQ, same calls; benchmarks/results/h200_s9*): the linears of a decode
 step in isolation (bench_int_gemv.py, reading L2 flush) 2,490 / 2,606 / 2,806 / 3,247 us at 2 / 4 / 8 / 16 rows
@@ -76,55 +71,11 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
-def mma_pack_scales(scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Scales [N, G] (+ zero points [N, G] uint8, None: 8) -> int32 [N / 16, G, 8, 2]: per tile, group and r < 8 the
-    scales of rows r and r + 8 as two `dtype` halves of one word, then the halves OFFSET + z of the same rows (the
-    dequantize's subtrahends), so a lane's group needs one 8-byte load (4 lanes share it)."""
-    n, g = scale.shape
-    magic = _TYPES[dtype][2]
-    bits = scale.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF  # [N, G]
-    z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
-    pair = [v.view(n // 16, 2, 8, g).permute(0, 3, 2, 1) for v in (bits, z | magic)]  # [t, G, r, h]
-    words = torch.stack([p[..., 0].to(torch.int64) | (p[..., 1].to(torch.int64) << 16) for p in pair], dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-
-def mma_unpack_scales(sz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of mma_pack_scales: (scale [N, G] in dtype, zero point [N, G] uint8)."""
-    t, g = sz.shape[:2]
-    halves = torch.stack([sz & 0xFFFF, (sz >> 16) & 0xFFFF], dim=-1)  # [t, G, r, 2 (scale, z), h]
-    halves = halves.permute(3, 0, 4, 2, 1).reshape(2, t * 16, g)  # [2, N, G] (rows 16 t + 8 h + r)
-    scale = halves[0].to(torch.int16).view(dtype)
-    return scale, (halves[1] & 0xF).to(torch.uint8)
-
-
-@dataclass(frozen=True)
-class MmaWeights:
-    """A W4 layer's weight in the kernel's layouts: words (mma_pack), scale / zero words (mma_pack_scales) for x
-    of `dtype`, groups of `group`."""
-
-    words: torch.Tensor
-    sz: torch.Tensor
-    dtype: torch.dtype
-    group: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        t, g = self.words.shape[:2]
-        return t * 16, g * self.group
-
-
-def mma_weights(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-                dtype: torch.dtype) -> MmaWeights:
-    return MmaWeights(mma_pack(packed, group), mma_pack_scales(scale, zero, dtype), dtype, group)
-
-
-def w_int_mma_linear_ref(x: torch.Tensor, mw: MmaWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
     from quanta.quantization.w_int_kernel import w_int_linear_ref
 
-    packed = mma_unpack(mw.words)
-    scale, zero = mma_unpack_scales(mw.sz, mw.dtype)
-    return w_int_linear_ref(x, packed, scale.to(x.dtype), zero, 4, mw.group, packed.shape[1] * 2, bias)
+    packed = mma_unpack(words)
+    return w_int_linear_ref(x, packed, scale, zero, 4, group, packed.shape[1] * 2, bias)
 
 
 def _rows(text: str) -> tuple[int, int]:
@@ -135,10 +86,6 @@ def _rows(text: str) -> tuple[int, int]:
 # Linears of ROWS[0] .. ROWS[1] rows run here where the layer has its mma words (attach; env QUANTA_INT_MMA_ROWS,
 # "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
-# layers of < 16384 outputs (not gate_up) only at NARROW_ROWS rows: at 16 rows the swap-AB kernel was faster on them
-# (H200, 8B, reading L2 flush, us, same call, h200_s10b: qkv 17.0 vs 17.4, o 14.3 vs 15.6, down 29.1 vs 34.1)
-NARROW_ROWS = _rows(envs.get("QUANTA_INT_MMA_NARROW_ROWS"))
-NARROW_N = 16384
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
 # gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
 # launch; at one row instead of the asm GEMV with x planes and its SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" =
@@ -152,31 +99,33 @@ SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 class MmaConfig:
     tiles: int = 1  # TN: 16-row tiles a program
     warps: int = 4  # KW: warps a program, splitting the groups
-    depth: int = 2  # DEPTH: a warp's groups in flight (cp.async stages; DEPTH + 1 slots of shared memory)
+    prefetch: bool = True  # PF: a warp's next group's words load before this group's math ("_np": after)
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4_d3" -> tiles 2, warps 4, depth 3."""
-        vals = {p[0]: int(p[1:]) for p in text.split("_") if p and p[0] in "twd" and p[1:].isdigit()}
-        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), depth=vals.get("d", 2))
+        """"t2_w4[_np]" -> tiles 2, warps 4 (no prefetch)."""
+        parts = [p for p in text.split("_") if p]
+        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "tw"}
+        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts)
 
     def __str__(self) -> str:
-        return f"t{self.tiles}_w{self.warps}_d{self.depth}"
+        return f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np")
 
 
 @functools.lru_cache(maxsize=256)
 def config_for(m: int, n: int, k: int) -> MmaConfig:
-    """QUANTA_INT_MMA_CONFIG, else by shape. The fastest measured (H200, Llama-3.1-8B shapes, zero points, reading L2
-    flush, us; benchmarks/results/h200_s10{a,b}_*): 1 / 4 rows qkv t1_w8_d1 11.2 / 12.4, o t1_w8_d1 9.8 / 10.7,
-    gate_up t1_w2_d4 28.1 / 33.2, down t1_w8_d1 18.3 / 20.1; 8 rows qkv t1_w8_d2 13.9, o 12.0, gate_up t2_w4_d1 28.8,
-    down t1_w8_d2 23.2; 16 rows qkv t2_w4_d1 17.4, o 15.6, gate_up t2_w2_d2 36.9, down t1_w8_d2 34.1."""
+    """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
+    `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
+    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6); one row: qkv t1_w8 11.4-11.5 (asm 10.5), o
+    10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
     if CONFIG:
         return MmaConfig.parse(CONFIG)
-    if n >= NARROW_N:  # many row tiles: small programs
-        return MmaConfig(1, 2, 4) if m <= 4 else MmaConfig(2, 4, 1) if m <= 8 else MmaConfig(2, 2, 2)
+    tiles = 2 if m > 8 else 1
     if k >= 8192:  # few row tiles, long K: more warps share it
-        return MmaConfig(1, 8, 1 if m <= 4 else 2)
-    return MmaConfig(1, 8, 1) if m <= 4 else MmaConfig(1, 8, 2) if m <= 8 else MmaConfig(2, 4, 1)
+        return MmaConfig(tiles=tiles, warps=8)
+    if n >= 16384:  # many row tiles: small programs
+        return MmaConfig(tiles=tiles, warps=2, prefetch=m <= 8)
+    return MmaConfig(tiles=tiles, warps=4 if m > 8 else 8, prefetch=False)
 
 
 def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -195,59 +144,54 @@ def attach(layer, group: int) -> None:
     k, n = layer.in_features, layer.out_features
     if packed.shape[1] * 2 != k or not supported(group, n, k, layer.weight_scale.dtype, packed.device):
         return
-    dtype = layer.weight_scale.dtype
-    layer.weight_mma = mma_weights(packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), group, dtype)
+    layer.weight_mma = mma_pack(packed, group)
 
 
 def usable(layer, x: torch.Tensor) -> bool:
-    mw = getattr(layer, "weight_mma", None)
+    words = getattr(layer, "weight_mma", None)
     m = x.numel() // layer.in_features
-    rows = ROWS if layer.out_features >= NARROW_N else (max(ROWS[0], NARROW_ROWS[0]), min(ROWS[1], NARROW_ROWS[1]))
-    return mw is not None and x.dtype == mw.dtype and rows[0] <= m <= min(rows[1], 16)
+    return words is not None and x.dtype in _TYPES and ROWS[0] <= m <= min(ROWS[1], 16)
 
 
 def usable_silu(layer, x: torch.Tensor) -> bool:
     """SiLU(gate) * up of this gate | up layer on its mma words (SILU_ROWS rows; gate and up of whole tiles)."""
-    mw = getattr(layer, "weight_mma", None)
+    words = getattr(layer, "weight_mma", None)
     m = x.numel() // layer.in_features
-    return (mw is not None and x.dtype == mw.dtype and SILU_ROWS[0] <= m <= min(SILU_ROWS[1], 16)
-            and mw.words.shape[0] % 2 == 0)
+    return (words is not None and x.dtype in _TYPES and SILU_ROWS[0] <= m <= min(SILU_ROWS[1], 16)
+            and words.shape[0] % 2 == 0)
 
 
 @functools.lru_cache(maxsize=32)
 def silu_config(m: int) -> MmaConfig:
-    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else by rows (8B gate_up,
-    as config_for: 1 row t2_w2_d2 25.3 us, 4 rows t2_w4_d2 28.7, 8 rows 30.9, 16 rows t2_w2_d2 37.2)."""
-    if SILU_CONFIG:
-        return MmaConfig.parse(SILU_CONFIG)
-    return MmaConfig(2, 4, 2) if 2 < m <= 8 else MmaConfig(2, 2, 2)
+    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps."""
+    return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, prefetch=m <= 8)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False) -> torch.Tensor:
     """The layer's int4 weight times x (usable(layer, x)) on its mma words; act: SiLU(gate) * up (usable_silu)."""
     m = x.numel() // layer.in_features
     cfg = silu_config(m) if act else config_for(m, layer.out_features, layer.in_features)
-    return w_int_mma_linear(x, layer.weight_mma, layer.bias, cfg, act)
+    return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
+                            layer.bias, cfg, act)
 
 
-def w_int_mma_linear(x: torch.Tensor, mw: MmaWeights, bias: torch.Tensor | None = None,
-                     config: MmaConfig | None = None, act: bool = False) -> torch.Tensor:
-    """x [..., K] (<= 16 rows, mw.dtype) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma_weights.
+def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                     bias: torch.Tensor | None = None, config: MmaConfig | None = None,
+                     act: bool = False) -> torch.Tensor:
+    """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack).
     act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
     config's tiles become the pair)."""
-    t, g, _, wpg = mw.words.shape
-    n, k = mw.shape
-    group = mw.group
+    t, g, _, wpg = words.shape
+    n, k = t * 16, g * group
     if act and t % 2:
         raise ValueError(f"the SiLU epilogue needs gate and up of whole 16-row tiles each (N={n})")
-    if x.dtype != mw.dtype:
-        raise ValueError(f"x.dtype {x.dtype} differs from the mma weights' {mw.dtype} (their zero words are of it)")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte x loads
         x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
     m = x2.shape[0]
     if m > 16 or wpg * 16 != group or wpg % 4:
-        raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of 64k (M={m}, group {group})")
+        raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of 64k matching the words' (M={m}, "
+                         f"group {group}, words for {wpg * 16})")
     n_out = n // 2 if act else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -257,12 +201,13 @@ def w_int_mma_linear(x: torch.Tensor, mw: MmaWeights, bias: torch.Tensor | None 
     nt = 1 if m <= 8 else 2
     asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
-    use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first stages load before the wait
+    use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
     grid = (t // 2 if act else triton_cdiv(t, tiles),)
     _w4_mma_kernel[grid](
-        xw, mw.words, mw.sz, bias if bias is not None else y, y, m, n, g, xw.stride(0), y.stride(0),
-        ASM=asm, CONS=cons, GROUP=group, NT=nt, TN=tiles, KW=cfg.warps, DEPTH=cfg.depth,
-        S_BF16=mw.dtype == torch.bfloat16, HAS_BIAS=bias is not None, USE_PDL=use_pdl, ACT=act,
+        xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
+        m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
+        ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
+        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
         num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 

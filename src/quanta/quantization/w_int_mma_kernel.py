@@ -2,9 +2,7 @@
 
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
-KW-th group of K, summed across warps, stored (or SiLU(gate) * up, ACT). A pass of the K loop loads DEPTH groups'
-words and scale / zero word pairs ("stages") of each warp, then does their math; the first pass's loads go before
-the PDL wait.
+KW-th group of K (words prefetched one group ahead, "PF"), summed across warps, stored (or SiLU(gate) * up, ACT).
 """
 
 from __future__ import annotations
@@ -16,12 +14,11 @@ import torch
 try:  # Gluon: Triton >= 3.5 (GPU only; the CPU runs the twin)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
     HAS_GLUON = True
 except Exception:  # noqa: BLE001 - no triton, or a triton without gluon
     HAS_GLUON = False
-    gluon = gl = async_copy = None
+    gluon = gl = None
 
 # x.dtype: (PTX pair type, PTX scalar type, 16-bit magic: OFFSET as a half: 128 in bf16, 1024 in fp16)
 _TYPES = {torch.bfloat16: ("bf16x2", "bf16", 0x4300), torch.float16: ("f16x2", "f16", 0x6400)}
@@ -61,25 +58,22 @@ def mma_ptx(dtype: torch.dtype, nt: int) -> tuple[str, str]:
     return asm, constraints
 
 
+_LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights: streamed once
 _LD4X = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"  # x: read by every program (L1 / L2)
+# the first group's words before the PDL wait: a coherent load (ptxas hoists the wait above .nc loads)
+_LD4P = "ld.global.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
 
 if HAS_GLUON:
+    LD4W = gl.constexpr(_LD4W)
     LD4X = gl.constexpr(_LD4X)
+    LD4P = gl.constexpr(_LD4P)
 
     @gluon.jit
     def _ld4(ptr, ASM: gl.constexpr, PURE: gl.constexpr = True):
         """Four int32 words from 16-byte aligned ptr, as four tensors of ptr's shape (one vector load). PURE False
-        (x under PDL, the preloads): kept in program order around the griddepcontrol.wait."""
+        (x under PDL): kept in program order, after the griddepcontrol.wait."""
         return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptr.to(gl.int64)],
                                          dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=PURE, pack=1)
-
-    @gluon.jit
-    def _copy_stage(sw, sq, w_l, q_l, gw, gq, G, WPG: gl.constexpr):
-        """cp.async of group gw's words ([KW, TN, 32, WPG] pointers w_l of group 0) and gq's scale / zero words
-        into the slot (sw, sq); groups past G copy nothing (zero-filled); one commit group."""
-        async_copy.async_copy_global_to_shared(sw, w_l + gl.minimum(gw, G - 1) * (32 * WPG), mask=gw < G)
-        async_copy.async_copy_global_to_shared(sq, q_l + gl.minimum(gq, G - 1) * 16, mask=gq < G)
-        async_copy.commit_group()
 
     @gluon.jit
     def _pdl_begin():
@@ -104,43 +98,39 @@ if HAS_GLUON:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @gluon.jit
-    def _word(v, jv, j: gl.constexpr):
-        """v[..., j] of a [.., n] tensor whose last dimension is in each thread's registers (folds to a register)."""
-        return gl.sum(gl.where(jv == j, v, 0), axis=3)
-
-    @gluon.jit
-    def _group(g, G, wv, qv, jw, jq, x_l, x_l1, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr,
-               CONS: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, S_BF16: gl.constexpr,
-               USE_PDL: gl.constexpr):
-        """The totals plus group g's (one a warp, [KW, 1, 1]; past G: zero-filled stages, adds nothing) scaled K16
-        products; wv [KW, TN, 32, WPG], qv [KW, TN, 32, 2]: its stage (words, scale / zero words)."""
+    def _wload(w_l, g, G, GROUP: gl.constexpr, PURE: gl.constexpr = True):
+        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first).
+        PURE False: issued where written (the preload before the PDL wait)."""
         WPG: gl.constexpr = GROUP // 16
-        w0 = _word(wv, jw, 0)
-        w1 = _word(wv, jw, 1)
-        w2 = _word(wv, jw, 2)
-        w3 = _word(wv, jw, 3)
+        w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
+        w0, w1, w2, w3 = _ld4(w_g, LD4W if PURE else LD4P, PURE)
         w4 = w0
         w5 = w1
         w6 = w2
         w7 = w3
         if WPG == 8:
-            w4 = _word(wv, jw, 4)
-            w5 = _word(wv, jw, 5)
-            w6 = _word(wv, jw, 6)
-            w7 = _word(wv, jw, 7)
-        qs = gl.convert_layout(_word(qv, jq, 0), zeros.type.layout)
-        qz = gl.convert_layout(_word(qv, jq, 1), zeros.type.layout)
+            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W if PURE else LD4P, PURE)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @gluon.jit
+    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+               stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr,
+               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr,
+               USE_PDL: gl.constexpr):
+        """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
+        its words (_wload)."""
+        WPG: gl.constexpr = GROUP // 16
         gc = gl.minimum(g, G - 1)
         x_g = x_l + gc * (GROUP // 2)
         x_g1 = x_l1 + gc * (GROUP // 2)
-        if S_BF16:  # the scale pair's bits (rows r, r + 8) as float32
-            s_lo = (qs << 16).to(gl.float32, bitcast=True)
-            s_hi = (qs & -65536).to(gl.float32, bitcast=True)
+        s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
+        s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
+        if HAS_ZERO:
+            zl = (gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+            zh = (gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
         else:
-            s_lo = qs.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-            s_hi = (qs >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-        zl = (qz & 65535) * 65537  # the half2 of OFFSET + z of row r, of row r + 8
-        zh = ((qz >> 16) & 65535) * 65537
+            zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
+            zh = zl
         a0 = zeros
         a1 = zeros
         a2 = zeros
@@ -193,17 +183,13 @@ if HAS_GLUON:
         return t0, t1, t2, t3, t4, t5, t6, t7
 
     @gluon.jit
-    def _w4_mma_kernel(x_ptr, w_ptr, q_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_ym,
-                       ASM: gl.constexpr, CONS: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr,
-                       TN: gl.constexpr, KW: gl.constexpr, DEPTH: gl.constexpr, S_BF16: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, USE_PDL: gl.constexpr = False,
+    def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
+                       ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
+                       NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
-        NS: gl.constexpr = DEPTH + 1  # stage slots in shared memory
-        L4: gl.constexpr = gl.BlockedLayout([1, TN, 1, WPG], [1, 1, 32, 1], [KW, 1, 1, 1], [3, 2, 1, 0])
-        L4Q: gl.constexpr = gl.BlockedLayout([1, TN, 1, 2], [1, 1, 32, 1], [KW, 1, 1, 1], [3, 2, 1, 0])
-        L3: gl.constexpr = gl.SliceLayout(3, L4)  # [KW, TN, 32]: warp, tile, lane
-        SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+        L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
         tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
@@ -212,25 +198,15 @@ if HAS_GLUON:
             tile_c = gl.program_id(0) + tn * (n_tiles // 2)
         else:
             tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
+        row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
+        row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
         # columns of the product), words (l % 4) * GROUP / 8 .. + 2 WPG of a group
         xr = gl.minimum(ln // 4, M - 1)
         x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)  # [1, 1, 32]
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
         x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)
-        # a stage: group g's words of each lane [KW, TN, 32, WPG] and scale / zero words [KW, TN, 32, 2] (rows
-        # l // 4 and + 8), copied by cp.async into the slot each thread later reads itself (no barrier)
-        jw = gl.arange(0, WPG, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-        jw = gl.expand_dims(gl.expand_dims(gl.expand_dims(jw, 0), 1), 2)
-        jq = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4Q))))
-        jq = gl.expand_dims(gl.expand_dims(gl.expand_dims(jq, 0), 1), 2)
-        w_l = gl.expand_dims(w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG, 3) + jw
-        q_l = gl.convert_layout(q_ptr + tile_c.to(gl.int64) * G * 16 + (ln // 4) * 2, gl.SliceLayout(3, L4Q))
-        q_l = gl.expand_dims(q_l, 3) + jq
-        kw4 = gl.expand_dims(kw, 3)
-        kwq = gl.expand_dims(gl.convert_layout(kw, gl.SliceLayout(3, L4Q)), 3)
-        smem_w = gl.allocate_shared_memory(gl.int32, [NS, KW, TN, 32, WPG], SH)
-        smem_q = gl.allocate_shared_memory(gl.int32, [NS, KW, TN, 32, 2], SH)
+        w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
@@ -240,20 +216,19 @@ if HAS_GLUON:
         t5 = zeros
         t6 = zeros
         t7 = zeros
-        # the K loop: DEPTH groups a warp in flight (cp.async groups); the first DEPTH copies go before the PDL wait
-        for s in gl.static_range(DEPTH):
-            _copy_stage(smem_w.index(s), smem_q.index(s), w_l, q_l, s * KW + kw4, s * KW + kwq, G, WPG)
-        if USE_PDL:  # the first stages are in flight: now wait for x (kernels/pdl.py)
+        # the K loop: each warp's next group's words load before this group's math (PF), or with it
+        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
+        if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
-        for i in range(0, gl.cdiv(G, KW)):
-            g_next = (i + DEPTH) * KW
-            slot = (i + DEPTH) % NS
-            _copy_stage(smem_w.index(slot), smem_q.index(slot), w_l, q_l, g_next + kw4, g_next + kwq, G, WPG)
-            async_copy.wait_group(DEPTH)  # this pass's stage is in
-            wv = smem_w.index(i % NS).load(L4)
-            qv = smem_q.index(i % NS).load(L4Q)
-            t0, t1, t2, t3, t4, t5, t6, t7 = _group(i * KW + kw, G, wv, qv, jw, jq, x_l, x_l1, zeros, t0, t1, t2, t3,
-                                                    t4, t5, t6, t7, ASM, CONS, GROUP, NT, S_BF16, USE_PDL)
+        for g0 in range(0, G, KW):
+            v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
+            if PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _group(
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
+                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO, USE_PDL)
+            if not PF:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
         LR: gl.constexpr = gl.SliceLayout(0, L3)
         if ACT:
