@@ -47,8 +47,6 @@ def test_ref_equals_canonical_ref():
 def test_config_text():
     assert MmaConfig.parse("t2_w8_np") == MmaConfig(tiles=2, warps=8, prefetch=False)
     assert str(MmaConfig.parse("t4_w4")) == "t4_w4"
-    assert MmaConfig.parse("t2_w2_v4") == MmaConfig(tiles=2, warps=2, tile_warps=4)
-    assert str(MmaConfig(2, 2, False, 4)) == "t2_w2_v4_np"
 
 
 def test_rows_and_configs():

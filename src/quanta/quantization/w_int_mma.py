@@ -97,22 +97,19 @@ SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 
 @dataclass(frozen=True)
 class MmaConfig:
-    tiles: int = 1  # TN: 16-row tiles a warp
-    warps: int = 4  # KW: warps splitting the groups
+    tiles: int = 1  # TN: 16-row tiles a program
+    warps: int = 4  # KW: warps a program, splitting the groups
     prefetch: bool = True  # PF: a warp's next group's words load before this group's math ("_np": after)
-    tile_warps: int = 1  # WT: warps over tiles (a program: KW x WT warps, WT x TN tiles; not with the SiLU epilogue)
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4_v2[_np]" -> tiles 2, warps 4, tile warps 2 (no prefetch)."""
+        """"t2_w4[_np]" -> tiles 2, warps 4 (no prefetch)."""
         parts = [p for p in text.split("_") if p]
-        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twv" and p[1:].isdigit()}
-        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
-                   tile_warps=vals.get("v", 1))
+        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "tw"}
+        return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts)
 
     def __str__(self) -> str:
-        return (f"t{self.tiles}_w{self.warps}" + (f"_v{self.tile_warps}" if self.tile_warps != 1 else "")
-                + ("" if self.prefetch else "_np"))
+        return f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np")
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,20 +197,18 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
     cfg = config or MmaConfig()
-    if act and cfg.tile_warps != 1:
-        cfg = MmaConfig(cfg.tiles, cfg.warps, cfg.prefetch)  # the epilogue pairs gate and up within a warp
     tiles = 2 if act else cfg.tiles
     nt = 1 if m <= 8 else 2
     asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
-    grid = (t // 2 if act else triton_cdiv(t, tiles * cfg.tile_warps),)
+    grid = (t // 2 if act else triton_cdiv(t, tiles),)
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        WT=cfg.tile_warps, num_warps=cfg.warps * cfg.tile_warps, **pdl_launch_kwargs(use_pdl))
+        num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -187,20 +187,17 @@ if HAS_GLUON:
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
-                       ACT: gl.constexpr = False, WT: gl.constexpr = 1):
-        # WT: warps over tiles (each of KW x WT warps: TN tiles, every KW-th group; the WT warps of a K slice read
-        # the same x, so x comes from L2 once a program for WT TN tiles: at 16 rows x is 2 bytes a weight byte at TN 2)
+                       ACT: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
-        T: gl.constexpr = WT * TN  # tiles a program
-        L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, WT, 1], [2, 1, 0])
+        L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
-        tn = gl.expand_dims(gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
         ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         n_tiles = N // 16
         if ACT:  # W = gate | up, TN = 2: gate tile pid and up tile pid + n_tiles / 2, SiLU(gate) * up stored
             tile_c = gl.program_id(0) + tn * (n_tiles // 2)
         else:
-            tile_c = gl.minimum(gl.program_id(0) * T + tn, n_tiles - 1)  # [1, T, 1]
+            tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
         row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
         row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
@@ -210,7 +207,7 @@ if HAS_GLUON:
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
         x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
-        zeros = gl.zeros([KW, T, 32], gl.float32, L3)
+        zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
         t2 = zeros
@@ -249,7 +246,7 @@ if HAS_GLUON:
                 _store_act(y_ptr, b_ptr, gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
                 _store_act(y_ptr, b_ptr, gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
             return
-        tile_r = gl.program_id(0) * T + gl.expand_dims(gl.arange(0, T, layout=gl.SliceLayout(1, LR)), 1)
+        tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
         ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
         ok = tile_r < n_tiles
         r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
