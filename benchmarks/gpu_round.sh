@@ -128,11 +128,6 @@ for part in "$@"; do
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"
         env ${ev//,/ } PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
-    # mma GEMV with warps over tiles ("_vN": the warps of a K slice share x) at 8 / 16 rows, then the engine at batch 16
-    # with the default configs and with the fastest "_v" config (QUANTA_INT_MMA_CONFIG, every layer)
-    wtab) J=$OUT/wt_gemv.json; QUANTA_BENCH_FLUSH=read timeout 150 python benchmarks/bench_int_gemv.py --models 8b --ms ${WT_MS:-8,16} --zero-point --variants ${WT_VARIANTS:-mma:auto,mma:t2_w2_v4} --json $J 2>&1 | grep -E "^8b|mma" | tail -30
-      B=$(python benchmarks/bench_int_gemv.py --best-of $J --best-kinds _v --best-m 16); echo "fastest _v config at 16 rows: $B"
-      for cfg in "" $B; do echo "engine batch 16, QUANTA_INT_MMA_CONFIG='$cfg'"; QUANTA_INT_MMA_CONFIG=$cfg timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --calib-batches 8 --json "$OUT/wtab_${cfg:-default}.json" 2>&1 | grep -oE "batch16_decode_tok_s.: [0-9.]+"; done ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
