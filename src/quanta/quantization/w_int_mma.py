@@ -26,6 +26,12 @@ SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` 
 wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
 w_int_kernel.w_int_linear_ref).
 
+The "prefetch" is what ptxas makes of it: in SASS the next group's words load after 2 of this group's 8 HMMAs and
+the scales just before their use (a load used in the next loop pass gets its latency model's few hundred cycles).
+Measured and not taken (RESULTS.md, tenth session): the loads through cp.async into a ring of shared-memory stages
+(isolated a little faster, in the engine slower at batch 1 / 4 / 16: under PDL its CTAs hold shared memory while
+they wait), and warps of a program on different tiles of one K slice sharing x (slower at 8 and 16 rows).
+
 Measured (H200, Llama-3.1-8B shapes, W4A16_AWQ, same calls; benchmarks/results/h200_s9*): the linears of a decode
 step in isolation (bench_int_gemv.py, reading L2 flush) 2,490 / 2,606 / 2,806 / 3,247 us at 2 / 4 / 8 / 16 rows
 against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engine (bench_quant.py) batch 4
