@@ -128,6 +128,10 @@ for part in "$@"; do
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"
         env ${ev//,/ } PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
+    # Nsight Compute on the int4 GEMVs (benchmarks/ncu_int_gemv.py): occupancy, warp stall reasons, DRAM throughput
+    ncu) timeout ${NCU_S:-300} ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
+        python benchmarks/ncu_int_gemv.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -1,0 +1,61 @@
+"""Launch the int4 decode GEMVs of the Llama-3.1-8B shapes a few times each, for Nsight Compute (hardware counters:
+occupancy, warp stall reasons, DRAM throughput), e.g. (gpu_round.sh ncu):
+
+    ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \\
+        --section Occupancy --section WarpStateStats python benchmarks/ncu_int_gemv.py
+
+Cases (default all): mma16 (gate_up and down at 16 rows, the mma GEMV's default configs), silu1 (gate_up + SiLU at
+one row), asm1 (down at one row, the asm GEMV). Each runs twice (the first launch compiles)."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="mma16,silu1,asm1")
+    a = ap.parse_args()
+    from quanta.quantization import w_int_mma
+    from quanta.quantization.w_int_kernel import w_int_linear
+
+    dev, group = "cuda", 128
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def layer(n, k):
+        packed = torch.randint(0, 256, (n, k // 2), device=dev, generator=g, dtype=torch.uint8)
+        scale = (torch.rand(n, k // group, device=dev, generator=g) * 0.01 + 0.001).bfloat16()
+        zero = torch.randint(0, 16, (n, k // group), device=dev, generator=g, dtype=torch.uint8)
+        return packed, scale, zero
+
+    gate_up, down = layer(28672, 4096), layer(4096, 14336)
+    runs = []
+    for case in a.cases.split(","):
+        if case == "mma16":
+            for (packed, scale, zero), k in ((gate_up, 4096), (down, 14336)):
+                words, x = w_int_mma.mma_pack(packed, group), torch.randn(16, k, device=dev).bfloat16()
+                cfg = w_int_mma.config_for(16, packed.shape[0], k)
+                runs.append((f"mma16 N={packed.shape[0]} {cfg}",
+                             partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg)))
+        elif case == "silu1":
+            packed, scale, zero = gate_up
+            words, x = w_int_mma.mma_pack(packed, group), torch.randn(1, 4096, device=dev).bfloat16()
+            cfg = w_int_mma.silu_config(1)
+            runs.append((f"silu1 {cfg}", partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg,
+                                                  True)))
+        elif case == "asm1":
+            packed, scale, zero = down
+            x = torch.randn(1, 14336, device=dev).bfloat16()
+            runs.append(("asm1 down", partial(w_int_linear, x, packed, scale, zero, 4, group, 14336)))
+    for name, fn in runs:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        print("ran", name, flush=True)
+
+
+if __name__ == "__main__":
+    main()
