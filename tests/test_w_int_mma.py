@@ -10,7 +10,7 @@ from quanta.quantization.int_quant import unpack_int4
 from quanta.quantization.w_int_mma import MmaConfig, mma_pack, mma_unpack, w_int_mma_linear_ref
 
 
-@pytest.mark.parametrize("n,k,group", [(48, 256, 128), (16, 128, 64), (32, 512, 32)])
+@pytest.mark.parametrize("n,k,group", [(48, 256, 128), (16, 128, 64), (32, 512, 256)])
 def test_pack_round_trip_and_formula(n, k, group):
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     words = mma_pack(packed, group)
@@ -24,7 +24,7 @@ def test_pack_round_trip_and_formula(n, k, group):
         for h in range(2):
             for kh in range(2):
                 for e in range(2):
-                    want = q[16 * t + r + 8 * h, g * group + c * group // 4 + 4 * j + 2 * kh + e]
+                    want = q[16 * t + r + 8 * h, g * group + 64 * (j // 4) + 16 * c + 4 * (j % 4) + 2 * kh + e]
                     assert (word >> (4 * (h + 2 * kh + 4 * e))) & 0xF == want
 
 

@@ -10,11 +10,14 @@ the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K
 instructions a weight at 1 - 8 rows, ~2.2 at 16, and no shared memory in the loop.
 
 Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, 32, WPG] for groups of GROUP
-values (WPG = GROUP / 16 words a lane and group); lane l = 4 r + c of tile t, group g, word j holds
-    nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + c GROUP / 4 + 4 j + 2 kh + e]
+values, a multiple of 64 (WPG = GROUP / 16 words a lane and group); lane l = 4 r + c of tile t, group g, word j holds
+    nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + 64 (j // 4) + 16 c + 4 (j % 4) + 2 kh + e]
 (h: row half, kh, e: which of the lane's K slots 2c, 2c + 1, 2c + 8, 2c + 9 of the K16 step). The dot product does
-not care which k sits in which slot of a step, so each lane owns GROUP / 4 consecutive k of a group: its x values
-are 16-byte vector loads, its words too (a warp reads a group's 1 KB of a tile contiguously). C fragment: lane l
+not care which k sits in which slot of a step (as long as it is the same for every lane of a quad position c), so in
+each 64 k of a group lane c owns 16 consecutive k: its x values are 16-byte vector loads, the 4 lanes of a batch row
+read 128 contiguous bytes (one cache line) per 4 steps, and its words too are contiguous (a warp reads a group's
+1 KB of a tile contiguously). (The first layout gave lane c GROUP / 4 consecutive k: a row's 4 lanes read 64 bytes
+apart, twice the L1 wavefronts; at 16 rows Nsight Compute had the L1 at 89% and DRAM at 43%.) C fragment: lane l
 holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile); batch rows >= M read row M - 1's
 x and are not stored (no masks in the loop).
 
@@ -55,12 +58,12 @@ if HAS_GLUON:
 def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
     """quanta's int4 bytes [N, K / 2] (low nibble = even k) -> the mma words [N / 16, G, 32, GROUP / 16] int32."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    if n % 16 or k % group or group % 16:
-        raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 16 == 0 (N={n}, K={k}, group={group})")
+    if n % 16 or k % group or group % 64:
+        raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 64 == 0 (N={n}, K={k}, group={group})")
     q = unpack_int4(packed).to(torch.int32)  # [N, K]
     g, wpg = k // group, group // 16
-    q = q.view(n // 16, 2, 8, g, 4, wpg, 2, 2)  # [t, h, r, g, c, j, kh, e]
-    q = q.permute(0, 3, 2, 4, 5, 7, 6, 1)  # [t, g, r, c, j, e, kh, h]: nibble = h + 2 kh + 4 e
+    q = q.view(n // 16, 2, 8, g, wpg // 4, 4, 4, 2, 2)  # [t, h, r, g, H, c, s, kh, e]: word j = 4 H + s
+    q = q.permute(0, 3, 2, 5, 4, 6, 8, 7, 1)  # [t, g, r, c, H, s, e, kh, h]: nibble = h + 2 kh + 4 e
     q = q.reshape(n // 16, g, 32, wpg, 8)
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
     words = (q << shifts).sum(-1, dtype=torch.int64)  # < 2^32
@@ -72,8 +75,8 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     t, g, _, wpg = words.shape
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
     q = (words.to(torch.int32)[..., None] >> shifts) & 0xF  # [t, g, 32, j, 8]
-    q = q.view(t, g, 8, 4, wpg, 2, 2, 2)  # [t, g, r, c, j, e, kh, h]
-    q = q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(t * 16, g * wpg * 16)  # [t, h, r, g, c, j, kh, e]
+    q = q.view(t, g, 8, 4, wpg // 4, 4, 2, 2, 2)  # [t, g, r, c, H, s, e, kh, h]
+    q = q.permute(0, 8, 2, 1, 4, 3, 5, 7, 6).reshape(t * 16, g * wpg * 16)  # [t, h, r, g, H, c, s, kh, e]
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
@@ -127,8 +130,8 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     if CONFIG:
         return MmaConfig.parse(CONFIG)
     tiles = 2 if m > 8 else 1
-    if k >= 8192:  # few row tiles, long K: more warps share it
-        return MmaConfig(tiles=tiles, warps=8)
+    if k >= 8192:  # few row tiles, long K: more warps share it (one tile a program: at two, 8B down_proj's 128
+        return MmaConfig(tiles=1, warps=8)  # programs left 4 SMs idle and 12.5% occupancy, Nsight Compute on an H200)
     if n >= 16384:  # many row tiles: small programs
         return MmaConfig(tiles=tiles, warps=2, prefetch=m <= 8)
     return MmaConfig(tiles=tiles, warps=4 if m > 8 else 8, prefetch=False)

@@ -139,9 +139,9 @@ if HAS_GLUON:
         a5 = zeros
         a6 = zeros
         a7 = zeros
-        for i in gl.static_range(WPG // 4):  # four K16 steps: 4 words a lane, 8 x words a batch row
-            x0, x1, x2, x3 = _ld4(x_g + 8 * i, LD4X, not USE_PDL)
-            x4, x5, x6, x7 = _ld4(x_g + 8 * i + 4, LD4X, not USE_PDL)
+        for i in gl.static_range(WPG // 4):  # four K16 steps (64 k): 4 words a lane, 8 x words a batch row
+            x0, x1, x2, x3 = _ld4(x_g + 32 * i, LD4X, not USE_PDL)
+            x4, x5, x6, x7 = _ld4(x_g + 32 * i + 4, LD4X, not USE_PDL)
             y0 = x0
             y1 = x1
             y2 = x2
@@ -151,8 +151,8 @@ if HAS_GLUON:
             y6 = x6
             y7 = x7
             if NT == 2:
-                y0, y1, y2, y3 = _ld4(x_g1 + 8 * i, LD4X, not USE_PDL)
-                y4, y5, y6, y7 = _ld4(x_g1 + 8 * i + 4, LD4X, not USE_PDL)
+                y0, y1, y2, y3 = _ld4(x_g1 + 32 * i, LD4X, not USE_PDL)
+                y4, y5, y6, y7 = _ld4(x_g1 + 32 * i + 4, LD4X, not USE_PDL)
             if i == 0:
                 v0 = w0
                 v1 = w1
@@ -201,11 +201,11 @@ if HAS_GLUON:
         row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
         row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
-        # columns of the product), words (l % 4) * GROUP / 8 .. + 2 WPG of a group
+        # columns of the product), words 8 (l % 4) .. + 8 of each 32 (64 k) of a group
         xr = gl.minimum(ln // 4, M - 1)
-        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)  # [1, 1, 32]
+        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * 8  # [1, 1, 32]
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
-        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * (GROUP // 8)
+        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 8
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
