@@ -38,7 +38,8 @@ they wait), and warps of a program on different tiles of one K slice sharing x (
 Measured (H200, Llama-3.1-8B shapes, W4A16_AWQ, same calls; benchmarks/results/h200_s9*): the linears of a decode
 step in isolation (bench_int_gemv.py, reading L2 flush) 2,490 / 2,606 / 2,806 / 3,247 us at 2 / 4 / 8 / 16 rows
 against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engine (bench_quant.py) batch 4
-516.4 -> 1,557.5 tok/s, batch 16 4,493.9 -> 4,782.8 (bf16: 854.2 / 3,274.0).
+516.4 -> 1,557.5 tok/s, batch 16 4,493.9 -> 4,782.8 (bf16: 854.2 / 3,274.0). With x read a cache line per batch row
+(tenth session, h200_s10h): batch 16 4,764.7 -> 5,215.7 tok/s (bf16 3,344.6 in the same call), batch 1 472.1 -> 475.1.
 """
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ class MmaConfig:
 def config_for(m: int, n: int, k: int) -> MmaConfig:
     """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
     `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
-    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6); one row: qkv t1_w8 11.4-11.5 (asm 10.5), o
-    10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
+    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6; in the engine t1_w8 since 541a088, see below); one
+    row: qkv t1_w8 11.4-11.5 (asm 10.5), o 10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
     if CONFIG:
         return MmaConfig.parse(CONFIG)
     tiles = 2 if m > 8 else 1
