@@ -9,6 +9,7 @@ import argparse
 import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -104,7 +105,7 @@ def main() -> None:
 
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 prof.export_chrome_trace(f.name)
-                events = json.load(open(f.name))["traceEvents"]
+                events = json.loads(Path(f.name).read_text())["traceEvents"]
             print(summarize(events, steps=8))
 
 

@@ -55,6 +55,7 @@ def test_rows_and_configs():
     assert w_int_mma._rows("2-16") == (2, 16) and w_int_mma._rows("4") == (4, 4) and w_int_mma._rows("") == (0, -1)
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
+    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8)  # down_proj: one tile a program
     assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=2, warps=4, prefetch=False)
 
 

@@ -126,7 +126,7 @@ class MmaConfig:
 def config_for(m: int, n: int, k: int) -> MmaConfig:
     """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
     `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
-    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6; in the engine t1_w8 since 541a088, see below); one
+    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6; t1_w8 since 541a088: RESULTS.md, tenth session); one
     row: qkv t1_w8 11.4-11.5 (asm 10.5), o 10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
     if CONFIG:
         return MmaConfig.parse(CONFIG)
