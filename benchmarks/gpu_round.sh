@@ -130,7 +130,7 @@ for part in "$@"; do
         env ${ev//,/ } PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
     # Nsight Compute on the int4 GEMVs (benchmarks/ncu_int_gemv.py): occupancy, warp stall reasons, DRAM throughput
     ncu) timeout ${NCU_S:-300} ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
+        --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
         python benchmarks/ncu_int_gemv.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;

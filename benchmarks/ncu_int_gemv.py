@@ -4,8 +4,8 @@ occupancy, warp stall reasons, DRAM throughput), e.g. (gpu_round.sh ncu):
     ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \\
         --section Occupancy --section WarpStateStats python benchmarks/ncu_int_gemv.py
 
-Cases (default all): mma16 (gate_up and down at 16 rows, the mma GEMV's default configs), silu1 (gate_up + SiLU at
-one row), asm1 (down at one row, the asm GEMV). Each runs twice (the first launch compiles)."""
+Cases (default all): mma16 (qkv, o, gate_up and down at 16 rows, the mma GEMV's default configs), silu1 (gate_up +
+SiLU at one row), asm1 (qkv, o and down at one row, the asm GEMV). Each runs twice (the first launch compiles)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ def main() -> None:
         zero = torch.randint(0, 16, (n, k // group), device=dev, generator=g, dtype=torch.uint8)
         return packed, scale, zero
 
-    gate_up, down = layer(28672, 4096), layer(4096, 14336)
+    qkv, o, gate_up, down = layer(6144, 4096), layer(4096, 4096), layer(28672, 4096), layer(4096, 14336)
     runs = []
     for case in a.cases.split(","):
         if case == "mma16":
-            for (packed, scale, zero), k in ((gate_up, 4096), (down, 14336)):
+            for (packed, scale, zero), k in ((qkv, 4096), (o, 4096), (gate_up, 4096), (down, 14336)):
                 words, x = w_int_mma.mma_pack(packed, group), torch.randn(16, k, device=dev).bfloat16()
                 cfg = w_int_mma.config_for(16, packed.shape[0], k)
                 runs.append((f"mma16 N={packed.shape[0]} {cfg}",
@@ -47,9 +47,10 @@ def main() -> None:
             runs.append((f"silu1 {cfg}", partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg,
                                                   True)))
         elif case == "asm1":
-            packed, scale, zero = down
-            x = torch.randn(1, 14336, device=dev).bfloat16()
-            runs.append(("asm1 down", partial(w_int_linear, x, packed, scale, zero, 4, group, 14336)))
+            for name, (packed, scale, zero) in (("qkv", qkv), ("o", o), ("down", down)):
+                k = packed.shape[1] * 2
+                x = torch.randn(1, k, device=dev).bfloat16()
+                runs.append((f"asm1 {name}", partial(w_int_linear, x, packed, scale, zero, 4, group, k)))
     for name, fn in runs:
         for _ in range(2):
             fn()

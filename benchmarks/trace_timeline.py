@@ -1,6 +1,7 @@
 """The GPU kernel time line of a torch.profiler trace (profile_step.py --trace --timeline): how much of the wall
 time some kernel runs (busy), the idle gaps between kernels, how much kernels overlap (PDL), and per kernel name
-its launches, mean duration and mean gap before it (idle time since the previous kernel ended)."""
+its launches, mean duration and mean gap before it (idle time since the previous kernel ended). Kernels of one name
+with different grids (the same GEMV on qkv / o / down) are listed apart, their grid after the name."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def summarize(events: list[dict], steps: int = 1, top: int = 25) -> str:
         gaps += gap
         busy += max(0.0, s + d - max(s, end))
         end = max(end, s + d)
-        rec = per[e["name"][:70]]
+        grid = (e.get("args") or {}).get("grid")
+        rec = per[e["name"][:52] + (f" {list(grid)}" if grid else "")]
         rec[0] += 1
         rec[1] += d
         rec[2] += gap

@@ -19,3 +19,11 @@ def test_busy_gaps_and_overlap():
     gemv = next(line for line in out.splitlines() if line.startswith("gemv"))
     assert gemv.split()[1:] == ["2.0", "7.50", "15.0", "1.00"]
     assert summarize([], steps=1) == "no kernel events in the trace"
+
+
+def test_grids_listed_apart():
+    ev = [dict(ph="X", cat="kernel", name="gemv", ts=0, dur=4, args={"grid": [768, 1, 1]}),
+          dict(ph="X", cat="kernel", name="gemv", ts=5, dur=2, args={"grid": [512, 1, 1]})]
+    rows = [line.split() for line in summarize(ev, steps=1).splitlines()[2:]]
+    assert rows == [["gemv", "[768,", "1,", "1]", "1.0", "4.00", "4.0", "0.00"],
+                    ["gemv", "[512,", "1,", "1]", "1.0", "2.00", "2.0", "1.00"]]
