@@ -59,6 +59,15 @@ def test_rows_and_configs():
     assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=2, warps=4, prefetch=False)
 
 
+def test_shape_configs():
+    from quanta.quantization import w_int_mma
+
+    table = w_int_mma.shape_configs("6144x4096=t1_w8; 4096X4096=t2_w4_np;")
+    assert table == {(6144, 4096): MmaConfig(tiles=1, warps=8), (4096, 4096): MmaConfig(tiles=2, warps=4, prefetch=False)}
+    with pytest.raises(ValueError, match="QUANTA_INT_MMA_SHAPES.*NxK=config"):
+        w_int_mma.shape_configs("4096=t1_w8")
+
+
 def test_attach_is_a_no_op_on_the_cpu():
     from quanta.quantization import w_int_mma
 

@@ -97,6 +97,7 @@ def _rows(text: str) -> tuple[int, int]:
 # "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
+SHAPES = envs.get("QUANTA_INT_MMA_SHAPES")  # "NxK=t1_w8;NxK=..." (any row count the mma GEMV takes)
 # gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
 # launch; at one row instead of the asm GEMV with x planes and its SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" =
 # off). H200, 8B W4A16_AWQ, tok/s, same call (h200_s9f_*): batch 1 462.0 -> 473.3, batch 4 1,554.4 -> 1,617.7,
@@ -128,14 +129,28 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
     (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6; t1_w8 since 541a088: RESULTS.md, tenth session); one
     row: qkv t1_w8 11.4-11.5 (asm 10.5), o 10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
-    if CONFIG:
-        return MmaConfig.parse(CONFIG)
+    shaped = shape_configs(SHAPES).get((n, k))
+    if shaped or CONFIG:
+        return shaped or MmaConfig.parse(CONFIG)
     tiles = 2 if m > 8 else 1
     if k >= 8192:  # few row tiles, long K: more warps share it (one tile a program: at two, 8B down_proj's 128
         return MmaConfig(tiles=1, warps=8)  # programs left 4 SMs idle and 12.5% occupancy, Nsight Compute on an H200)
     if n >= 16384:  # many row tiles: small programs
         return MmaConfig(tiles=tiles, warps=2, prefetch=m <= 8)
     return MmaConfig(tiles=tiles, warps=4 if m > 8 else 8, prefetch=False)
+
+
+@functools.lru_cache(maxsize=8)
+def shape_configs(text: str) -> dict[tuple[int, int], MmaConfig]:
+    """"NxK=t1_w8;NxK=t2_w4_np" -> {(N, K): MmaConfig} (QUANTA_INT_MMA_SHAPES)."""
+    table = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        shape, _, cfg = item.partition("=")
+        n, _, k = shape.lower().partition("x")
+        if not (n.isdigit() and k.isdigit() and cfg):
+            raise ValueError(f"QUANTA_INT_MMA_SHAPES: {item!r} is not 'NxK=config' (e.g. '4096x4096=t1_w8')")
+        table[(int(n), int(k))] = MmaConfig.parse(cfg)
+    return table
 
 
 def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
