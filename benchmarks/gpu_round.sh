@@ -123,6 +123,13 @@ for part in "$@"; do
     cpab) [ -n "$CP_BF16" ] && timeout 80 python benchmarks/bench_quant.py --parts bf16 --measures batch1,batch4,batch16 --json "$OUT/cpab_bf16.json" 2>&1 | grep -E "^bf16"
       i=0; for spec in ${CP_TREES:-old new}; do IFS=: read -r tree ev <<< "$spec"; src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src
         i=$((i+1)); echo "awq, $tree tree ${ev}"; env ${ev//,/ } PYTHONPATH=$src:$PWD timeout 150 python benchmarks/bench_quant.py --parts awq --measures ${CP_MEASURES:-batch1,batch4,batch16} --calib-batches 8 --json "$OUT/cpab_awq_${i}_$tree.json" 2>&1 | grep -E "^W4A16"; done ;;
+    # the mma GEMV's configs at PX_MS rows (PX_VARIANTS, explicit configs), then the engine (batch 16, bf16 in the same
+    # run) with its defaults vs the fastest config of each shape (QUANTA_INT_MMA_SHAPES), the default again last
+    pxab) J=$OUT/px_gemv.json; QUANTA_BENCH_FLUSH=read timeout ${PX_S:-200} python benchmarks/bench_int_gemv.py --models 8b --ms ${PX_MS:-16} --zero-point --variants ${PX_VARIANTS:-mma:t1_w8,mma:t1_w8_px,mma:t2_w2_np,mma:t2_w2_np_px} --json $J 2>&1 | grep -E "^8b|mma" | tail -40
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m ${PX_M:-16}); echo "per shape: $S"
+      timeout 80 python benchmarks/bench_quant.py --parts bf16 --measures ${PX_MEASURES:-batch16} --json "$OUT/pxab_bf16.json" 2>&1 | grep -E "^bf16"
+      i=0; for v in default shapes default; do i=$((i+1)); e=""; [ $v = shapes ] && e="$S"; echo "awq $v '$e'"
+        QUANTA_INT_MMA_SHAPES="$e" timeout 150 python benchmarks/bench_quant.py --parts awq --measures ${PX_MEASURES:-batch16} --calib-batches 8 --json "$OUT/pxab_awq_${i}_$v.json" 2>&1 | grep -E "^W4A16"; done ;;
     # kernel time lines (busy, gaps, PDL overlap, per-kernel durations) of decode steps in graph mode:
     # TL_RUNS="MODEL:QUANT:BATCH[:VAR=1,VAR2=0] ..." (QUANTA_PDL=0: each kernel's duration is its own)
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json

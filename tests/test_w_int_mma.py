@@ -47,6 +47,8 @@ def test_ref_equals_canonical_ref():
 def test_config_text():
     assert MmaConfig.parse("t2_w8_np") == MmaConfig(tiles=2, warps=8, prefetch=False)
     assert str(MmaConfig.parse("t4_w4")) == "t4_w4"
+    assert MmaConfig.parse("t1_w8_px") == MmaConfig(tiles=1, warps=8, xprefetch=True)
+    assert str(MmaConfig.parse("t1_w8_np_px")) == "t1_w8_np_px"
 
 
 def test_rows_and_configs():
@@ -56,7 +58,8 @@ def test_rows_and_configs():
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
     assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8)  # down_proj: one tile a program
-    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=2, warps=4, prefetch=False)
+    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=8)  # qkv / o: 8 warps, one tile
+    assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
 
 
 def test_shape_configs():

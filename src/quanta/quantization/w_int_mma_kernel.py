@@ -2,7 +2,8 @@
 
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
-KW-th group of K (words prefetched one group ahead, "PF"), summed across warps, stored (or SiLU(gate) * up, ACT).
+KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well), summed across warps, stored
+(or SiLU(gate) * up, ACT).
 """
 
 from __future__ import annotations
@@ -113,16 +114,68 @@ if HAS_GLUON:
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @gluon.jit
-    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
-               stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr,
-               MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr,
-               USE_PDL: gl.constexpr):
+    def _xload(x_l, x_l1, g, G, GROUP: gl.constexpr, NT: gl.constexpr, PURE: gl.constexpr):
+        """x of group g (clamped to G - 1) for its K16 steps, as 32 int32 tensors: a lane's 8 words of batch row
+        l // 4 (a) and l // 4 + 8 (b, NT 2; else a again) for the group's first 64 k, then the same for its second
+        64 (c, d; GROUP 64: a and b again). PURE False (x under PDL): kept in program order, after the wait."""
+        x_g = x_l + gl.minimum(g, G - 1) * (GROUP // 2)
+        x_g1 = x_l1 + gl.minimum(g, G - 1) * (GROUP // 2)
+        a0, a1, a2, a3 = _ld4(x_g, LD4X, PURE)
+        a4, a5, a6, a7 = _ld4(x_g + 4, LD4X, PURE)
+        b0 = a0
+        b1 = a1
+        b2 = a2
+        b3 = a3
+        b4 = a4
+        b5 = a5
+        b6 = a6
+        b7 = a7
+        if NT == 2:
+            b0, b1, b2, b3 = _ld4(x_g1, LD4X, PURE)
+            b4, b5, b6, b7 = _ld4(x_g1 + 4, LD4X, PURE)
+        c0 = a0
+        c1 = a1
+        c2 = a2
+        c3 = a3
+        c4 = a4
+        c5 = a5
+        c6 = a6
+        c7 = a7
+        d0 = b0
+        d1 = b1
+        d2 = b2
+        d3 = b3
+        d4 = b4
+        d5 = b5
+        d6 = b6
+        d7 = b7
+        if GROUP == 128:
+            c0, c1, c2, c3 = _ld4(x_g + 32, LD4X, PURE)
+            c4, c5, c6, c7 = _ld4(x_g + 36, LD4X, PURE)
+            d0 = c0
+            d1 = c1
+            d2 = c2
+            d3 = c3
+            d4 = c4
+            d5 = c5
+            d6 = c6
+            d7 = c7
+            if NT == 2:
+                d0, d1, d2, d3 = _ld4(x_g1 + 32, LD4X, PURE)
+                d4, d5, d6, d7 = _ld4(x_g1 + 36, LD4X, PURE)
+        return (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+                c0, c1, c2, c3, c4, c5, c6, c7, d0, d1, d2, d3, d4, d5, d6, d7)
+
+    @gluon.jit
+    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7,
+               a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+               c0, c1, c2, c3, c4, c5, c6, c7, d0, d1, d2, d3, d4, d5, d6, d7,
+               s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7,
+               ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr,
+               HAS_ZERO: gl.constexpr):
         """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
-        its words (_wload)."""
-        WPG: gl.constexpr = GROUP // 16
+        its words (_wload), a0..d7: its x (_xload)."""
         gc = gl.minimum(g, G - 1)
-        x_g = x_l + gc * (GROUP // 2)
-        x_g1 = x_l1 + gc * (GROUP // 2)
         s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
         s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
         if HAS_ZERO:
@@ -131,55 +184,37 @@ if HAS_GLUON:
         else:
             zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
             zh = zl
-        a0 = zeros
-        a1 = zeros
-        a2 = zeros
-        a3 = zeros
-        a4 = zeros
-        a5 = zeros
-        a6 = zeros
-        a7 = zeros
-        for i in gl.static_range(WPG // 4):  # four K16 steps (64 k): 4 words a lane, 8 x words a batch row
-            x0, x1, x2, x3 = _ld4(x_g + 32 * i, LD4X, not USE_PDL)
-            x4, x5, x6, x7 = _ld4(x_g + 32 * i + 4, LD4X, not USE_PDL)
-            y0 = x0
-            y1 = x1
-            y2 = x2
-            y3 = x3
-            y4 = x4
-            y5 = x5
-            y6 = x6
-            y7 = x7
-            if NT == 2:
-                y0, y1, y2, y3 = _ld4(x_g1 + 32 * i, LD4X, not USE_PDL)
-                y4, y5, y6, y7 = _ld4(x_g1 + 32 * i + 4, LD4X, not USE_PDL)
-            if i == 0:
-                v0 = w0
-                v1 = w1
-                v2 = w2
-                v3 = w3
-            else:
-                v0 = w4
-                v1 = w5
-                v2 = w6
-                v3 = w7
-            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v0, zl, zh, x0, x1, y0, y1,
-                                                  a0, a1, a2, a3, a4, a5, a6, a7)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v1, zl, zh, x2, x3, y2, y3,
-                                                  a0, a1, a2, a3, a4, a5, a6, a7)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v2, zl, zh, x4, x5, y4, y5,
-                                                  a0, a1, a2, a3, a4, a5, a6, a7)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _k16(ASM, CONS, NT, v3, zl, zh, x6, x7, y6, y7,
-                                                  a0, a1, a2, a3, a4, a5, a6, a7)
-        t0 += a0 * s_lo
-        t1 += a1 * s_lo
-        t2 += a2 * s_hi
-        t3 += a3 * s_hi
+        e0 = zeros
+        e1 = zeros
+        e2 = zeros
+        e3 = zeros
+        e4 = zeros
+        e5 = zeros
+        e6 = zeros
+        e7 = zeros
+        # the first 64 k: 4 K16 steps, 4 words a lane, 8 x words a batch row
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w0, zl, zh, a0, a1, b0, b1, e0, e1, e2, e3, e4, e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w1, zl, zh, a2, a3, b2, b3, e0, e1, e2, e3, e4, e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w2, zl, zh, a4, a5, b4, b5, e0, e1, e2, e3, e4, e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w3, zl, zh, a6, a7, b6, b7, e0, e1, e2, e3, e4, e5, e6, e7)
+        if GROUP == 128:  # the second 64 k
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w4, zl, zh, c0, c1, d0, d1, e0, e1, e2, e3, e4, e5,
+                                                  e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w5, zl, zh, c2, c3, d2, d3, e0, e1, e2, e3, e4, e5,
+                                                  e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w6, zl, zh, c4, c5, d4, d5, e0, e1, e2, e3, e4, e5,
+                                                  e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w7, zl, zh, c6, c7, d6, d7, e0, e1, e2, e3, e4, e5,
+                                                  e6, e7)
+        t0 += e0 * s_lo
+        t1 += e1 * s_lo
+        t2 += e2 * s_hi
+        t3 += e3 * s_hi
         if NT == 2:
-            t4 += a4 * s_lo
-            t5 += a5 * s_lo
-            t6 += a6 * s_hi
-            t7 += a7 * s_hi
+            t4 += e4 * s_lo
+            t5 += e5 * s_lo
+            t6 += e6 * s_hi
+            t7 += e7 * s_hi
         return t0, t1, t2, t3, t4, t5, t6, t7
 
     @gluon.jit
@@ -187,7 +222,7 @@ if HAS_GLUON:
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
-                       ACT: gl.constexpr = False):
+                       ACT: gl.constexpr = False, PX: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -216,17 +251,35 @@ if HAS_GLUON:
         t5 = zeros
         t6 = zeros
         t7 = zeros
-        # the K loop: each warp's next group's words load before this group's math (PF), or with it
+        # the K loop: each warp's next group's words load before this group's math (PF), or with it; PX: its x too
         w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
+        if PX:
+            (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20, p21,
+                p22, p23, p24, p25, p26, p27, p28, p29, p30, p31) = _xload(
+                x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             if PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+            if PX:
+                (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, x16, x17, x18, x19, x20,
+                    x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31) = (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
+                    p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20, p21, p22, p23, p24, p25, p26, p27, p28,
+                    p29, p30, p31)
+                (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20,
+                    p21, p22, p23, p24, p25, p26, p27, p28, p29, p30, p31) = _xload(
+                    x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
+            else:
+                (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, x16, x17, x18, x19, x20,
+                    x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31) = _xload(
+                    x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(
-                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x_l, x_l1, s_ptr, z_ptr, row_lo, row_hi, stride_sn,
-                stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO, USE_PDL)
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12,
+                    x13, x14, x15, x16, x17, x18, x19, x20, x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31,
+                s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS,
+                MAGIC16, GROUP, NT, HAS_ZERO)
             if not PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
