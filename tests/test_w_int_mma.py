@@ -57,8 +57,10 @@ def test_rows_and_configs():
     assert w_int_mma._rows("2-16") == (2, 16) and w_int_mma._rows("4") == (4, 4) and w_int_mma._rows("") == (0, -1)
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
-    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8)  # down_proj: one tile a program
-    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=8)  # qkv / o: 8 warps, one tile
+    # down / o at 16 rows: one tile a program, x and words prefetched; qkv (384 tiles > 2 x 132 SMs) words only
+    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8, prefetch=False, xprefetch=True)
+    assert w_int_mma.config_for(16, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False, xprefetch=True)
+    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=8)
     assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
 
 

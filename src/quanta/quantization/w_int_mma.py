@@ -134,13 +134,22 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     shaped = shape_configs(SHAPES).get((n, k))
     if shaped or CONFIG:
         return shaped or MmaConfig.parse(CONFIG)
-    if k >= 8192:  # few row tiles, long K: more warps share it (one tile a program: at two, 8B down_proj's 128
-        return MmaConfig(tiles=1, warps=8)  # programs left 4 SMs idle and 12.5% occupancy, Nsight Compute on an H200)
     if n >= 16384:  # many row tiles: small programs
         return MmaConfig(tiles=2 if m > 8 else 1, warps=2, prefetch=m <= 8)
-    # qkv / o at 9-16 rows: one tile a program, 8 warps (t2_w4_np had 192 / 128 programs of 4 warps, ~9% / 6%
-    # achieved occupancy in Nsight Compute; H200, 8B W4A16_AWQ batch 16: 5,394.7 vs 5,237.6 tok/s, h200_s11b)
-    return MmaConfig(tiles=1, warps=8, prefetch=m > 8)
+    # one tile a program, 8 warps: at two, 8B down_proj's 128 programs left 4 SMs idle (12.5% occupancy); qkv / o
+    # at 9-16 rows on t2_w4_np had 192 / 128 programs of 4 warps, 9% / 6% achieved occupancy (Nsight Compute, H200;
+    # 8B W4A16_AWQ batch 16: 5,394.7 vs 5,237.6 tok/s, h200_s11b). At 9-16 rows each warp's next group's x loads
+    # with its words ("_px", 98 registers instead of 80) where the grid's 8-warp programs fit at ~2 an SM (down / o,
+    # not qkv's 384 tiles): 16 rows down 21.9 vs 25.1 us, o 12.0 vs 12.5, qkv 18.0 vs 13.4; engine batch 16
+    # 5,547.0 vs 5,423.7 / 5,407.2 tok/s (bf16 3,310.6, h200_s11c)
+    if m <= 8:
+        return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
+    return MmaConfig(tiles=1, warps=8, prefetch=n // 16 > 2 * _num_sms(), xprefetch=n // 16 <= 2 * _num_sms())
+
+
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if (
+        torch.cuda.is_available()) else 132
 
 
 @functools.lru_cache(maxsize=8)
