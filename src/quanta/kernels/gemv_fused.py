@@ -53,6 +53,9 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
     if prologue == PRO_NORM:
         return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4,
                           next_step=nx)
+    if m == 1:  # H200, 1B batch-1 latency: bn4_bk1024_sk1_w4_s1_nx 1,064.3 tok/s vs bn2_bk1024 (before) 1,032.4 /
+        # 1,031.6, bn4_bk512 1,039.2, bn8_bk512 998.2, SiLU and down apart 1,000.6 (benchmarks/results/h200_s11e_*)
+        return GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1, next_step=True)
     if m <= 2:  # H100, 1B down_proj at M=1: bn2_bk1024 15.8 us, bn4_bk512 16.8 (benchmarks/results/h100_s4_*)
         return GemvConfig(block_n=2, block_k=1024, num_warps=4, next_step=nx)
     return GemvConfig(block_n=8, block_k=512, num_warps=4)
