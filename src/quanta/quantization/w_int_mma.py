@@ -23,8 +23,8 @@ x and are not stored (no masks in the loop).
 
 Gluon (explicit layouts) keeps each [KW, TN, 32] tensor's last dimension on the 32 lanes of a warp, which the
 warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles (16 TN rows) over all of K; its
-KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"), summed across
-warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and the epilogue stores
+KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"; with "PX" its x
+too), summed across warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and the epilogue stores
 SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads: ptxas hoists the
 wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
 w_int_kernel.w_int_linear_ref).
@@ -40,6 +40,8 @@ step in isolation (bench_int_gemv.py, reading L2 flush) 2,490 / 2,606 / 2,806 / 
 against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engine (bench_quant.py) batch 4
 516.4 -> 1,557.5 tok/s, batch 16 4,493.9 -> 4,782.8 (bf16: 854.2 / 3,274.0). With x read a cache line per batch row
 (tenth session, h200_s10h): batch 16 4,764.7 -> 5,215.7 tok/s (bf16 3,344.6 in the same call), batch 1 472.1 -> 475.1.
+At 9-16 rows qkv / o on one tile and 8 warps, o / down with the next group's x prefetched too (config "_px", eleventh
+session, h200_s11d): batch 16 5,217.2 -> 5,568.8 tok/s (bf16 3,315.9 in the same call).
 """
 from __future__ import annotations
 
