@@ -74,17 +74,22 @@ INT4_MANY_CONFIG = envs.get("QUANTA_INT4_GEMV_MANY_CONFIG")  # int4 GEMVs of 5-1
 INT4_MANY_SHAPES = envs.get("QUANTA_INT4_GEMV_MANY_SHAPES")  # per shape: "NxK=config;..."
 
 
-@functools.lru_cache(maxsize=8)
-def _shape_configs(text: str) -> dict:
-    """"NxK=config;NxK=config" -> {(N, K): GemvConfig} (QUANTA_INT4_GEMV_MANY_SHAPES, QUANTA_INT_GEMV_ASM_SHAPES)."""
+def shape_table(text: str, parse, what: str = "GEMV shape configs") -> dict:
+    """"NxK=config;NxK=config" -> {(N, K): parse(config)}; `what` names the setting in the error."""
     table = {}
     for item in filter(None, (t.strip() for t in text.split(";"))):
         shape, _, cfg = item.partition("=")
         n, _, k = shape.lower().partition("x")
         if not (n.isdigit() and k.isdigit() and cfg):
-            raise ValueError(f"GEMV shape configs: {item!r} is not 'NxK=config'")
-        table[(int(n), int(k))] = GemvConfig.parse(cfg)
+            raise ValueError(f"{what}: {item!r} is not 'NxK=config' (e.g. '4096x4096=...')")
+        table[(int(n), int(k))] = parse(cfg)
     return table
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_configs(text: str) -> dict:
+    """{(N, K): GemvConfig} of QUANTA_INT4_GEMV_MANY_SHAPES / QUANTA_INT_GEMV_ASM_SHAPES."""
+    return shape_table(text, GemvConfig.parse)
 
 
 def num_sms(device: torch.device | None = None) -> int:

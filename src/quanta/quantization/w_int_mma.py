@@ -157,14 +157,9 @@ def _num_sms() -> int:
 @functools.lru_cache(maxsize=8)
 def shape_configs(text: str) -> dict[tuple[int, int], MmaConfig]:
     """"NxK=t1_w8;NxK=t2_w4_np" -> {(N, K): MmaConfig} (QUANTA_INT_MMA_SHAPES)."""
-    table = {}
-    for item in filter(None, (t.strip() for t in text.split(";"))):
-        shape, _, cfg = item.partition("=")
-        n, _, k = shape.lower().partition("x")
-        if not (n.isdigit() and k.isdigit() and cfg):
-            raise ValueError(f"QUANTA_INT_MMA_SHAPES: {item!r} is not 'NxK=config' (e.g. '4096x4096=t1_w8')")
-        table[(int(n), int(k))] = MmaConfig.parse(cfg)
-    return table
+    from quanta.kernels.gemv_config import shape_table
+
+    return shape_table(text, MmaConfig.parse, "QUANTA_INT_MMA_SHAPES")
 
 
 def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
