@@ -24,9 +24,9 @@ x and are not stored (no masks in the loop).
 Gluon (explicit layouts) keeps each [KW, TN, 32] tensor's last dimension on the 32 lanes of a warp, which the
 warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles (16 TN rows) over all of K; its
 KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"; with "PX" its x
-too), summed across warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and the epilogue stores
-SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads: ptxas hoists the
-wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
+too), summed across warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and
+the epilogue stores SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads:
+ptxas hoists the wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
 w_int_kernel.w_int_linear_ref).
 
 The "prefetch" is what ptxas makes of it: in SASS the next group's words load after 2 of this group's 8 HMMAs and
@@ -146,12 +146,10 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # 5,547.0 vs 5,423.7 / 5,407.2 tok/s (bf16 3,310.6, h200_s11c)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
-    return MmaConfig(tiles=1, warps=8, prefetch=n // 16 > 2 * _num_sms(), xprefetch=n // 16 <= 2 * _num_sms())
+    from quanta.kernels.gemv_config import num_sms
 
-
-def _num_sms() -> int:
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count if (
-        torch.cuda.is_available()) else 132
+    fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
+    return MmaConfig(tiles=1, warps=8, prefetch=not fits, xprefetch=fits)
 
 
 @functools.lru_cache(maxsize=8)
