@@ -26,8 +26,8 @@ warp-wide `mma.sync` inside `inline_asm_elementwise` needs. A program: TN tiles 
 KW warps take every KW-th group (each warp's next group's words load before this one's math: "PF"; with "PX" its x
 too), summed across warps at the end. ACT (gate | up weights): TN = 2 holds gate tile t and up tile t + N / 32, and
 the epilogue stores SiLU(gate) * up. PDL: the first group's words load before `griddepcontrol.wait` (coherent loads:
-ptxas hoists the wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack the words, then
-w_int_kernel.w_int_linear_ref).
+ptxas hoists the wait above `.nc` ones). sm_90 (bf16 needs sub.bf16x2). The twin is `w_int_mma_linear_ref` (unpack
+the words, then w_int_kernel.w_int_linear_ref).
 
 The "prefetch" is what ptxas makes of it: in SASS the next group's words load after 2 of this group's 8 HMMAs and
 the scales just before their use (a load used in the next loop pass gets its latency model's few hundred cycles).
