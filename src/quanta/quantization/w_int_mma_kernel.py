@@ -114,67 +114,39 @@ if HAS_GLUON:
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @gluon.jit
-    def _xload(x_l, x_l1, g, G, GROUP: gl.constexpr, NT: gl.constexpr, PURE: gl.constexpr):
-        """x of group g (clamped to G - 1) for its K16 steps, as 32 int32 tensors: a lane's 8 words of batch row
-        l // 4 (a) and l // 4 + 8 (b, NT 2; else a again) for the group's first 64 k, then the same for its second
-        64 (c, d; GROUP 64: a and b again). PURE False (x under PDL): kept in program order, after the wait."""
-        x_g = x_l + gl.minimum(g, G - 1) * (GROUP // 2)
-        x_g1 = x_l1 + gl.minimum(g, G - 1) * (GROUP // 2)
-        a0, a1, a2, a3 = _ld4(x_g, LD4X, PURE)
-        a4, a5, a6, a7 = _ld4(x_g + 4, LD4X, PURE)
-        b0 = a0
-        b1 = a1
-        b2 = a2
-        b3 = a3
-        b4 = a4
-        b5 = a5
-        b6 = a6
-        b7 = a7
-        if NT == 2:
-            b0, b1, b2, b3 = _ld4(x_g1, LD4X, PURE)
-            b4, b5, b6, b7 = _ld4(x_g1 + 4, LD4X, PURE)
-        c0 = a0
-        c1 = a1
-        c2 = a2
-        c3 = a3
-        c4 = a4
-        c5 = a5
-        c6 = a6
-        c7 = a7
-        d0 = b0
-        d1 = b1
-        d2 = b2
-        d3 = b3
-        d4 = b4
-        d5 = b5
-        d6 = b6
-        d7 = b7
-        if GROUP == 128:
-            c0, c1, c2, c3 = _ld4(x_g + 32, LD4X, PURE)
-            c4, c5, c6, c7 = _ld4(x_g + 36, LD4X, PURE)
-            d0 = c0
-            d1 = c1
-            d2 = c2
-            d3 = c3
-            d4 = c4
-            d5 = c5
-            d6 = c6
-            d7 = c7
-            if NT == 2:
-                d0, d1, d2, d3 = _ld4(x_g1 + 32, LD4X, PURE)
-                d4, d5, d6, d7 = _ld4(x_g1 + 36, LD4X, PURE)
-        return (a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
-                c0, c1, c2, c3, c4, c5, c6, c7, d0, d1, d2, d3, d4, d5, d6, d7)
+    def _ld8(ptr, PURE: gl.constexpr):
+        """Eight x words from 16-byte aligned ptr (two vector loads), as an 8-tuple of ptr's shape."""
+        p0, p1, p2, p3 = _ld4(ptr, LD4X, PURE)
+        p4, p5, p6, p7 = _ld4(ptr + 4, LD4X, PURE)
+        return p0, p1, p2, p3, p4, p5, p6, p7
 
     @gluon.jit
-    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7,
-               a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
-               c0, c1, c2, c3, c4, c5, c6, c7, d0, d1, d2, d3, d4, d5, d6, d7,
-               s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7,
-               ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr,
-               HAS_ZERO: gl.constexpr):
+    def _xload(x_l, x_l1, g, G, GROUP: gl.constexpr, NT: gl.constexpr, PURE: gl.constexpr):
+        """x of group g (clamped to G - 1) for its K16 steps, as 8-tuples (a, b, c, d): a lane's 8 words of batch
+        row l // 4 (a) and l // 4 + 8 (b; NT 1: a again) of the group's first 64 k, then of its second 64 (c, d;
+        GROUP 64: a, b again). PURE False (x under PDL): kept in program order, after the wait."""
+        x_g = x_l + gl.minimum(g, G - 1) * (GROUP // 2)
+        x_g1 = x_l1 + gl.minimum(g, G - 1) * (GROUP // 2)
+        a = _ld8(x_g, PURE)
+        b = a
+        if NT == 2:
+            b = _ld8(x_g1, PURE)
+        c = a
+        d = b
+        if GROUP == 128:
+            c = _ld8(x_g + 32, PURE)
+            d = c
+            if NT == 2:
+                d = _ld8(x_g1 + 32, PURE)
+        return a, b, c, d
+
+    @gluon.jit
+    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros,
+               t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr,
+               GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr):
         """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
-        its words (_wload), a0..d7: its x (_xload)."""
+        its words (_wload), xs: its x (_xload)."""
+        a, b, c, d = xs
         gc = gl.minimum(g, G - 1)
         s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
         s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
@@ -193,19 +165,23 @@ if HAS_GLUON:
         e6 = zeros
         e7 = zeros
         # the first 64 k: 4 K16 steps, 4 words a lane, 8 x words a batch row
-        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w0, zl, zh, a0, a1, b0, b1, e0, e1, e2, e3, e4, e5, e6, e7)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w1, zl, zh, a2, a3, b2, b3, e0, e1, e2, e3, e4, e5, e6, e7)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w2, zl, zh, a4, a5, b4, b5, e0, e1, e2, e3, e4, e5, e6, e7)
-        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w3, zl, zh, a6, a7, b6, b7, e0, e1, e2, e3, e4, e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w0, zl, zh, a[0], a[1], b[0], b[1], e0, e1, e2, e3, e4,
+                                              e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w1, zl, zh, a[2], a[3], b[2], b[3], e0, e1, e2, e3, e4,
+                                              e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w2, zl, zh, a[4], a[5], b[4], b[5], e0, e1, e2, e3, e4,
+                                              e5, e6, e7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w3, zl, zh, a[6], a[7], b[6], b[7], e0, e1, e2, e3, e4,
+                                              e5, e6, e7)
         if GROUP == 128:  # the second 64 k
-            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w4, zl, zh, c0, c1, d0, d1, e0, e1, e2, e3, e4, e5,
-                                                  e6, e7)
-            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w5, zl, zh, c2, c3, d2, d3, e0, e1, e2, e3, e4, e5,
-                                                  e6, e7)
-            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w6, zl, zh, c4, c5, d4, d5, e0, e1, e2, e3, e4, e5,
-                                                  e6, e7)
-            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w7, zl, zh, c6, c7, d6, d7, e0, e1, e2, e3, e4, e5,
-                                                  e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w4, zl, zh, c[0], c[1], d[0], d[1], e0, e1, e2, e3,
+                                                  e4, e5, e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w5, zl, zh, c[2], c[3], d[2], d[3], e0, e1, e2, e3,
+                                                  e4, e5, e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w6, zl, zh, c[4], c[5], d[4], d[5], e0, e1, e2, e3,
+                                                  e4, e5, e6, e7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _k16(ASM, CONS, NT, w7, zl, zh, c[6], c[7], d[6], d[7], e0, e1, e2, e3,
+                                                  e4, e5, e6, e7)
         t0 += e0 * s_lo
         t1 += e1 * s_lo
         t2 += e2 * s_hi
@@ -256,30 +232,19 @@ if HAS_GLUON:
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
         if PX:
-            (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20, p21,
-                p22, p23, p24, p25, p26, p27, p28, p29, p30, p31) = _xload(
-                x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
+            xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             if PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
             if PX:
-                (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, x16, x17, x18, x19, x20,
-                    x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31) = (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9,
-                    p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20, p21, p22, p23, p24, p25, p26, p27, p28,
-                    p29, p30, p31)
-                (p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, p20,
-                    p21, p22, p23, p24, p25, p26, p27, p28, p29, p30, p31) = _xload(
-                    x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
+                xs = xn
+                xn = _xload(x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
             else:
-                (x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, x16, x17, x18, x19, x20,
-                    x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31) = _xload(
-                    x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
+                xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(
-                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12,
-                    x13, x14, x15, x16, x17, x18, x19, x20, x21, x22, x23, x24, x25, x26, x27, x28, x29, x30, x31,
-                s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS,
-                MAGIC16, GROUP, NT, HAS_ZERO)
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn,
+                zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
             if not PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)

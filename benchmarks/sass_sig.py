@@ -1,0 +1,65 @@
+"""Offline SASS fingerprints of the mma GEMV kernel (quantization/w_int_mma_kernel.py), no GPU needed: compile
+`_w4_mma_kernel` for sm_90 over a set of constexpr combinations and print one hash of each kernel's SASS (addresses
+stripped) with its instruction count. Two trees whose fingerprints match compile to the same machine code, so a
+refactor that keeps them needs no new GPU run. Use the GPU machine's Triton (3.6) for the device's code, e.g.
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=src python benchmarks/sass_sig.py --triton /tmp/t36 > before.txt   # then again after; diff
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# (NT, TN, KW, PF, PX, GROUP, USE_PDL, ACT)
+COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0, 128, 1, 0), (1, 2, 2, 1, 0, 128, 1, 1),
+          (2, 2, 2, 0, 0, 128, 0, 0), (1, 1, 4, 1, 1, 64, 0, 0), (2, 2, 4, 0, 1, 64, 1, 1)]
+_PTRS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr"]
+_INTS = ["M", "N", "G", "stride_xm", "stride_sn", "stride_zn", "stride_ym"]
+_CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--triton", default="", help="a folder holding the Triton to compile with (put first on sys.path)")
+    a = ap.parse_args()
+    if a.triton:
+        sys.path.insert(0, a.triton)
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from quanta.quantization import w_int_mma
+    from quanta.quantization.w_int_mma_kernel import _w4_mma_kernel
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
+    sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in _CONSTS}}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
+    print(f"triton {triton.__version__}")
+    for nt, tn, kw, pf, px, group, pdl, act in COMBOS:
+        asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
+        consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=group, NT=nt, TN=tn, KW=kw, HAS_ZERO=True,
+                      HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px))
+        kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=kw))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        body = [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in sass.splitlines()
+                if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+        digest = hashlib.sha1("\n".join(body).encode()).hexdigest()[:12]
+        print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: {digest} ({len(body)} lines)")
+
+
+if __name__ == "__main__":
+    main()
