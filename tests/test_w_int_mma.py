@@ -68,9 +68,23 @@ def test_shape_configs():
     from quanta.quantization import w_int_mma
 
     table = w_int_mma.shape_configs("6144x4096=t1_w8; 4096X4096=t2_w4_np;")
-    assert table == {(6144, 4096): MmaConfig(tiles=1, warps=8), (4096, 4096): MmaConfig(tiles=2, warps=4, prefetch=False)}
+    assert table == {(6144, 4096): MmaConfig(tiles=1, warps=8),
+                     (4096, 4096): MmaConfig(tiles=2, warps=4, prefetch=False)}
     with pytest.raises(ValueError, match="QUANTA_INT_MMA_SHAPES.*NxK=config"):
         w_int_mma.shape_configs("4096=t1_w8")
+
+
+def test_only_groups_the_kernel_takes():
+    """Groups of 64 / 128 only: a 256 group or a per-channel int4 checkpoint's one group as wide as K (its loads cover
+    two 64-k halves) stays on the other GEMVs."""
+    from quanta.quantization import w_int_mma
+
+    cuda = torch.device("cuda")
+    for group in (256, 4096, 32):
+        assert not w_int_mma.supported(group, 4096, 4096, torch.bfloat16, cuda)
+    words = mma_pack(torch.zeros(16, 128, dtype=torch.uint8), 256)
+    with pytest.raises(ValueError, match="groups of 64 or 128"):
+        w_int_mma.w_int_mma_linear(torch.zeros(1, 256, dtype=torch.bfloat16), words, torch.ones(16, 1), None, 256)
 
 
 def test_attach_is_a_no_op_on_the_cpu():

@@ -10,7 +10,8 @@ the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K
 instructions a weight at 1 - 8 rows, ~2.2 at 16, and no shared memory in the loop.
 
 Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, 32, WPG] for groups of GROUP
-values, a multiple of 64 (WPG = GROUP / 16 words a lane and group); lane l = 4 r + c of tile t, group g, word j holds
+values, a multiple of 64 (WPG = GROUP / 16 words a lane and group; the kernel takes GROUP 64 and 128); lane
+l = 4 r + c of tile t, group g, word j holds
     nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + 64 (j // 4) + 16 c + 4 (j % 4) + 2 kh + e]
 (h: row half, kh, e: which of the lane's K slots 2c, 2c + 1, 2c + 8, 2c + 9 of the K16 step). The dot product does
 not care which k sits in which slot of a step (as long as it is the same for every lane of a quad position c), so in
@@ -62,7 +63,8 @@ def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
     """quanta's int4 bytes [N, K / 2] (low nibble = even k) -> the mma words [N / 16, G, 32, GROUP / 16] int32."""
     n, k = packed.shape[0], packed.shape[1] * 2
     if n % 16 or k % group or group % 64:
-        raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 64 == 0 (N={n}, K={k}, group={group})")
+        raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 64 == 0 (N={n}, K={k}, "
+                         f"group={group})")
     q = unpack_int4(packed).to(torch.int32)  # [N, K]
     g, wpg = k // group, group // 16
     q = q.view(n // 16, 2, 8, g, wpg // 4, 4, 4, 2, 2)  # [t, h, r, g, H, c, s, kh, e]: word j = 4 H + s
@@ -129,10 +131,11 @@ class MmaConfig:
 
 @functools.lru_cache(maxsize=256)
 def config_for(m: int, n: int, k: int) -> MmaConfig:
-    """QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B shapes, zero points, reading L2 flush (us; swap-AB
-    `_dott` / asm GEMV in the same call; benchmarks/results/h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0
-    (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5 (30.6; t1_w8 since 541a088: RESULTS.md, tenth session); one
-    row: qkv t1_w8 11.4-11.5 (asm 10.5), o 10.1 (9.5), gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8)."""
+    """QUANTA_INT_MMA_SHAPES' entry for (n, k), else QUANTA_INT_MMA_CONFIG, else by shape. H200, Llama-3.1-8B
+    shapes, zero points, reading L2 flush (us; swap-AB `_dott` / asm GEMV in the same call; benchmarks/results/
+    h200_s9*): 16 rows: qkv t2_w4_np 16.5 (18.3), o 14.9-15.0 (17.2), gate_up t2_w2_np 34.0 (47.1), down t2_w8 28.5
+    (30.6; t1_w8 since 541a088: RESULTS.md, tenth session); one row: qkv t1_w8 11.4-11.5 (asm 10.5), o 10.1 (9.5),
+    gate_up t1_w2 25.3 (30.3), down t1_w8 19.2 (18.3-19.8). The 9-16 row choices below are the eleventh session's."""
     shaped = shape_configs(SHAPES).get((n, k))
     if shaped or CONFIG:
         return shaped or MmaConfig.parse(CONFIG)
@@ -160,11 +163,15 @@ def shape_configs(text: str) -> dict[tuple[int, int], MmaConfig]:
     return shape_table(text, MmaConfig.parse, "QUANTA_INT_MMA_SHAPES")
 
 
+GROUPS = (64, 128)  # the group sizes the kernel takes (GROUP // 16 = 4 or 8 words a lane and group)
+
+
 def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
     """What the kernel takes: Gluon, CUDA sm_90 (bf16 needs sub.bf16x2), fp16 / bf16, rows and K in whole tiles
-    and groups of a multiple of 64."""
-    return (HAS_GLUON and device.type == "cuda" and dtype in _TYPES and group % 64 == 0 and n % 16 == 0
-            and k % group == 0 and torch.cuda.get_device_capability(device) >= (9, 0))
+    and groups of 64 or 128 (its loads cover one or two 64-k halves of a group: not 256, nor a per-channel int4
+    checkpoint's one group as wide as K)."""
+    return (HAS_GLUON and group in GROUPS and n % 16 == 0 and k % group == 0 and dtype in _TYPES
+            and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def attach(layer, group: int) -> None:
@@ -221,9 +228,9 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte x loads
         x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
     m = x2.shape[0]
-    if m > 16 or wpg * 16 != group or wpg % 4:
-        raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of 64k matching the words' (M={m}, "
-                         f"group {group}, words for {wpg * 16})")
+    if m > 16 or wpg * 16 != group or group not in GROUPS:
+        raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of {' or '.join(map(str, GROUPS))} matching "
+                         f"the words' (M={m}, group {group}, words for {wpg * 16})")
     n_out = n // 2 if act else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -234,7 +241,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     asm, cons = mma_ptx(x.dtype, nt)
     xw = x2.view(torch.int32)  # [m, k / 2]
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
-    grid = (t // 2 if act else triton_cdiv(t, tiles),)
+    grid = (t // 2 if act else (t + tiles - 1) // tiles,)
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
@@ -244,6 +251,3 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
