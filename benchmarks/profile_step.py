@@ -92,8 +92,9 @@ def main() -> None:
     if a.trace:
         from torch.profiler import ProfilerActivity, profile
 
+        trace_steps = 8
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(8):
+            for _ in range(trace_steps):
                 eng.step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("PROF_ROWS", "15")), max_name_column_width=60))
@@ -106,7 +107,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 prof.export_chrome_trace(f.name)
                 events = json.loads(Path(f.name).read_text())["traceEvents"]
-            print(summarize(events, steps=8))
+            print(summarize(events, steps=trace_steps))
 
 
 def _timed_call(sampler, logits, rows, acc):
