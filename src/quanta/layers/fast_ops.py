@@ -5,12 +5,14 @@ The choice is made once per process (`set_use_kernels`); model code calls these 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from quanta import envs
 from quanta.layers.linear import Linear, MergedLinear
-from quanta.layers.norm import rms_norm_ref
+from quanta.layers.norm import RMSNorm, rms_norm_ref
 
 _USE_KERNELS = False
 # Batch-1 decode (<= this many rows) runs norm -> linear and SiLU -> linear as one fused GEMV (kernels/gemv_fused.py)
@@ -32,6 +34,27 @@ GEMV_LINEAR_MAX_BYTES = envs.get("QUANTA_GEMV_LINEAR_MB") << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
 # 347.7 vs 380.9 for the 8B one in bench_gemv (H100, cold weights); off until measured in the engine.
 GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
+
+
+# One-row int4 decode: the residual add + RMSNorm between o_proj and gate_up_proj, and between down_proj and the next
+# layer's qkv_proj, split across the two GEMVs (kernels/split_norm.py): no norm launch between them.
+SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
+
+
+@dataclass
+class Prenormed:
+    """A linear's output that its GEMV already added to the residual, half-normed for the next GEMV
+    (kernels/split_norm.py): xw = h * norm.weight [1, K] (x planes of chunk `sub` for the asm GEMV, plain for 0),
+    parts the fp32 partial sums of h^2 (one a producer program)."""
+
+    xw: torch.Tensor
+    parts: torch.Tensor
+    eps: float
+    sub: int
+
+    @property
+    def inv(self) -> tuple:
+        return self.parts, self.eps
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -98,7 +121,10 @@ def _fusable(linear, x: torch.Tensor, max_bytes: int) -> bool:
 
 
 def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(norm(x + residual)), x + residual); without a residual (linear(norm(x)), x). `norm` is an RMSNorm."""
+    """(linear(norm(x + residual)), x + residual); without a residual (linear(norm(x)), x). `norm` is an RMSNorm.
+    x may be a Prenormed (linear_add_norm chose `linear` as its consumer): residual is then x + residual already."""
+    if isinstance(x, Prenormed):
+        return linear.quant_method.apply_planes(linear, x.xw, x.xw, inv=x.inv), residual
     if _fusable(linear, x, FUSED_NORM_MAX_BYTES):
         from quanta.kernels.gemv_fused import gemv_add_rms_norm
 
@@ -115,17 +141,22 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
     return decode_linear(linear, h), residual
 
 
-def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None, nxt=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mlp(norm(x + residual)), x + residual) for a SwiGLU `mlp` (gate_up_proj, down_proj, down(gate_up)). int4
     gate_up on the tensor-core GEMV (w_int_mma.py, QUANTA_INT_MMA_SILU_ROWS rows) computes SiLU(gate) * up in its
     epilogue; else one int4 row on the asm GEMV: the norm writes x planes, the asm GEMV's epilogue does (no
-    silu_and_mul launch either way)."""
-    gate_up, down = mlp.gate_up_proj, mlp.down_proj
+    silu_and_mul launch either way). x may be a Prenormed (linear_add_norm); on those int4 paths down_proj may
+    itself end with the next decoder layer `nxt`'s residual add and split norm (then the result is a Prenormed)."""
+    gate_up = mlp.gate_up_proj
     method = getattr(gate_up, "quant_method", None)
+    if isinstance(x, Prenormed):
+        act = (method.apply_silu(gate_up, x.xw, inv=x.inv) if x.sub == 0
+               else method.apply_planes_silu(gate_up, x.xw, x.xw, inv=x.inv))
+        return _down(mlp, act, residual, nxt)
     if (residual is not None and _USE_KERNELS and x.is_cuda and type(gate_up) in (Linear, MergedLinear)
             and hasattr(method, "mma_silu") and method.mma_silu(gate_up, x)):  # int4 on the tensor-core GEMV
         h, residual = norm(x, residual)
-        return down(method.apply_silu(gate_up, h)), residual
+        return _down(mlp, method.apply_silu(gate_up, h), residual, nxt)
     sub = _planes_sub(gate_up, x) if residual is not None else 0
     if sub and hasattr(gate_up.quant_method, "apply_planes_silu"):
         from quanta.kernels.rms_norm import fused_add_rms_norm_planes
@@ -133,10 +164,46 @@ def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None) -> tuple
         h, new_residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
         act = gate_up.quant_method.apply_planes_silu(gate_up, h, planes)
         if act is not None:
-            return down(act), new_residual
+            return _down(mlp, act, new_residual, nxt)
         return mlp.down(gate_up.quant_method.apply_planes(gate_up, h, planes)), new_residual
     gate_up_out, residual = norm_linear(norm, gate_up, x, residual)
     return mlp.down(gate_up_out), residual
+
+
+def _down(mlp, act: torch.Tensor, residual: torch.Tensor, nxt) -> tuple:
+    """(down_proj(act), residual), or with the next layer's input norm split into down_proj's GEMV (linear_add_norm)."""
+    if nxt is None:
+        return mlp.down_proj(act), residual
+    return linear_add_norm(mlp.down_proj, act, residual, nxt.input_layernorm, nxt.self_attn.qkv_proj, silu=False,
+                           fallback=mlp.down_proj)
+
+
+def _consumer_sub(linear, like: torch.Tensor, silu: bool) -> int | None:
+    """The xw layout `linear` takes as a split norm's consumer for one row like `like` (as the unfused path would
+    pick its kernel): 0 plain (gate_up on the mma SiLU GEMV), a planes chunk (the asm GEMV), None (it cannot)."""
+    method = getattr(linear, "quant_method", None)
+    if not (SPLIT_NORM and _USE_KERNELS and like.is_cuda and like.numel() == like.shape[-1]
+            and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):
+        return None
+    if silu and getattr(linear, "pre_quant_scale", None) is None and method.mma_silu(linear, like):
+        return 0
+    sub = method.planes_sub(linear, like)
+    return sub if sub and (not silu or method.planes_silu_ok(linear)) else None
+
+
+def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm, consumer, silu: bool,
+                    fallback=None) -> tuple:
+    """(Prenormed for `consumer`, x' + residual) where `linear`'s one-row GEMV can end with the residual add and
+    the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
+    silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
+    method = getattr(linear, "quant_method", None)
+    if (residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
+            and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
+        sub = _consumer_sub(consumer, residual, silu)
+        if sub is not None and method.split_norm_producer(linear, x):
+            h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub)
+            return Prenormed(xw, parts, norm.eps, sub), h
+    return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
 
 
 def _planes_sub(linear, x: torch.Tensor) -> int:

@@ -43,13 +43,17 @@ class LlamaAttention(nn.Module):
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """Everything after the qkv projection (the decoder layer may fuse that projection with its norm)."""
+        return fast_ops.decode_linear(self.o_proj, self.attend_core(positions, qkv))
+
+    def attend_core(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """attend() up to o_proj's input (the decoder layer may fuse o_proj with the add + norm after it)."""
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return fast_ops.decode_linear(self.o_proj, self.attn(q, k, v, rope=(self.rotary, positions)))
+        return self.attn(q, k, v, rope=(self.rotary, positions))
 
 
 class LlamaMLP(nn.Module):
@@ -79,12 +83,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    next_layer: tuple = ()  # (the next decoder layer,) set by LlamaModel (a tuple: not a submodule)
+
     def forward(self, positions, hidden, residual):
-        # norm -> projection pairs go through fast_ops.norm_linear: one fused GEMV on small CUDA batches
+        # norm -> projection pairs go through fast_ops.norm_linear: one fused GEMV on small CUDA batches; one int4
+        # row may split an add + norm across the GEMVs around it (fast_ops.linear_add_norm): hidden a Prenormed
         attn, mlp = self.self_attn, self.mlp
         qkv, residual = fast_ops.norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
-        hidden = attn.attend(positions, qkv)
-        return fast_ops.norm_mlp(self.post_attention_layernorm, mlp, hidden, residual)
+        hidden, residual = fast_ops.linear_add_norm(attn.o_proj, attn.attend_core(positions, qkv), residual,
+                                                    self.post_attention_layernorm, mlp.gate_up_proj, silu=True)
+        nxt = self.next_layer[0] if self.next_layer else None
+        return fast_ops.norm_mlp(self.post_attention_layernorm, mlp, hidden, residual, nxt)
 
 
 class LlamaModel(nn.Module):
@@ -93,6 +102,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([layer_cls(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for layer, nxt in zip(self.layers[:-1], self.layers[1:]):
+            layer.next_layer = (nxt,)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]

@@ -41,6 +41,7 @@ from quanta import envs
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 from quanta.kernels.pdl import pdl_begin
+from quanta.kernels.split_norm import add_norm_store, inv_rms
 
 ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
@@ -245,6 +246,8 @@ def _w_int_gemv_asm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1,
     NEXT: tl.constexpr = False, TMA: tl.constexpr = False, XPLANES: tl.constexpr = False, ACT_OUT: tl.constexpr = False,
     USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+    res_ptr=None, nw_ptr=None, h_ptr=None, xw_ptr=None, part_ptr=None, n_parts=1, k_norm=1, eps=0.0,
+    NORM_OUT: tl.constexpr = False, NORM_SUB: tl.constexpr = 0, INV_RMS: tl.constexpr = False, NP_PAD: tl.constexpr = 1,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -255,7 +258,10 @@ def _w_int_gemv_asm_kernel(
     (rows past N read as zeros and are not stored), pipelined STAGES deep by Triton.
     ACT_OUT: W is the MLP's gate | up weight [2I, K]; program p computes gate rows [p * BN/2, +BN/2) and the same up
     rows, and stores SiLU(gate) * up ([I] outputs, rounded as silu_and_mul rounds the bf16 GEMV outputs; no
-    split-K)."""
+    split-K).
+    NORM_OUT (kernels/split_norm.py, no split-K): the epilogue adds the residual, stores h, xw = h * norm weight (x
+    planes of chunk NORM_SUB, or plain) and this program's sum of h^2 at part_ptr[pid_n] instead of y. INV_RMS: x is
+    such an xw; the sums are scaled by rsqrt(sum of the n_parts partials / k_norm + eps) before the epilogue."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     pid_n = tl.program_id(0)
@@ -285,6 +291,11 @@ def _w_int_gemv_asm_kernel(
         q0, s0, z0 = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
                                 BLOCK_N, BLOCK_K, NG, WPG, TMA)
     pdl_begin(USE_PDL)
+    if NORM_OUT:  # the residual and norm weight rows, in flight during the K loop
+        r_pre = tl.load(res_ptr + offs_n, mask=offs_n < N, other=0.0)
+        w_pre = tl.load(nw_ptr + offs_n, mask=offs_n < N, other=0.0)
+    if INV_RMS:
+        inv = inv_rms(part_ptr, n_parts, k_norm, eps, NP_PAD)
     k_start = k_lo
     if PRELOAD:
         if not NEXT:
@@ -302,8 +313,13 @@ def _w_int_gemv_asm_kernel(
                                  BLOCK_N, BLOCK_K, NG, WPG, TMA)
         acc += _asm_step(q, s, z, k0, x_ptr, offs_g, offs_k, PTX, MAGIC16, SUB, BLOCK_N, BLOCK_K, NG, WPG, XPLANES)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
+    if INV_RMS:
+        out = out * inv
     if ACT_OUT:
         _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, HB, HAS_BIAS)
+    elif NORM_OUT:
+        add_norm_store(tl.reshape(out, (BLOCK_N,)), offs_n, N, pid_n, b_ptr, r_pre, w_pre, h_ptr, xw_ptr, part_ptr,
+                       HAS_BIAS, NORM_SUB)
     else:
         gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
                       HAS_BIAS, USE_SPLIT)

@@ -247,10 +247,13 @@ def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | Non
 
 def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
-               config: GemvConfig | None = None, planes: torch.Tensor | None = None, act: bool = False) -> torch.Tensor:
+               config: GemvConfig | None = None, planes: torch.Tensor | None = None, act: bool = False,
+               norm_out: tuple | None = None, inv: tuple | None = None):
     """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
     act: W is gate | up [2I, K] and the result is SiLU(gate) * up [..., I] (the asm kernel's ACT_OUT epilogue, one
-    int4 row, no split-K)."""
+    int4 row, no split-K). The asm kernel's split norm (kernels/split_norm.py, one row, no split-K): norm_out =
+    (residual [1, N], norm weight [N], planes chunk or 0) returns (h, xw [1, N], partials fp32) instead of y;
+    inv = (partials, eps): x (or planes) is a producer's xw, the sums are scaled by its inverse RMS."""
     require_triton()
     k, n = in_features, packed.shape[0]
     x2 = x.reshape(-1, k)
@@ -298,17 +301,40 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
             planes = x_planes(x2, sub)
         if act and (split > 1 or n % 2 or (n // 2) % (cfg.block_n // 2) or cfg.block_n < 2 or cfg.tma):
             raise ValueError(f"the SiLU epilogue needs whole row pairs and no split-K (config {cfg}, N={n})")
+        norm = _split_norm_args(norm_out, inv, split, act, grid[0], n, k, y)
         _w_int_gemv_asm_kernel[grid](planes if xp else a_w[0], weight_arg(a_w[1], cfg.block_n, bk, cfg.tma), *a_w[2:],
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
                                      NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
                                      USE_PDL=use_pdl, PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl),
-                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}))
-    elif act:
-        raise ValueError("the SiLU epilogue needs the asm GEMV (one int4 row on sm_90)")
+                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}), **norm)
+        if norm_out is not None:
+            return norm["h_ptr"].view(1, n), norm["xw_ptr"].view(1, n), norm["part_ptr"]
+    elif act or norm_out is not None or inv is not None:
+        raise ValueError("the SiLU / split-norm epilogues need the asm GEMV (one int4 row on sm_90)")
     else:
         _w_int_gemv_kernel[grid](*args, USE_DOT=use_dot, NUM_M=m, BLOCK_M=16 if use_dot else next_pow2(m),
                                  NEXT=cfg.next_step, **common)
     return y.reshape(*x.shape[:-1], n_out)
+
+
+def _split_norm_args(norm_out: tuple | None, inv: tuple | None, split: int, act: bool, programs: int, n: int, k: int,
+                     y: torch.Tensor) -> dict:
+    """The asm kernel's split-norm arguments (kernels/split_norm.py): producer outputs allocated here."""
+    out: dict = {}
+    if norm_out is not None and inv is not None:
+        raise ValueError("a split-norm GEMV is a producer or a consumer, not both")
+    if norm_out is not None:
+        residual, weight, sub = norm_out
+        if split > 1 or act or residual.numel() != n or weight.numel() != n:
+            raise ValueError(f"the split norm's producer needs one row of N={n}, no split-K, no SiLU epilogue")
+        out = dict(res_ptr=residual, nw_ptr=weight, h_ptr=torch.empty(n, dtype=y.dtype, device=y.device),
+                   xw_ptr=torch.empty(n, dtype=y.dtype, device=y.device),
+                   part_ptr=torch.empty(programs, dtype=torch.float32, device=y.device), NORM_OUT=True, NORM_SUB=sub)
+    if inv is not None:
+        parts, eps = inv
+        out.update(part_ptr=parts, n_parts=parts.numel(), k_norm=k, eps=eps, INV_RMS=True,
+                   NP_PAD=next_pow2(parts.numel()))
+    return out
 
 
 def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

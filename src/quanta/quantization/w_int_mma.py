@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from quanta import envs
+from quanta.kernels._compat import next_pow2
 from quanta.kernels.pdl import pdl_enabled, pdl_launch_kwargs
 from quanta.quantization.int_quant import unpack_int4
 from quanta.quantization.w_int_mma_kernel import _TYPES, HAS_GLUON, mma_ptx
@@ -206,20 +207,31 @@ def silu_config(m: int) -> MmaConfig:
     return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, prefetch=m <= 8)
 
 
-def linear(layer, x: torch.Tensor, group: int, act: bool = False) -> torch.Tensor:
-    """The layer's int4 weight times x (usable(layer, x)) on its mma words; act: SiLU(gate) * up (usable_silu)."""
+def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None) -> torch.Tensor:
+    """The layer's int4 weight times x (usable(layer, x)) on its mma words; act: SiLU(gate) * up (usable_silu);
+    inv: see w_int_mma_linear."""
     m = x.numel() // layer.in_features
     cfg = silu_config(m) if act else config_for(m, layer.out_features, layer.in_features)
     return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
-                            layer.bias, cfg, act)
+                            layer.bias, cfg, act, inv)
+
+
+def _inv_args(inv: tuple | None, m: int, k: int) -> dict:
+    if inv is None:
+        return {}
+    parts, eps = inv
+    if m != 1:
+        raise ValueError(f"a split norm's xw is one row (M={m})")
+    return dict(part_ptr=parts, n_parts=parts.numel(), k_norm=k, eps=eps, INV_RMS=True, NP_PAD=next_pow2(parts.numel()))
 
 
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                      bias: torch.Tensor | None = None, config: MmaConfig | None = None,
-                     act: bool = False) -> torch.Tensor:
+                     act: bool = False, inv: tuple | None = None) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack).
     act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
-    config's tiles become the pair)."""
+    config's tiles become the pair). inv = (partials, eps): x is one row of a split norm's xw (kernels/split_norm.py),
+    the sums are scaled by its inverse RMS."""
     t, g, _, wpg = words.shape
     n, k = t * 16, g * group
     if act and t % 2:
@@ -247,7 +259,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch,
+        PX=cfg.xprefetch, **_inv_args(inv, m, k),
         num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 

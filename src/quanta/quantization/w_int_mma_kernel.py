@@ -3,7 +3,7 @@
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
 KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well), summed across warps, stored
-(or SiLU(gate) * up, ACT).
+(or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ if HAS_GLUON:
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
-                       ACT: gl.constexpr = False, PX: gl.constexpr = False):
+                       ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
+                       eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -231,6 +232,11 @@ if HAS_GLUON:
         w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
+        inv = 1.0
+        if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, used at the end
+            offs_p = gl.arange(0, NP_PAD, layout=gl.BlockedLayout([1], [32], [KW], [0]))
+            parts = gl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0)
+            inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
         if PX:
             xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
@@ -254,30 +260,30 @@ if HAS_GLUON:
             l1 = gl.arange(0, 32, layout=gl.SliceLayout(0, LR))
             r1 = (gl.program_id(0) * 16 + l1 // 4).to(gl.int64)  # [32] rows of the output
             c1 = 2 * (l1 % 4)
-            _store_act(y_ptr, b_ptr, gl.sum(t0, axis=0), sel, r1, c1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, gl.sum(t1, axis=0), sel, r1, c1 + 1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, gl.sum(t2, axis=0), sel, r1 + 8, c1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, gl.sum(t3, axis=0), sel, r1 + 8, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, inv * gl.sum(t0, axis=0), sel, r1, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, inv * gl.sum(t1, axis=0), sel, r1, c1 + 1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, inv * gl.sum(t2, axis=0), sel, r1 + 8, c1, M, N, stride_ym, HAS_BIAS)
+            _store_act(y_ptr, b_ptr, inv * gl.sum(t3, axis=0), sel, r1 + 8, c1 + 1, M, N, stride_ym, HAS_BIAS)
             if NT == 2:
-                _store_act(y_ptr, b_ptr, gl.sum(t4, axis=0), sel, r1, c1 + 8, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, gl.sum(t5, axis=0), sel, r1, c1 + 9, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, inv * gl.sum(t4, axis=0), sel, r1, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, inv * gl.sum(t5, axis=0), sel, r1, c1 + 9, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, inv * gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
+                _store_act(y_ptr, b_ptr, inv * gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
             return
         tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
         ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
         ok = tile_r < n_tiles
         r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
         m0 = 2 * (ln_r % 4)
-        _store(y_ptr, b_ptr, gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, inv * gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, inv * gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, inv * gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
+        _store(y_ptr, b_ptr, inv * gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, stride_ym, HAS_BIAS)
         if NT == 2:
-            _store(y_ptr, b_ptr, gl.sum(t4, axis=0), r0, m0 + 8, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, inv * gl.sum(t4, axis=0), r0, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, inv * gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, inv * gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
+            _store(y_ptr, b_ptr, inv * gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
 
     @gluon.jit
     def _store_act(y_ptr, b_ptr, v, sel, row, m, M, N, stride_ym, HAS_BIAS: gl.constexpr):

@@ -99,29 +99,36 @@ class WeightOnlyInt(QuantMethod):
             return 0
         return w_int_gemv_asm.planes_sub(layer, x)
 
-    def apply_planes(self, layer, x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-        """apply() for one row whose x_planes (planes_sub) are given: the asm GEMV reads them instead of x."""
+    def apply_planes(self, layer, x: torch.Tensor, planes: torch.Tensor, inv: tuple | None = None) -> torch.Tensor:
+        """apply() for one row whose x_planes (planes_sub) are given: the asm GEMV reads them instead of x (inv: they
+        are a split norm's xw, kernels/split_norm.py)."""
         from quanta.quantization import w_int_gemv_asm
         from quanta.quantization.w_int_kernel import w_int_gemv
 
         return w_int_gemv(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), 4,
                           self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm.planes_config(),
-                          planes=planes.view(torch.int32))
+                          planes=planes.view(torch.int32), inv=inv)
 
-    def apply_planes_silu(self, layer, x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor | None:
+    def planes_silu_ok(self, layer) -> bool:
+        """apply_planes_silu can run for this gate | up layer (the asm GEMV's ACT_OUT epilogue on PLANES_CONFIG)."""
+        from quanta.quantization import w_int_gemv_asm
+
+        cfg = w_int_gemv_asm.planes_config()
+        return (w_int_gemv_asm.SILU_EPILOGUE and layer.out_features % 2 == 0 and cfg.block_n >= 2
+                and (layer.out_features // 2) % (cfg.block_n // 2) == 0 and cfg.split_k == 1 and not cfg.tma)
+
+    def apply_planes_silu(self, layer, x: torch.Tensor, planes: torch.Tensor,
+                          inv: tuple | None = None) -> torch.Tensor | None:
         """SiLU(gate) * up for this gate | up layer on one row whose x_planes are given, in one launch (the asm
         GEMV's ACT_OUT epilogue), or None where that cannot run."""
         from quanta.quantization import w_int_gemv_asm
         from quanta.quantization.w_int_kernel import w_int_gemv
 
-        cfg = w_int_gemv_asm.planes_config()
-        inter = layer.out_features // 2
-        if not (w_int_gemv_asm.SILU_EPILOGUE and layer.out_features % 2 == 0 and cfg.block_n >= 2
-                and inter % (cfg.block_n // 2) == 0 and cfg.split_k == 1 and not cfg.tma):
+        if not self.planes_silu_ok(layer):
             return None
         return w_int_gemv(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None), 4,
-                          self.group_size(layer), layer.in_features, layer.bias, cfg, planes=planes.view(torch.int32),
-                          act=True)
+                          self.group_size(layer), layer.in_features, layer.bias, w_int_gemv_asm.planes_config(),
+                          planes=planes.view(torch.int32), act=True, inv=inv)
 
     def mma_silu(self, layer, x: torch.Tensor) -> bool:
         """apply_silu takes this gate | up layer and x (the tensor-core GEMV's SiLU epilogue, w_int_mma.py)."""
@@ -129,11 +136,37 @@ class WeightOnlyInt(QuantMethod):
 
         return self.bits == 4 and _use_gpu_kernel(layer, x) and w_int_mma.usable_silu(layer, x)
 
-    def apply_silu(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up [..., I] of this gate | up layer [2I, K] in one launch (where mma_silu)."""
+    def apply_silu(self, layer, x: torch.Tensor, inv: tuple | None = None) -> torch.Tensor:
+        """SiLU(gate) * up [..., I] of this gate | up layer [2I, K] in one launch (where mma_silu; inv: x is a split
+        norm's xw, kernels/split_norm.py)."""
         from quanta.quantization import w_int_mma
 
-        return w_int_mma.linear(layer, pre_scale(layer, x), self.group_size(layer), act=True)
+        return w_int_mma.linear(layer, pre_scale(layer, x), self.group_size(layer), act=True, inv=inv)
+
+    def split_norm_producer(self, layer, x: torch.Tensor) -> bool:
+        """apply_add_norm can run: one int4 row on the asm GEMV with a config without split-K or TMA."""
+        from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
+        from quanta.quantization.w_int_kernel import gemv_tile
+
+        if not (self.bits == 4 and x.numel() == layer.in_features and _use_gpu_kernel(layer, x)
+                and layer.weight_packed.shape[1] * 2 == layer.in_features and not w_int_tinygemm.usable(layer, x)):
+            return False
+        cfg = w_int_gemv_asm.config_for(layer.out_features, layer.in_features)
+        tile = gemv_tile(4, self.group_size(layer), cfg.block_k)
+        return (tile is not None and cfg.split_k == 1 and not cfg.tma and layer.in_features % tile[0] == 0
+                and w_int_gemv_asm.asm_ok(4, layer.weight_packed, x, 1, tile[1], True))
+
+    def apply_add_norm(self, layer, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, sub: int):
+        """(h, xw, partials): this layer's one-row GEMV ending with the residual add and the producer half of a
+        split norm (kernels/split_norm.py; xw as x planes of chunk `sub`, or plain for 0). Where
+        split_norm_producer."""
+        from quanta.quantization import w_int_gemv_asm
+        from quanta.quantization.w_int_kernel import w_int_gemv
+
+        return w_int_gemv(pre_scale(layer, x), layer.weight_packed, layer.weight_scale,
+                          getattr(layer, "weight_zero_point", None), 4, self.group_size(layer), layer.in_features,
+                          layer.bias, w_int_gemv_asm.config_for(layer.out_features, layer.in_features),
+                          norm_out=(residual, weight, sub))
 
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
