@@ -43,10 +43,8 @@ def add_norm_store(out, offs_n, N, pid, b_ptr, r, w, h_ptr, xw_ptr, part_ptr, HA
 
 
 @triton.jit
-def inv_rms(part_ptr, n_parts, k_norm, eps, NP_PAD: tl.constexpr):
-    """rsqrt(sum of the producer's partials / k_norm + eps) (fp32 scalar)."""
-    offs = tl.arange(0, NP_PAD)
-    parts = tl.load(part_ptr + offs, mask=offs < n_parts, other=0.0)
+def inv_rms(parts, k_norm, eps):
+    """rsqrt(sum of the producer's partials (loaded, masked to 0) / k_norm + eps) (fp32 scalar)."""
     return tl.rsqrt(tl.sum(parts, axis=0) / k_norm + eps)
 # fmt: on
 

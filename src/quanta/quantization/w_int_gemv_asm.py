@@ -294,8 +294,9 @@ def _w_int_gemv_asm_kernel(
     if NORM_OUT:  # the residual and norm weight rows, in flight during the K loop
         r_pre = tl.load(res_ptr + offs_n, mask=offs_n < N, other=0.0)
         w_pre = tl.load(nw_ptr + offs_n, mask=offs_n < N, other=0.0)
-    if INV_RMS:
-        inv = inv_rms(part_ptr, n_parts, k_norm, eps, NP_PAD)
+    if INV_RMS:  # the producer's partials in flight during the K loop, summed after it (a sum here would stall)
+        offs_p = tl.arange(0, NP_PAD)
+        parts = tl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0)
     k_start = k_lo
     if PRELOAD:
         if not NEXT:
@@ -314,7 +315,7 @@ def _w_int_gemv_asm_kernel(
         acc += _asm_step(q, s, z, k0, x_ptr, offs_g, offs_k, PTX, MAGIC16, SUB, BLOCK_N, BLOCK_K, NG, WPG, XPLANES)
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # [1, BLOCK_N]
     if INV_RMS:
-        out = out * inv
+        out = out * inv_rms(parts, k_norm, eps)
     if ACT_OUT:
         _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, HB, HAS_BIAS)
     elif NORM_OUT:

@@ -232,11 +232,9 @@ if HAS_GLUON:
         w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
-        inv = 1.0
-        if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, used at the end
+        if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, summed after the loop
             offs_p = gl.arange(0, NP_PAD, layout=gl.BlockedLayout([1], [32], [KW], [0]))
             parts = gl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0)
-            inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
         if PX:
             xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
@@ -253,6 +251,9 @@ if HAS_GLUON:
                 zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
             if not PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
+        inv = 1.0
+        if INV_RMS:
+            inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
         # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
         LR: gl.constexpr = gl.SliceLayout(0, L3)
         if ACT:
