@@ -290,7 +290,10 @@ def _w_int_gemv_asm_kernel(
     elif PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
         q0, s0, z0 = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
                                 BLOCK_N, BLOCK_K, NG, WPG, TMA)
-    pdl_begin(USE_PDL)
+    if NORM_OUT and USE_PDL:  # a split norm's producer lets its consumer launch only after its K loop (below)
+        tl.extra.cuda.gdc_wait()
+    else:
+        pdl_begin(USE_PDL)
     if NORM_OUT:  # the residual and norm weight rows, in flight during the K loop
         r_pre = tl.load(res_ptr + offs_n, mask=offs_n < N, other=0.0)
         w_pre = tl.load(nw_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -319,6 +322,8 @@ def _w_int_gemv_asm_kernel(
     if ACT_OUT:
         _act_epilogue(tl.reshape(out, (BLOCK_N,)), rows, pid_n, y_ptr, b_ptr, HB, HAS_BIAS)
     elif NORM_OUT:
+        if USE_PDL:  # the consumer (a big GEMV) launched at this kernel's start would wait beside its K loops
+            tl.extra.cuda.gdc_launch_dependents()
         add_norm_store(tl.reshape(out, (BLOCK_N,)), offs_n, N, pid_n, b_ptr, r_pre, w_pre, h_ptr, xw_ptr, part_ptr,
                        HAS_BIAS, NORM_SUB)
     else:
