@@ -59,7 +59,7 @@ def test_x_planes_pairs():
 
 
 def test_small_one_row_w16_config():
-    # one row, <= 8M weights (the 1B o_proj): bn4_bk1024 without split-K or cp.async stages; larger keep bn4_bk512
-    assert default_config("w16", 1, 2048, 2048) == GemvConfig.parse("bn4_bk1024_sk1_w4_s1")
+    # one row, <= 8M weights (the 1B o_proj): bn4_bk2048 without split-K or cp.async stages; larger keep bn4_bk512
+    assert default_config("w16", 1, 2048, 2048) == GemvConfig.parse("bn4_bk2048_sk1_w4_s1")
     assert default_config("w16", 1, 4096, 4096) == GemvConfig.parse("bn4_bk512_sk0_w4_s3")
     assert default_config("w16", 2, 2048, 2048) == GemvConfig.parse("bn4_bk512_sk0_w4_s3")

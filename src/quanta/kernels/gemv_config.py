@@ -70,9 +70,12 @@ class GemvConfig:
 # (kind, M, N, K) -> config; kind: "w16" (fp16 / bf16 / fp32 weights), "w4", "w8". Filled from bench_gemv.py.
 GEMV_CONFIGS: dict[tuple[str, int, int, int], GemvConfig] = {}
 _BITS = {"w16": 16, "w8": 8, "w4": 4}
-# One-row 16-bit GEMVs of at most this many weights take bn4_bk1024_sk1_w4_s1: H200, Llama-3.2-1B bf16 batch 1
-# (its o_proj on it), 1,092.1 tok/s vs 1,059.5 / 1,059.2 on bn4_bk512 s3 auto split (bn8_bk512 s1: 1,072.5; one call,
-# benchmarks/results/h200_s12a_*). Larger ones (8B qkv / o) keep the old default until measured.
+# One-row 16-bit GEMVs of at most this many weights take bn4_bk2048_sk1_w4_s1 (no split-K, no cp.async stages;
+# the 1B o_proj in one K step). H200, Llama-3.2-1B bf16 batch 1 (benchmarks/results/h200_s12{a,e,f,g}_*): bn4_bk512
+# s3 auto split (before) 1,059.5 / 1,059.2 tok/s (call 1), 1,026.3 / 1,067.4 (call 5); bn4_bk1024_sk1_w4_s1 1,092.1
+# (call 1), 1,098.2 / 1,099.2 (call 5), 1,098.5 / 1,098.1 (call 7); bn4_bk2048_sk1_w4_s1 1,116.6 (call 6), 1,116.8 /
+# 1,116.4 (call 7); bn2_bk1024 1,101.8, bn8_bk1024_w8 1,088.0, bn4_bk2048_w8 1,092.3 (call 6). Larger weights (8B
+# qkv / o: QUANTA_GEMV_CONFIG=bn4_bk1024_sk1_w4_s1 225.7 vs 225.1 tok/s, call 2) keep the old default.
 SMALL_W16 = 8 << 20
 INT4_MANY_CONFIG = envs.get("QUANTA_INT4_GEMV_MANY_CONFIG")  # int4 GEMVs of 5-16 rows (default: _dott)
 INT4_MANY_SHAPES = envs.get("QUANTA_INT4_GEMV_MANY_SHAPES")  # per shape: "NxK=config;..."
@@ -124,7 +127,7 @@ def default_config(kind: str, m: int, n: int, k: int) -> GemvConfig:
     if m > 4:  # M in 5..16: one 16-row tl.dot tile
         return GemvConfig(block_n=32, block_k=256, num_warps=4, use_dot=True)
     if bits == 16 and m == 1 and n * k <= SMALL_W16:  # e.g. the 1B o_proj (2048 x 2048)
-        return GemvConfig(block_n=4, block_k=1024, split_k=1, num_warps=4, num_stages=1)
+        return GemvConfig(block_n=4, block_k=2048, split_k=1, num_warps=4, num_stages=1)
     bn = 4 if m <= 2 else 8
     bk = 2048 * 8 // bits // 2 if bits < 16 else 512  # ~1 KiB of each weight row per step (int4: 2048 / 2)
     if bits == 16:  # the [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator: <= 64 registers a thread at 4 warps

@@ -37,7 +37,12 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 
 
 # One-row int4 decode: the residual add + RMSNorm between o_proj and gate_up_proj, and between down_proj and the next
-# layer's qkv_proj, split across the two GEMVs (kernels/split_norm.py): no norm launch between them.
+# layer's qkv_proj, split across the two GEMVs (kernels/split_norm.py): no norm launch between them. OFF (env
+# QUANTA_SPLIT_NORM=1 turns it on): H200, 8B W4A16_AWQ batch 1, 470.0 / 469.5 tok/s vs 474.2 / 474.3 without
+# (benchmarks/results/h200_s12d_*). Without PDL it gains (time line: 2.224 vs 2.258 ms a step, 63 of 65 norm launches
+# gone) but the consumers lose it: the qkv GEMV reading 512 partials per program took 8.78 us vs 6.71 (h200_s12c_tl).
+# With the producer triggering its consumer's launch at its start (447 tok/s), the consumer's waiting programs sat
+# beside the producer's K loops: the producer now triggers after its K loop.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
 
 
