@@ -29,6 +29,8 @@ def test_linear_add_norm_falls_back_on_cpu():
     from quanta.layers.norm import RMSNorm
 
     lin, nxt, norm = Linear(32, 16), Linear(16, 24), RMSNorm(16)
+    for mod in (lin, nxt):
+        torch.nn.init.normal_(mod.weight)  # Linear's weight starts as torch.empty
     x, res = torch.randn(1, 32), torch.randn(1, 16)
     out, r = fast_ops.linear_add_norm(lin, x, res, norm, nxt, silu=False)
     assert r is res and torch.equal(out, lin(x))
