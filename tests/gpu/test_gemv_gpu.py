@@ -24,7 +24,7 @@ from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear, w_int_lin
 
 # (N, K): Llama-3.2-1B and Llama-3.1-8B qkv / o / gate_up / down / lm_head
 SHAPES = [(2048, 2048), (3072, 2048), (16384, 2048), (2048, 8192), (6144, 4096), (28672, 4096), (4096, 14336),
-          (128256, 2048)]
+          (128256, 2048), (1000, 3000)]
 MS = [1, 2, 3, 8, 16]
 
 
