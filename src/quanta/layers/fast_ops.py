@@ -187,7 +187,7 @@ def _consumer_sub(linear, like: torch.Tensor, silu: bool) -> int | None:
     """The xw layout `linear` takes as a split norm's consumer for one row like `like` (as the unfused path would
     pick its kernel): 0 plain (gate_up on the mma SiLU GEMV), a planes chunk (the asm GEMV), None (it cannot)."""
     method = getattr(linear, "quant_method", None)
-    if not (SPLIT_NORM and _USE_KERNELS and like.is_cuda and like.numel() == like.shape[-1]
+    if not (_USE_KERNELS and like.is_cuda and like.numel() == like.shape[-1]
             and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):
         return None
     if silu and getattr(linear, "pre_quant_scale", None) is None and method.mma_silu(linear, like):
@@ -202,7 +202,7 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
     the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
     silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
     method = getattr(linear, "quant_method", None)
-    if (residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
+    if (SPLIT_NORM and residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
             and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
         sub = _consumer_sub(consumer, residual, silu)
         if sub is not None and method.split_norm_producer(linear, x):
