@@ -5,6 +5,9 @@ refactor that keeps them needs no new GPU run. Use the GPU machine's Triton (3.6
 
     pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=src python benchmarks/sass_sig.py --triton /tmp/t36 > before.txt   # then again after; diff
+
+It also prints the one-row int4 asm GEMV's (quantization/w_int_gemv_asm.py) over ASM_COMBOS, its default paths
+(no split norm), with only the arguments that tree's kernel has, so an older tree compiles too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,43 @@ COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0
 _PTRS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr"]
 _INTS = ["M", "N", "G", "stride_xm", "stride_sn", "stride_zn", "stride_ym"]
 _CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX"]
+# asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL)
+ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0)]
+_ASM_PTRS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
+                 cnt_ptr="*i32")
+_ASM_INTS = ["M", "N", "K", "K_PAD", "K_SPLIT", "num_splits", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
+             "stride_ym"]
+
+
+def _fingerprint(kernel, cuobjdump: str) -> str:
+    """'<sha1 of the SASS, addresses stripped> (<instructions> lines)'."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    body = [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in sass.splitlines()
+            if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    digest = hashlib.sha1("\n".join(body).encode()).hexdigest()[:12]
+    return f"{digest} ({len(body)} lines)"
+
+
+def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
+    import torch
+    from triton.compiler import ASTSource
+
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel as kern
+
+    for xp, nx, act, pdl in ASM_COMBOS:
+        consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
+                      PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=4 if xp else 8,
+                      BLOCK_K=1024, STAGES=1, NEXT=bool(nx), TMA=False, XPLANES=bool(xp), ACT_OUT=bool(act),
+                      USE_PDL=bool(pdl), PRELOAD=bool(pdl))
+        names = [n for n in kern.arg_names if n in _ASM_PTRS or n in consts or n in _ASM_INTS]
+        sig = {n: "constexpr" if n in consts else _ASM_PTRS.get(n, "i32") for n in names}
+        sig["x_ptr"] = "*i32" if xp else "*bf16"
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
+        print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}: {_fingerprint(kernel, cuobjdump)}")
 
 
 def main() -> None:
@@ -51,14 +91,9 @@ def main() -> None:
                       HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px))
         kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=kw))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        body = [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in sass.splitlines()
-                if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-        digest = hashlib.sha1("\n".join(body).encode()).hexdigest()[:12]
-        print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: {digest} ({len(body)} lines)")
+        print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: "
+              f"{_fingerprint(kernel, cuobjdump)}")
+    _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
 
 
 if __name__ == "__main__":
