@@ -195,3 +195,53 @@ def test_swap_ab_gemv_and_silu_preload_match_plain(rows) -> None:
                 pdl.set_pdl(None)
         assert cfg.use_dot_t or rows < 16
         assert all(torch.equal(a, b) for a, b in zip(outs[(n, False)], outs[(n, True)])), (n, k, cfg)
+
+
+@hopper
+@pytest.mark.parametrize("last", [False, True])
+def test_l2_next_prefetch_keeps_bits(pdl_on, monkeypatch, last) -> None:
+    """A GEMV that prefetches another weight's first lines into L2 before its wait (pdl.l2_next_args, the bf16 GEMV
+    and the one-row int4 asm GEMV, a target of 16-bit rows and of int32 mma words) gives the bits it gives without."""
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
+    from quanta.quantization.w_int_kernel import w_int_gemv
+
+    monkeypatch.setattr(pdl, "_NEXT_BYTES", 1 << 20)
+    monkeypatch.setattr(pdl, "_NEXT_LAST", last)
+    g = torch.Generator().manual_seed(5)
+    targets = (torch.randn(4096, 1024, device="cuda").bfloat16(),
+               torch.randint(-2**31, 2**31 - 1, (64, 16, 32, 8), dtype=torch.int32, device="cuda"))
+    x = torch.randn(1, 2048, device="cuda").bfloat16()
+    w = (torch.randn(1536, 2048, device="cuda") * 0.05).bfloat16()
+    wq = torch.randn(1024, 4096, generator=g)
+    s, z = group_qparams(wq, 4, 128, True, torch.bfloat16)
+    packed, s, z = pack_int4(quantize_groups(wq, s, z, 4, 128)).cuda(), s.cuda(), z.cuda()
+    h = torch.randn(1, 4096, device="cuda").bfloat16()
+    cfg = w_int_gemv_asm.config_for(1024, 4096)
+    for target in targets:
+        assert pdl.l2_next_args(target, True, 4)["L2_NEXT"]
+        assert torch.equal(gemv(x, w, l2_next=target), gemv(x, w))
+        assert torch.equal(w_int_gemv(h, packed, s, z, 4, 128, 4096, None, cfg, l2_next=target),
+                           w_int_gemv(h, packed, s, z, 4, 128, 4096, None, cfg))
+
+
+@hopper
+def test_engine_tokens_with_l2_next(tmp_path, monkeypatch, pdl_on) -> None:
+    """bf16 batch-1 decode with o_proj on the GEMV prefetching gate_up's first lines (QUANTA_L2_NEXT_MB): the same
+    greedy tokens and logits as without the prefetch, with PDL on."""
+    from quanta import LLM, SamplingParams
+    from quanta.layers import fast_ops
+
+    monkeypatch.setattr(fast_ops, "GEMV_LINEAR_MAX_BYTES", 16 << 20)
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    params = SamplingParams(max_tokens=16, ignore_eos=True, return_generation_logits=True)
+    outs = {}
+    for mb in (0, 1):
+        monkeypatch.setattr(pdl, "_NEXT_BYTES", mb << 20)
+        with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16") as llm:
+            layer = llm.engine.runner.model.model.layers[0]
+            assert (pdl.l2_next_target(layer.self_attn.o_proj) is not None) == bool(mb)
+            out = llm.generate([1, 5, 9, 33, 7, 100, 42], params).outputs[0]
+        outs[mb] = (out.token_ids, out.generation_logits.float())
+    assert outs[0][0] == outs[1][0]
+    assert torch.equal(outs[0][1], outs[1][1])
