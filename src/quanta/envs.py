@@ -70,8 +70,6 @@ _add("QUANTA_DECODE_MAX_SPLITS", "64", "int", "splits per (sequence, kv head) of
 _add("QUANTA_PDL", "1", "flag", "programmatic dependent launch of the decode kernels (sm_90+)")
 _add("QUANTA_PDL_PRELOAD", "1", "flag", "under PDL, kernels load weights / metadata before waiting")
 _add("QUANTA_PDL_PREFETCH", "0", "flag", "under PDL, GEMVs prefetch all their weights into L2 first")
-_add("QUANTA_L2_NEXT_MB", "0", "int", "under PDL, o_proj's GEMV prefetches this many MiB of gate_up's weights into L2")
-_add("QUANTA_L2_NEXT_LAST", "0", "flag", "that prefetch marks the lines evict_last")
 # bf16 / fp16 GEMVs (kernels/gemv*.py, layers/fast_ops.py)
 _add("QUANTA_GEMV_CONFIG", "", "str", "force one skinny-GEMV config, e.g. bn4_bk512_sk1_w4_s3")
 _add("QUANTA_GEMV_FUSED_CONFIG", "", "str", "force the fused GEMVs' config")

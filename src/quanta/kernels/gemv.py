@@ -44,11 +44,9 @@ from quanta.kernels.gemv_config import (  # GemvConfig, GEMV_CONFIGS, gemv_confi
     num_sms,
 )
 from quanta.kernels.pdl import (
-    l2_next_args,
     pdl_begin,
     pdl_enabled,
     pdl_launch_kwargs,
-    pdl_prefetch_prefix,
     pdl_prefetch_rows,
     prefetch_enabled,
     preload_enabled,
@@ -126,13 +124,10 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, PRELOAD: tl.constexpr = False,
-    nf_ptr=None, nf_rows=0, nf_stride=0, nf_lines=0, L2_NEXT: tl.constexpr = False, NF_LAST: tl.constexpr = False,
-    NF_CHUNK: tl.constexpr = 128,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
     K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split.
-    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop.
-    L2_NEXT (PDL): before the wait, the grid also prefetches the next large weight's first lines (pdl.l2_next_args)."""
+    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -148,8 +143,6 @@ def _gemv_kernel(
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
     if PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
         w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < K)[None, :], other=0.0)
-    if L2_NEXT:
-        pdl_prefetch_prefix(nf_ptr, nf_rows, nf_stride, nf_lines, NF_CHUNK, NF_LAST)
     pdl_begin(USE_PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -174,9 +167,8 @@ def _gemv_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, l2_next: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N] in x.dtype, for <= MAX_M rows of x (Triton). l2_next: the
-    next large GEMV's weight storage, partly prefetched into L2 before the PDL wait (pdl.l2_next_args)."""
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N] in x.dtype, for <= MAX_M rows of x (Triton)."""
     require_triton()
     n, k = weight.shape
     x2 = x.reshape(-1, k)
@@ -201,7 +193,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **l2_next_args(l2_next, use_pdl, cfg.num_warps),
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)

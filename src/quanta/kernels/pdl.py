@@ -101,60 +101,7 @@ def pdl_prefetch_l2(ptrs, mask):
 # fmt: on
 
 
-# What a GEMV prefetches of the NEXT large weight before its wait (`l2_next_args`): read once
-_NEXT_BYTES = envs.get("QUANTA_L2_NEXT_MB") << 20
-_NEXT_LAST = envs.get("QUANTA_L2_NEXT_LAST")
-
-
-def l2_next_target(layer) -> torch.Tensor | None:
-    """The weight storage of `layer.l2_next[0]` (the linear after the next cheap kernels, e.g. o_proj -> gate_up
-    across attention's tail and the norm; set by the model) that its kernel streams: the tensor-core int4 words,
-    the packed int bytes, or the plain weight. None when unset or QUANTA_L2_NEXT_MB is 0."""
-    nxt = getattr(layer, "l2_next", ())
-    if not nxt or _NEXT_BYTES <= 0:
-        return None
-    for name in ("weight_mma", "weight_packed", "weight"):
-        t = getattr(nxt[0], name, None)
-        if isinstance(t, torch.Tensor) and t.is_cuda and t.is_contiguous():
-            return t
-    return None
-
-
-def l2_next_args(target: torch.Tensor | None, use_pdl: bool, num_warps: int) -> dict:
-    """Keywords of a PDL kernel (L2_NEXT) that prefetch, before its wait, the first QUANTA_L2_NEXT_MB MiB of
-    `target` as equal prefixes of its rows (dim 0; a row's first bytes are what a K-streaming kernel reads first),
-    so the next large GEMV finds them in L2. {} without PDL or a target."""
-    if target is None or not use_pdl or target.numel() == 0:
-        return {}
-    rows = target.shape[0]
-    row_bytes = target.stride(0) * target.element_size()
-    lines = min(row_bytes // 128, max(1, _NEXT_BYTES // (rows * 128)))
-    return dict(nf_ptr=target, nf_rows=rows, nf_stride=row_bytes, nf_lines=lines, L2_NEXT=True, NF_LAST=_NEXT_LAST,
-                NF_CHUNK=32 * num_warps)
-
-
 # fmt: off
-@triton.jit
-def pdl_prefetch_prefix(base, rows, stride, lines, CHUNK: tl.constexpr, LAST: tl.constexpr):
-    """The L2_NEXT prefetch (l2_next_args): lines 0 .. lines - 1 (128 bytes each) of rows 0 .. rows - 1 (`stride`
-    bytes apart) of `base`, spread over every program of the grid, CHUNK lines a program and pass. No waiting."""
-    b8 = base.to(tl.pointer_type(tl.int8))
-    pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
-    nprog = tl.num_programs(0) * tl.num_programs(1)
-    total = rows * lines
-    for i0 in range(pid * CHUNK, total, nprog * CHUNK):
-        idx = i0 + tl.arange(0, CHUNK)
-        r = idx // lines
-        ptrs = b8 + r.to(tl.int64) * stride + (idx - r * lines).to(tl.int64) * 128
-        if LAST:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [ptrs, (idx < total).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-            )
-        else:
-            pdl_prefetch_l2(ptrs, idx < total)
-
-
 @triton.jit
 def pdl_prefetch_rows(row_ptrs, k_lo, k_hi, ROWS: tl.constexpr, LINE: tl.constexpr, COLS: tl.constexpr):
     """Prefetch elements [k_lo, k_hi) of ROWS weight rows (row_ptrs: [ROWS, 1] pointers to element 0) into L2:

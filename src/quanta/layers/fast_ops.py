@@ -227,9 +227,8 @@ def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
         max_bytes = GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
     if max_bytes and _fusable(linear, x, max_bytes):
         from quanta.kernels.gemv import gemv
-        from quanta.kernels.pdl import l2_next_target
 
-        return gemv(x, linear.weight, linear.bias, l2_next=l2_next_target(linear))
+        return gemv(x, linear.weight, linear.bias)
     return linear(x)
 
 

@@ -82,10 +82,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # o_proj's GEMV may prefetch part of gate_up's weights into L2 while attention finishes (kernels/pdl.py,
-        # QUANTA_L2_NEXT_MB; a tuple: not a submodule)
-        if hasattr(self.self_attn, "o_proj") and hasattr(self.mlp, "gate_up_proj"):
-            self.self_attn.o_proj.l2_next = (self.mlp.gate_up_proj,)
 
     next_layer: tuple = ()  # (the next decoder layer,) set by LlamaModel (a tuple: not a submodule)
 

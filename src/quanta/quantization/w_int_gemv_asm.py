@@ -40,7 +40,7 @@ import torch
 from quanta import envs
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
-from quanta.kernels.pdl import pdl_begin, pdl_prefetch_prefix
+from quanta.kernels.pdl import pdl_begin
 from quanta.kernels.split_norm import add_norm_store, inv_rms
 
 ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
@@ -248,8 +248,6 @@ def _w_int_gemv_asm_kernel(
     USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
     res_ptr=None, nw_ptr=None, h_ptr=None, xw_ptr=None, part_ptr=None, n_parts=1, k_norm=1, eps=0.0,
     NORM_OUT: tl.constexpr = False, NORM_SUB: tl.constexpr = 0, INV_RMS: tl.constexpr = False, NP_PAD: tl.constexpr = 1,
-    nf_ptr=None, nf_rows=0, nf_stride=0, nf_lines=0, L2_NEXT: tl.constexpr = False, NF_LAST: tl.constexpr = False,
-    NF_CHUNK: tl.constexpr = 128,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -292,8 +290,6 @@ def _w_int_gemv_asm_kernel(
     elif PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
         q0, s0, z0 = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
                                 BLOCK_N, BLOCK_K, NG, WPG, TMA)
-    if L2_NEXT:  # PDL: part of the next large GEMV's weights into L2 (kernels/pdl.py, l2_next_args)
-        pdl_prefetch_prefix(nf_ptr, nf_rows, nf_stride, nf_lines, NF_CHUNK, NF_LAST)
     if NORM_OUT and USE_PDL:  # a split norm's producer lets its consumer launch only after its K loop (below)
         tl.extra.cuda.gdc_wait()
     else:

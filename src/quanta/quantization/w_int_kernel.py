@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
-from quanta.kernels.pdl import l2_next_args, pdl_enabled, pdl_launch_kwargs, preload_enabled
+from quanta.kernels.pdl import pdl_enabled, pdl_launch_kwargs, preload_enabled
 from quanta.quantization import w_int_gemv_asm
 from quanta.quantization.int_quant import dequantize_groups, unpack_int4
 from quanta.quantization.w_int_dequant import DEQUANT_MIN_ROWS, w_int_dequant
@@ -248,9 +248,8 @@ def gemv_tile(bits: int, group_size: int, block_k: int) -> tuple[int, int] | Non
 def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
                config: GemvConfig | None = None, planes: torch.Tensor | None = None, act: bool = False,
-               norm_out: tuple | None = None, inv: tuple | None = None, l2_next: torch.Tensor | None = None):
+               norm_out: tuple | None = None, inv: tuple | None = None):
     """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
-    l2_next: the next large GEMV's weight storage; the one-row asm kernel prefetches part of it (pdl.l2_next_args).
     act: W is gate | up [2I, K] and the result is SiLU(gate) * up [..., I] (the asm kernel's ACT_OUT epilogue, one
     int4 row, no split-K). The asm kernel's split norm (kernels/split_norm.py, one row, no split-K): norm_out =
     (residual [1, N], norm weight [N], planes chunk or 0) returns (h, xw [1, N], partials fp32) instead of y;
@@ -307,8 +306,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
                                      NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
                                      USE_PDL=use_pdl, PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl),
-                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}), **norm,
-                                     **l2_next_args(l2_next, use_pdl, cfg.num_warps))
+                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}), **norm)
         if norm_out is not None:
             return norm["h_ptr"].view(1, n), norm["xw_ptr"].view(1, n), norm["part_ptr"]
     elif act or norm_out is not None or inv is not None:
@@ -340,10 +338,9 @@ def _split_norm_args(norm_out: tuple | None, inv: tuple | None, split: int, act:
 
 
 def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None,
-                 l2_next: torch.Tensor | None = None) -> torch.Tensor:
+                 bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype: the GEMV for <= 16 rows, the int GEMM up
-    to DEQUANT_MIN_ROWS, then the dequantized weight through cuBLAS. l2_next: see w_int_gemv."""
+    to DEQUANT_MIN_ROWS, then the dequantized weight through cuBLAS."""
     m = x.numel() // max(in_features, 1)
     if 0 < DEQUANT_MIN_ROWS <= m:  # many rows: dequantize once, then cuBLAS (w_int_dequant.py)
         return F.linear(x, w_int_dequant(packed, scale, zero, bits, group_size, in_features, x.dtype), bias)
@@ -352,7 +349,7 @@ def w_int_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zer
         if m == 1 and bits == 4 and w_int_gemv_asm.ASM_ENABLED:
             cfg = w_int_gemv_asm.config_for(packed.shape[0], in_features)
         if gemv_tile(bits, group_size, cfg.block_k) is not None:
-            return w_int_gemv(x, packed, scale, zero, bits, group_size, in_features, bias, cfg, l2_next=l2_next)
+            return w_int_gemv(x, packed, scale, zero, bits, group_size, in_features, bias, cfg)
     return w_int_gemm(x, packed, scale, zero, bits, group_size, in_features, bias)
 
 

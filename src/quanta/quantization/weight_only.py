@@ -187,10 +187,8 @@ def _int_linear(layer, x: torch.Tensor, bits: int) -> torch.Tensor:
 
         if w_int_mma.usable(layer, x):
             return w_int_mma.linear(layer, x, method.group_size(layer))
-        from quanta.kernels.pdl import l2_next_target
-
         return w_int_linear(x, layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
-                            bits, method.group_size(layer), layer.in_features, layer.bias, l2_next_target(layer))
+                            bits, method.group_size(layer), layer.in_features, layer.bias)
     return F.linear(x, method.dequantize(layer, x.dtype), layer.bias)
 
 
