@@ -150,7 +150,7 @@ def child_main() -> None:
         results[name] = fused_check(tuple(case), dtype=dtype)
     from quanta.kernels import decode_attention_fused as daf
 
-    daf.MERGE_VALUES, merge_values = 4 * 64, daf.MERGE_VALUES  # the merge in chunks of one split: 1 + n round trips
+    daf.MERGE_VALUES, merge_values = 4 * 64, daf.MERGE_VALUES  # the merge in chunks of one split: n round trips
     results["merge_chunked"] = fused_check(([(400, 1), (90, 1)], 8, 2, 64, 16, 6, None, "rope"))
     daf.MERGE_VALUES = merge_values
     pad_case = ([(129, 1), (20, 1), (0, 1)], 8, 2, 64, 16, 4, None, "rope")

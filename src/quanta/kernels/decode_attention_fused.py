@@ -139,20 +139,17 @@ def _load_qkv(q_ptr, k_ptr, v_ptr, tok, head, kv_head, stride_qt, stride_qh, str
 
 @triton.jit
 def _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_splits, out_rows, stride_oh, offs_d, d_valid,
-                 QUERIES_PER_KV: tl.constexpr, G: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 SPLITS_PAD: tl.constexpr, SCH: tl.constexpr):
+                 QUERIES_PER_KV: tl.constexpr, G: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SCH: tl.constexpr):
     # The merge of _decode_reduce_kernel for query heads head0 .. head0 + QUERIES_PER_KV - 1 (G: that, padded to a
     # power of two), stored at out_rows (+ head * stride_oh). Partials load in chunks of SCH splits ([G, SCH, D]),
-    # every head at once: n splits take 1 + n / SCH dependent round trips (reads with .cg: L2, not a stale L1).
+    # every head at once, each chunk's lse with its outputs and merged online (the running max rescales what came
+    # before): n splits take ceil(n / SCH) dependent round trips, one for the usual few (reads with .cg: L2, not a
+    # stale L1).
     offs_h = tl.arange(0, G)
     h_valid = offs_h < QUERIES_PER_KV
     rows = (head0 + offs_h).to(tl.int64) * num_splits  # [G]: split 0's partial of each head
-    offs_s = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(part_lse_ptr + rows[:, None] + offs_s[None, :], mask=h_valid[:, None] & (offs_s[None, :] < n_splits),
-                  other=float("-inf"), cache_modifier=".cg")  # [G, SPLITS_PAD], log2 domain
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # empty splits weigh 0
-    denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+    m = tl.full([G], float("-inf"), tl.float32)  # log2 domain
+    denom = tl.zeros([G], tl.float32)
     acc = tl.zeros([G, HEAD_DIM_PAD], tl.float32)
     offs_c = tl.arange(0, SCH)
     for c in range(0, n_splits, SCH):
@@ -161,7 +158,13 @@ def _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_splits, out_ro
         lse_c = tl.load(part_lse_ptr + idx, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
         part = tl.load(part_out_ptr + idx[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
                        mask=s_valid[:, :, None], other=0.0, cache_modifier=".cg")  # [G, SCH, D]
-        acc += tl.sum(part * tl.exp2(lse_c - m[:, None])[:, :, None], 1)
+        m_new = tl.maximum(m, tl.max(lse_c, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty splits weigh 0
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse_c - m_safe[:, None])
+        denom = denom * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
+        m = m_new
     out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(out_rows + offs_h[:, None] * stride_oh + offs_d[None, :], out.to(out_rows.dtype.element_ty),
              mask=h_valid[:, None] & d_valid[None, :])
@@ -177,7 +180,6 @@ def _decode_fused_kernel(
     stride_kb, stride_ko, stride_kch, stride_vb, stride_vo, stride_vch, stride_bt,
     QUERIES_PER_KV: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, ONE_SPLIT_TILES: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
     HAS_WINDOW: tl.constexpr, WRITE_KV: tl.constexpr, HAS_ROPE: tl.constexpr, MULTI_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, G_MERGE: tl.constexpr = 1,
     MERGE_CHUNK: tl.constexpr = 1, PDL_PRELOAD: tl.constexpr = False,
@@ -299,7 +301,7 @@ def _decode_fused_kernel(
                 head0 = seq.to(tl.int64) * num_heads + kv_head * QUERIES_PER_KV
                 _merge_store(part_out_ptr, part_lse_ptr, head0, num_splits, n_eff,
                              out_ptr + tok * stride_ot + kv_head * QUERIES_PER_KV * stride_oh, stride_oh, offs_d,
-                             d_valid, QUERIES_PER_KV, G_MERGE, HEAD_DIM_PAD, SPLITS_PAD, MERGE_CHUNK)
+                             d_valid, QUERIES_PER_KV, G_MERGE, HEAD_DIM_PAD, MERGE_CHUNK)
                 tl.atomic_xchg(cnt, 0)  # back to 0 for the next launch (graph replays, the next layer)
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -375,7 +377,7 @@ def decode_attention_fused(
         G_MERGE=next_pow2(group), MERGE_CHUNK=merge_chunk,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MIN_TILES=-(-FUSED_MIN_TOKENS_PER_SPLIT // tile_n),
         ONE_SPLIT_TILES=FUSED_ONE_SPLIT_TOKENS // tile_n,
-        SPLITS_PAD=next_pow2(num_splits), HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
+        HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
         PDL_PRELOAD=use_pdl and preload_enabled(),
