@@ -46,7 +46,7 @@ LOW_PRECISION_CASES = [
 BACKEND_CHECKS = ["backend_forward_decode", "backend_forward_rope_decode"]
 LOW_PRECISION = {"padding_slot_fp16", *(c[0] for c in LOW_PRECISION_CASES)}
 CHECK_NAMES = [c[0] for c in CASES] + [c[0] for c in LOW_PRECISION_CASES] + ["padding_slot_fp16", "merge_chunked",
-                                                                              *BACKEND_CHECKS]
+                                                                              "tile256", *BACKEND_CHECKS]
 
 
 def decode_batch(seqs, h, kh, d, bs, dtype, device, seed, pad_last_slot=False):
@@ -153,6 +153,9 @@ def child_main() -> None:
     daf.MERGE_VALUES, merge_values = 4 * 64, daf.MERGE_VALUES  # the merge in chunks of one split: n round trips
     results["merge_chunked"] = fused_check(([(400, 1), (90, 1)], 8, 2, 64, 16, 6, None, "rope"))
     daf.MERGE_VALUES = merge_values
+    daf.FUSED_TILE_N, tile_n = 256, daf.FUSED_TILE_N  # big tiles: <= 256 keys one split (+ a 2-tile split merge)
+    results["tile256"] = fused_check(([(200, 1), (256, 1), (700, 1), (1, 1)], 8, 2, 64, 16, 6, None, "rope"))
+    daf.FUSED_TILE_N = tile_n
     pad_case = ([(129, 1), (20, 1), (0, 1)], 8, 2, 64, 16, 4, None, "rope")
     results["padding_slot_fp16"] = fused_check(pad_case, dtype=torch.float16, pad_last_slot=True)
     for name in BACKEND_CHECKS:

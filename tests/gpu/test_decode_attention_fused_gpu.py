@@ -71,6 +71,22 @@ def test_fused_decode_graph_bound(seqs) -> None:
     assert isinstance(err, float) and err < 1e-2, err
 
 
+@pytest.mark.parametrize("tile_n,warps", [(128, 4), (256, 8)])
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_shape_id)
+def test_fused_decode_big_tiles(monkeypatch, shape, tile_n, warps) -> None:
+    """QUANTA_FUSED_DECODE_TILE_N / _WARPS: bigger tiles (a short sequence one split, all its keys loaded before
+    the PDL wait), at the graph bound and with given splits."""
+    from quanta.kernels import decode_attention_fused as daf
+
+    monkeypatch.setattr(daf, "FUSED_TILE_N", tile_n)
+    monkeypatch.setattr(daf, "FUSED_NUM_WARPS", warps)
+    seqs = [(200, 1), (256, 1), (129, 1), (700, 1), (1, 1)]
+    for splits, max_len in ((None, 131072), (5, None)):
+        err = fused_check((seqs, *shape, splits, None, "rope"), dtype=torch.bfloat16, device="cuda",
+                          max_seq_len=max_len)
+        assert isinstance(err, float) and err < 1e-2, (splits, err)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=ID.get)
 @pytest.mark.parametrize("name", ["backend_forward_decode", "backend_forward_rope_decode"])
 def test_backend_decode(name, dtype) -> None:

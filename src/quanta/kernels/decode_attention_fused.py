@@ -40,11 +40,7 @@ from quanta import envs
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.paged_attention import LOG2E, _check, _dot_precision, _head_dim_pad, _num_sms
-from quanta.kernels.paged_attention_decode import (
-    DECODE_NUM_WARPS,
-    DECODE_TILE_N,
-    decode_num_splits,
-)
+from quanta.kernels.paged_attention_decode import decode_num_splits
 from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noqa: F401 (the twin lives there)
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
@@ -55,6 +51,10 @@ PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a th
 # split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
 FUSED_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS")
 FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
+# Keys a tile (head_dim > 128: half as many) and warps a program. A tile is a split's unit, so a sequence of at most
+# one tile is one split whose keys all load before the PDL wait.
+FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
+FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
 MERGE_VALUES = 8192
 
@@ -349,7 +349,7 @@ def decode_attention_fused(
         assert 2 * cos_cache.shape[-1] == head_dim, "full rotary only (kernels/rotary.py covers partial rotary)"
         assert cos_cache.stride(-1) == 1 and sin_cache.stride(-1) == 1
     d_pad = _head_dim_pad(head_dim)
-    tile_n = DECODE_TILE_N if d_pad <= 128 else DECODE_TILE_N // 2
+    tile_n = FUSED_TILE_N if d_pad <= 128 else FUSED_TILE_N // 2
     if num_splits is None:
         span = max_seq_len if window is None else min(max_seq_len, window + tile_n)
         num_splits = decode_num_splits(num_seqs, num_kv_heads, span, _num_sms(q.device), FUSED_MIN_TOKENS_PER_SPLIT)
@@ -381,7 +381,7 @@ def decode_attention_fused(
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
         PDL_PRELOAD=use_pdl and preload_enabled(),
-        num_warps=DECODE_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
+        num_warps=FUSED_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out
