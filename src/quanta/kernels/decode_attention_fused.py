@@ -45,7 +45,7 @@ from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noq
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
 # A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
-PREFETCH_TILE_BYTES = 8192  # 64 keys x head_dim 64 x 16-bit: ~64 registers a thread for the 4 tiles (4 warps)
+PREFETCH_TILE_BYTES = envs.get("QUANTA_FUSED_DECODE_PREFETCH_BYTES")  # 64 keys x head_dim 64 x 16-bit: 4 tiles (4 warps)
 # Keys a split reads at least, and the length up to which one split reads them all. H200, batch 1, us a launch
 # (bench_decode_fused.py, benchmarks/results/h200_s7c_decode_fused_*): 8B shape at 192 / 256 / 1,024 keys, 64 a
 # split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
