@@ -8,7 +8,8 @@ FUSED_ONE_SPLIT_TOKENS keys: one split, its tiles in turn, no merge), so a short
 `n_eff` non-empty splits and the programs past them return at once. n_eff == 1: split 0 writes the output
 directly (no partials, no atomics). Otherwise each split stores its partial (out, lse), syncs its threads and
 bumps a per-(sequence, kv head) counter with an acq_rel atomic; the program that arrives last (count n_eff - 1)
-merges the partials exactly as `_decode_reduce_kernel` does (read with .cg: L2, not a stale L1), stores the
+merges the partials (the log-sum-exp merge of `_decode_reduce_kernel`, done online a chunk of splits at a time so
+the usual few splits take one round trip; read with .cg: L2, not a stale L1), stores the
 output and resets the counter. Counters are zeroed once and every launch leaves them at 0: no memset.
 
 Order: at short contexts the time is a chain of dependent global-memory round trips, not bytes, so each step
@@ -44,15 +45,20 @@ from quanta.kernels.paged_attention_decode import decode_num_splits
 from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noqa: F401 (the twin lives there)
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
-# A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots.
-PREFETCH_TILE_BYTES = envs.get("QUANTA_FUSED_DECODE_PREFETCH_BYTES")  # 64 keys x head_dim 64 x 16-bit: 4 tiles (4 warps)
+# A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots
+# (64 keys x head_dim 64 x 16-bit; 8B's head_dim 128 tiles are not). H200, 1B bf16 batch 1, 1,116.9 / 1,122.3 tok/s
+# vs 1,072.2 / 1,084.3 with 0 (never; benchmarks/results/h200_s13f_*)
+PREFETCH_TILE_BYTES = envs.get("QUANTA_FUSED_DECODE_PREFETCH_BYTES")
 # Keys a split reads at least, and the length up to which one split reads them all. H200, batch 1, us a launch
 # (bench_decode_fused.py, benchmarks/results/h200_s7c_decode_fused_*): 8B shape at 192 / 256 / 1,024 keys, 64 a
 # split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
 FUSED_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS")
 FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
 # Keys a tile (head_dim > 128: half as many) and warps a program. A tile is a split's unit, so a sequence of at most
-# one tile is one split whose keys all load before the PDL wait.
+# one tile is one split whose keys all load before the PDL wait. H200, batch 1, tok/s (h200_s13e_*): 1B 64 keys, 4
+# warps 1,118.3 / 1,119.9; 256 keys, 8 warps 1,104.3 / 1,109.9; 128, 4 warps 1,084.1; 128, 8 warps 1,063.1; 8B
+# W4A16_AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (Triton 3.6, sm_90) the 1B kernel takes 255 registers
+# and 248 bytes of stack with the double buffer, no stack without it.
 FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
 FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once

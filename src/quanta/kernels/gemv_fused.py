@@ -50,6 +50,9 @@ def fused_config(prologue: int, m: int, n: int, k: int) -> GemvConfig:
     # one row: the next K step's loads issued before this step's math ("_nx"): H200, 1B batch-1 latency 944.8 /
     # 949.8 tok/s vs 922.5 / 928.5 without, two alternating runs each (benchmarks/results/h200_s5_nxab_*)
     nx = m == 1
+    # Not taken (H200, 1B batch 1, tok/s vs the defaults' 1,113.8-1,122.9 in the same calls, h200_s13a_* / s13c_*):
+    # norm on bn4_bk2048_sk1_w4_s1 1,079.3, the norm kernel + plain qkv GEMV 1,062.0, gate_up fused too 940.2; SiLU
+    # on bn4_bk2048_nx 1,026.9, bn4_bk2048_w8_nx 1,090.4, bn8_bk1024_w8_nx 1,111.2, bn2_bk2048_nx 1,063.8
     if prologue == PRO_NORM:
         return GemvConfig(block_n=4 if m <= 2 else 8, block_k=512 if m <= 2 else 256, split_k=1, num_warps=4,
                           next_step=nx)

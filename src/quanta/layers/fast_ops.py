@@ -27,8 +27,9 @@ FUSED_SILU_MAX_BYTES = envs.get("QUANTA_FUSED_SILU_MAX_MB") << 20
 # of cuBLAS at batch 1 where PDL is on (kernels/pdl.py): their first weights load while the kernel before runs. H200,
 # batch 1 with PDL (benchmarks/results/h200_s8*, h200_s9a_*): 1B o_proj 1,026.7 / 1,024.0 tok/s vs 998.1 on cuBLAS;
 # 8B qkv (48 MiB, after the unfused norm: `norm_linear`) and o_proj 225.8 vs 220.1 (64 MiB, same call); the 1B
-# gate_up (64 MiB) stays on cuBLAS (1,013.1 vs 1,025.5). Without PDL the GEMV lost (H100: 763.9 vs 778.4), so it
-# follows PDL. Env QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS).
+# gate_up (64 MiB) stays on cuBLAS (1,013.1 vs 1,025.5; on the bn4_bk2048 config 1,079.1 vs 1,116.3, bn8_bk2048_w8
+# 866.8: h200_s13a_*). Without PDL the GEMV lost (H100: 763.9 vs 778.4), so it follows PDL. Env
+# QUANTA_GEMV_LINEAR_MB sets it either way (0 = cuBLAS).
 GEMV_LINEAR_PDL_BYTES = 48 << 20
 GEMV_LINEAR_MAX_BYTES = envs.get("QUANTA_GEMV_LINEAR_MB") << 20
 # The batch-1 lm_head on the skinny GEMV (bn2_bk1024) instead of cuBLAS: 182.9 vs 197.0 us for the 1B lm_head and
