@@ -7,7 +7,9 @@ refactor that keeps them needs no new GPU run. Use the GPU machine's Triton (3.6
     PYTHONPATH=src python benchmarks/sass_sig.py --triton /tmp/t36 > before.txt   # then again after; diff
 
 It also prints the one-row int4 asm GEMV's (quantization/w_int_gemv_asm.py) over ASM_COMBOS, its default paths
-(no split norm), with only the arguments that tree's kernel has, so an older tree compiles too.
+(no split norm), with only the arguments that tree's kernel has, so an older tree compiles too, and the one-launch
+decode attention's over DECODE_COMBOS (merge chunks as the launcher sizes them from MERGE_VALUES, env
+MERGE_VALUES to try others). Each line ends with the kernel's registers and stack bytes (ptxas spills).
 """
 
 from __future__ import annotations
@@ -35,15 +37,18 @@ _ASM_INTS = ["M", "N", "K", "K_PAD", "K_SPLIT", "num_splits", "stride_xm", "stri
 
 
 def _fingerprint(kernel, cuobjdump: str) -> str:
-    """'<sha1 of the SASS, addresses stripped> (<instructions> lines)'."""
+    """'<sha1 of the SASS, addresses stripped> (<instructions> lines) REG:<registers> STACK:<bytes>' (the stack is
+    where ptxas spills)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     body = [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in sass.splitlines()
-            if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+            if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     digest = hashlib.sha1("\n".join(body).encode()).hexdigest()[:12]
-    return f"{digest} ({len(body)} lines)"
+    usage = " ".join(re.findall(r"(?:REG|STACK):\d+", res)[:2])
+    return f"{digest} ({len(body)} lines) {usage}"
 
 
 def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
@@ -63,6 +68,30 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
         sig["x_ptr"] = "*i32" if xp else "*bf16"
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
         print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}: {_fingerprint(kernel, cuobjdump)}")
+
+
+# one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
+DECODE_COMBOS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 0), (64, 256, 8, 0), (128, 64, 4, 0), (128, 64, 8, 0), (128, 32, 4, 0)]
+_DECODE_PTRS = dict(cnt_ptr="*i32", part_out_ptr="*fp32", part_lse_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",
+                    block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32")
+
+
+def _decode_fingerprints(triton, target, cuobjdump: str) -> None:
+    from triton.compiler import ASTSource
+
+    from quanta.kernels.decode_attention_fused import _decode_fused_kernel as kern
+
+    for d, tile, warps, pf in DECODE_COMBOS:
+        consts = dict(QUERIES_PER_KV=4, G_PAD=16, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_SIZE=16, TILE_N=tile, MIN_TILES=1,
+                      ONE_SPLIT_TILES=128 // tile, HAS_WINDOW=False, WRITE_KV=True, HAS_ROPE=True, MULTI_SPLIT=True,
+                      DOT_PREC="tf32", PREFETCH=bool(pf), USE_PDL=True, G_MERGE=4,
+                      MERGE_CHUNK=min(64, int(os.environ.get("MERGE_VALUES", 8192)) // (4 * d)), PDL_PRELOAD=True)
+        if "SPLITS_PAD" in kern.arg_names:  # trees before 276e0ea
+            consts["SPLITS_PAD"] = 64
+        sig = {n: "constexpr" if n in consts else "fp32" if n == "scale_log2" else
+               _DECODE_PTRS.get(n, "*bf16") if n.endswith("_ptr") else "i32" for n in kern.arg_names}
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=warps))
+        print(f"decode HEAD_DIM={d} TILE_N={tile} warps={warps} PREFETCH={pf}: {_fingerprint(kernel, cuobjdump)}")
 
 
 def main() -> None:
@@ -94,6 +123,7 @@ def main() -> None:
         print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: "
               f"{_fingerprint(kernel, cuobjdump)}")
     _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
+    _decode_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
 
 
 if __name__ == "__main__":

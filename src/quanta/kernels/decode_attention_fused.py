@@ -57,8 +57,9 @@ FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
 # Keys a tile (head_dim > 128: half as many) and warps a program. A tile is a split's unit, so a sequence of at most
 # one tile is one split whose keys all load before the PDL wait. H200, batch 1, tok/s (h200_s13e_*): 1B 64 keys, 4
 # warps 1,118.3 / 1,119.9; 256 keys, 8 warps 1,104.3 / 1,109.9; 128, 4 warps 1,084.1; 128, 8 warps 1,063.1; 8B
-# W4A16_AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (Triton 3.6, sm_90) the 1B kernel takes 255 registers
-# and 248 bytes of stack with the double buffer, no stack without it.
+# W4A16_AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (benchmarks/sass_sig.py: Triton 3.6, sm_90) the 1B
+# kernel takes 255 registers and 248 bytes of stack (spills) with the double buffer, none without it, 225 registers
+# and none at 8 warps; the 8B's (head_dim 128) 255 + 616 bytes at 4 warps, 250 and none at 8: not timed yet.
 FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
 FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
