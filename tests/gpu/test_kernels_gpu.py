@@ -74,6 +74,23 @@ def test_decode(shape, dtype, num_splits) -> None:
     assert rel_err(out, paged_attention_ref(*args, d**-0.5)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("warps", [8])
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=_shape_id)
+def test_decode_warps(monkeypatch, shape, warps) -> None:
+    """QUANTA_DECODE_WARPS: the split kernel with more warps (no spills at head_dim 128) gives the same attention."""
+    from quanta.kernels import paged_attention_decode as pad
+
+    monkeypatch.setattr(pad, "DECODE_NUM_WARPS", warps)
+    h, kh, d, bs = shape
+    b = make_paged_batch([(15, 1), (511, 1), (2047, 1), (90, 1)], h, kh, d, bs, dtype=torch.bfloat16, device="cuda")
+    m = b.meta
+    kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping)
+    args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
+    for num_splits in (None, 1, 7):
+        out = paged_attention_decode(*args, m.max_seq_len, d**-0.5, num_splits=num_splits)
+        assert rel_err(out, paged_attention_ref(*args, d**-0.5)) < 1e-2, num_splits
+
+
 def test_decode_long_single_sequence() -> None:
     b = make_paged_batch([(32000, 1)], 32, 8, 128, 16, dtype=torch.bfloat16, device="cuda")
     m = b.meta
