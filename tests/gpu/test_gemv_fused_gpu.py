@@ -47,6 +47,23 @@ def test_silu_gemv(m, n, k) -> None:
     assert _rel(gemv_silu_mul(gu, w), gemv_silu_mul_ref(gu, w)) < 2e-2
 
 
+@pytest.mark.parametrize("cfg", ["bn4_bk1024_sk1_w4_s1_nx_r128", "bn4_bk2048_sk1_w4_s1_r128"])
+def test_register_capped_gemvs(cfg) -> None:
+    """A register cap ("_rN", Triton's maxnreg) on the fused and plain 16-bit GEMVs: the uncapped config's bits."""
+    from dataclasses import replace
+
+    from quanta.kernels.gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    capped = GemvConfig.parse(cfg)
+    plain = replace(capped, max_regs=0)
+    gu = torch.randn(1, 2 * 8192, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2048, 8192, device="cuda", generator=g) * 0.05).bfloat16()
+    assert torch.equal(gemv_silu_mul(gu, w, config=capped), gemv_silu_mul(gu, w, config=plain))
+    x = torch.randn(1, 8192, device="cuda", generator=g).bfloat16()
+    assert torch.equal(gemv(x, w, config=capped), gemv(x, w, config=plain))
+
+
 def test_fused_gemv_in_cuda_graph() -> None:
     """Split-K counters and the residual store replay correctly inside a captured graph."""
     x = torch.randn(1, 2048, device="cuda").bfloat16()
