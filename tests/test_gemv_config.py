@@ -63,3 +63,10 @@ def test_small_one_row_w16_config():
     assert default_config("w16", 1, 2048, 2048) == GemvConfig.parse("bn4_bk2048_sk1_w4_s1")
     assert default_config("w16", 1, 4096, 4096) == GemvConfig.parse("bn4_bk512_sk0_w4_s3")
     assert default_config("w16", 2, 2048, 2048) == GemvConfig.parse("bn4_bk512_sk0_w4_s3")
+
+
+def test_register_cap_launch_kwargs() -> None:
+    from quanta.kernels.gemv_config import GemvConfig
+
+    assert GemvConfig.parse("bn4_bk1024_sk1_w4_s1_nx_r128").launch_kwargs() == {"maxnreg": 128}
+    assert GemvConfig.parse("bn4_bk1024_sk1_w4_s1_nx").launch_kwargs() == {}

@@ -193,7 +193,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}),
+        **cfg.launch_kwargs(),
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)

@@ -45,6 +45,10 @@ class GemvConfig:
     # int4 asm GEMV only, suffix "_xp": x comes as x_planes (w_int_gemv_asm.py): the pairs in the weights' layout
     x_planes: bool = False
 
+    def launch_kwargs(self) -> dict:
+        """Extra kernel launch keywords of this config: the register cap (Triton's maxnreg) when set."""
+        return {"maxnreg": self.max_regs} if self.max_regs else {}
+
     def __str__(self) -> str:
         s = f"bn{self.block_n}_bk{self.block_k}_sk{self.split_k}_w{self.num_warps}_s{self.num_stages}"
         s += "_dot" if self.use_dot else ""

@@ -306,7 +306,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
                                      NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
                                      USE_PDL=use_pdl, PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl),
-                                     **({"maxnreg": cfg.max_regs} if cfg.max_regs else {}), **norm)
+                                     **cfg.launch_kwargs(), **norm)
         if norm_out is not None:
             return norm["h_ptr"].view(1, n), norm["xw_ptr"].view(1, n), norm["part_ptr"]
     elif act or norm_out is not None or inv is not None:
