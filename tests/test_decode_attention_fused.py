@@ -179,3 +179,13 @@ def test_decode_fused_matches_ref(interpreted: dict, name: str) -> None:
     err = interpreted[name]
     assert isinstance(err, float), err
     assert err < (1e-2 if name in LOW_PRECISION else TOL), f"{name}: relative error {err:.2e}"
+
+
+def test_fused_num_warps(monkeypatch) -> None:
+    """The one-launch decode's warps: 4 up to head_dim 64, 8 above (no spills at 128), or QUANTA_FUSED_DECODE_WARPS."""
+    from quanta.kernels import decode_attention_fused as daf
+
+    monkeypatch.setattr(daf, "FUSED_NUM_WARPS", 0)
+    assert [daf.fused_num_warps(d) for d in (32, 64, 128, 256)] == [4, 4, 8, 8]
+    monkeypatch.setattr(daf, "FUSED_NUM_WARPS", 2)
+    assert daf.fused_num_warps(128) == 2

@@ -59,9 +59,17 @@ FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
 # warps 1,118.3 / 1,119.9; 256 keys, 8 warps 1,104.3 / 1,109.9; 128, 4 warps 1,084.1; 128, 8 warps 1,063.1; 8B
 # W4A16_AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (benchmarks/sass_sig.py: Triton 3.6, sm_90) the 1B
 # kernel takes 255 registers and 248 bytes of stack (spills) with the double buffer, none without it, 225 registers
-# and none at 8 warps; the 8B's (head_dim 128) 255 + 616 bytes at 4 warps, 250 and none at 8: not timed yet.
+# and none at 8 warps; the 8B's (head_dim 128) 255 + 616 bytes at 4 warps, 250 and none at 8. H200 batch 1 (h200_s14a):
+# 8B W4A16_AWQ 8 warps 480.3 / 479.9 / 480.7 tok/s vs 4 warps 475.3 / 476.0; 1B 8 warps 1,097.5 vs 1,122.7 / 1,125.6.
 FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
 FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
+
+
+def fused_num_warps(head_dim_pad: int) -> int:
+    """Warps a program of the one-launch decode: QUANTA_FUSED_DECODE_WARPS, or (0) 4 up to head_dim 64, else 8."""
+    return FUSED_NUM_WARPS or (4 if head_dim_pad <= 64 else 8)
+
+
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
 MERGE_VALUES = 8192
 
@@ -388,7 +396,7 @@ def decode_attention_fused(
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
         PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
         PDL_PRELOAD=use_pdl and preload_enabled(),
-        num_warps=FUSED_NUM_WARPS, **pdl_launch_kwargs(use_pdl),
+        num_warps=fused_num_warps(d_pad), **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out
