@@ -121,8 +121,6 @@ for part in "$@"; do
       for rows in "" 2-16; do echo "QUANTA_INT_MMA_ROWS='$rows'"; QUANTA_INT_MMA_ROWS=$rows QUANTA_INT_MMA_SILU_ROWS=${rows:+1-8} timeout 120 python benchmarks/bench_quant.py --parts awq --measures batch1,batch4,batch16 --calib-batches 8 --json "$OUT/mmab_awq_${rows:-off}.json" 2>&1 | grep -E "^W4A16"; done ;;
     # the mma GEMV's GPU tests; its kernel configs (MMA_VARIANTS at MMA_MS rows) in this tree against the defaults of
     # the tree in ../old; the engine (W4A16_AWQ, CP_MEASURES, CP_TREES="old new[:VAR=1,...]"), ../old vs this tree
-    # the mma GEMV with split-K ("_k<S>", thirteenth session, untimed then): 8B shapes at 16 rows vs its default
-    ksab) QUANTA_BENCH_FLUSH=read timeout ${KS_S:-200} python benchmarks/bench_int_gemv.py --models 8b --ms ${KS_MS:-16} --zero-point --variants ${KS_VARIANTS:-mma:auto,mma:t2_w4_px_k4,mma:t2_w4_px_k2,mma:t2_w4_k4,mma:t1_w8_px_k2,mma:t4_w4_k4} --json "$OUT/ks_gemv.json" 2>&1 | tail -40 ;;
     mmatest) timeout ${MT_S:-240} python -m pytest -q -x tests/gpu/test_w_int_mma_gpu.py -k "${MT_K:-not engine}" --timeout 200 2>&1 | tail -6 ;;
     cpbench) for tree in old new; do src=$PWD/src; v=${MMA_VARIANTS:-auto:x,mma:auto}; [ $tree = old ] && src=$PWD/../old/src && v=auto:x,mma:auto,silu:t2_w2
         echo "kernels, $tree tree"; PYTHONPATH=$src:$PWD QUANTA_BENCH_FLUSH=read timeout ${CP_S:-200} python benchmarks/bench_int_gemv.py --models 8b --ms ${MMA_MS:-1,16} --zero-point --variants $v --json "$OUT/cp_gemv_$tree.json" 2>&1 | grep -E "^8b|auto|silu|mma" | tail -60; done ;;

@@ -110,15 +110,14 @@ def main() -> None:
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
-    extra = {"KS": 1} if "KS" in _w4_mma_kernel.arg_names else {}  # split-K (trees since this option): off
-    sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in _CONSTS + list(extra)}}
+    sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in _CONSTS}}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
     print(f"triton {triton.__version__}")
     for nt, tn, kw, pf, px, group, pdl, act in COMBOS:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=group, NT=nt, TN=tn, KW=kw, HAS_ZERO=True,
-                      HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px), **extra)
+                      HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px))
         kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=kw))
         print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: "

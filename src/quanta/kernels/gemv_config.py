@@ -40,7 +40,7 @@ class GemvConfig:
     # register cap per thread (ptxas -maxrregcount, Triton's maxnreg), suffix "_rN"; 0 = the compiler's choice.
     # The int4 asm GEMV: with zero points it takes 72 registers (7 programs an SM), capped at 64: 8. The 16-bit GEMV
     # and the fused ones too: the 1B SiLU -> down GEMV (bn4_bk1024_nx) takes 156 (3 programs an SM: 396 slots for its
-    # 512 programs), capped at 128 no spills (4: one wave; offline, Triton 3.6; not timed yet)
+    # 512 programs), capped at 128 no spills (4: one wave), no faster (H200 1B: 1,121.9 / 1,120.6 vs 1,122.7 / 1,125.6)
     max_regs: int = 0
     # int4 asm GEMV only, suffix "_xp": x comes as x_planes (w_int_gemv_asm.py): the pairs in the weights' layout
     x_planes: bool = False

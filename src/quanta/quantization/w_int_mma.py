@@ -43,10 +43,9 @@ against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engin
 (tenth session, h200_s10h): batch 16 4,764.7 -> 5,215.7 tok/s (bf16 3,344.6 in the same call), batch 1 472.1 -> 475.1.
 At 9-16 rows qkv / o on one tile and 8 warps, o / down with the next group's x prefetched too (config "_px", eleventh
 session, h200_s11d): batch 16 5,217.2 -> 5,568.8 tok/s (bf16 3,315.9 in the same call).
-
-Split-K (config "_k<S>", thirteenth session; no default uses it, not timed yet): at 16 rows every program reads all of
-x (16 x K bf16: 458 KB for down_proj) from L2 for its one tile, ~4x the weight bytes over the grid; two tiles a
-program with S programs along K keep the program count and halve that (`gpu_round.sh ksab`).
+Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
+the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
+(t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
 """
 from __future__ import annotations
 
@@ -121,23 +120,17 @@ class MmaConfig:
     warps: int = 4  # KW: warps a program, splitting the groups
     prefetch: bool = True  # PF: a warp's next group's words load before this group's math ("_np": after)
     xprefetch: bool = False  # PX: and the next group's x too ("_px"; x's registers twice)
-    splits: int = 1  # KS: programs along K per tile group ("_k4"), the last to finish sums their fp32 partials
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4[_np][_px][_k4]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x; 4 splits along K)."""
+        """"t2_w4[_np][_px]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x)."""
         parts = [p for p in text.split("_") if p]
-        bad = [p for p in parts if p not in ("np", "px") and not (p[0] in "twk" and p[1:].isdigit() and int(p[1:]) > 0)]
-        if bad:
-            raise ValueError(f"bad mma GEMV config field {bad[0]!r} in {text!r} (expected t<tiles>_w<warps>[_np][_px]"
-                             f"[_k<splits>])")
-        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twk"}
+        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "tw"}
         return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
-                   xprefetch="px" in parts, splits=vals.get("k", 1))
+                   xprefetch="px" in parts)
 
     def __str__(self) -> str:
-        return (f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
-                + (f"_k{self.splits}" if self.splits > 1 else ""))
+        return f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
 
 
 @functools.lru_cache(maxsize=256)
@@ -235,21 +228,6 @@ def _inv_args(inv: tuple | None, m: int, k: int) -> dict:
     return dict(part_ptr=parts, n_parts=parts.numel(), k_norm=k, eps=eps, INV_RMS=True, NP_PAD=next_pow2(parts.numel()))
 
 
-def _split_args(cfg: MmaConfig, act: bool, inv: tuple | None, groups: int, programs: int, y: torch.Tensor) -> dict:
-    """The kernel's split-K arguments (cfg.splits > 1; not with the SiLU or split-norm epilogues): an fp32 workspace
-    [KS, M, N] and zeroed counters, one a tile group (kernels/counters.py; none while a capture would grow them)."""
-    ks = min(cfg.splits, groups)
-    if ks <= 1 or act or inv is not None:
-        return {}
-    from quanta.kernels.counters import zeroed_counters
-
-    cnt = zeroed_counters("mma", y.device, programs)
-    if cnt is None:
-        return {}
-    ks = -(-groups // -(-groups // ks))  # no empty split
-    return dict(ws_ptr=torch.empty(ks, *y.shape, dtype=torch.float32, device=y.device), cnt_ptr=cnt, KS=ks)
-
-
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                      bias: torch.Tensor | None = None, config: MmaConfig | None = None,
                      act: bool = False, inv: tuple | None = None) -> torch.Tensor:
@@ -279,14 +257,12 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     xw = x2.view(torch.int32)  # [m, k / 2]
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
     grid = (t // 2 if act else (t + tiles - 1) // tiles,)
-    split = _split_args(cfg, act, inv, g, grid[0], y)
-    grid = (grid[0], split.get("KS", 1))
     _w4_mma_kernel[grid](
         xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, **_inv_args(inv, m, k), **split,
+        PX=cfg.xprefetch, **_inv_args(inv, m, k),
         num_warps=cfg.warps, **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 

@@ -4,9 +4,6 @@ One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the f
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
 KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well), summed across warps, stored
 (or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
-KS > 1 (split-K, not with ACT / INV_RMS): program (p, s) takes the s-th of KS group ranges of tile group p and
-stores fp32 partials; the program that arrives last (an acq_rel counter a tile group, left at 0) sums the KS
-partials in split order, so the result does not depend on which finished last, and stores y.
 """
 
 from __future__ import annotations
@@ -202,8 +199,7 @@ if HAS_GLUON:
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
-                       eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1, ws_ptr=None, cnt_ptr=None,
-                       KS: gl.constexpr = 1):
+                       eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -233,33 +229,28 @@ if HAS_GLUON:
         t6 = zeros
         t7 = zeros
         # the K loop: each warp's next group's words load before this group's math (PF), or with it; PX: its x too
-        g_lo = 0
-        g_hi = G
-        if KS > 1:  # split-K: program (p, s) takes groups [s * GS, (s + 1) * GS) of its tiles
-            g_lo = gl.program_id(1) * ((G + KS - 1) // KS)
-            g_hi = gl.minimum(g_lo + (G + KS - 1) // KS, G)
-        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g_lo + kw, g_hi, GROUP, not USE_PDL)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
         if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, summed after the loop
             offs_p = gl.arange(0, NP_PAD, layout=gl.BlockedLayout([1], [32], [KW], [0]))
             parts = gl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0)
         if PX:
-            xn = _xload(x_l, x_l1, g_lo + kw, g_hi, GROUP, NT, not USE_PDL)
-        for g0 in range(g_lo, g_hi, KW):
+            xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
+        for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             if PF:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, g_hi, GROUP)
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
             if PX:
                 xs = xn
-                xn = _xload(x_l, x_l1, g0 + KW + kw, g_hi, GROUP, NT, not USE_PDL)
+                xn = _xload(x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
             else:
-                xs = _xload(x_l, x_l1, g0 + kw, g_hi, GROUP, NT, not USE_PDL)
+                xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(
-                g0 + kw, g_hi, v0, v1, v2, v3, v4, v5, v6, v7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn,
+                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn,
                 zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
             if not PF:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, g_hi, GROUP)
+                w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         inv = 1.0
         if INV_RMS:
             inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
@@ -285,38 +276,6 @@ if HAS_GLUON:
         ok = tile_r < n_tiles
         r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
         m0 = 2 * (ln_r % 4)
-        if KS > 1:  # fp32 partials to ws [KS, M, N]; the program arriving last sums them in split order and stores
-            ws_s = ws_ptr + gl.program_id(1).to(gl.int64) * M * N
-            _part(ws_s, gl.sum(t0, axis=0), r0, m0, ok, M, N)
-            _part(ws_s, gl.sum(t1, axis=0), r0, m0 + 1, ok, M, N)
-            _part(ws_s, gl.sum(t2, axis=0), r0 + 8, m0, ok, M, N)
-            _part(ws_s, gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, N)
-            if NT == 2:
-                _part(ws_s, gl.sum(t4, axis=0), r0, m0 + 8, ok, M, N)
-                _part(ws_s, gl.sum(t5, axis=0), r0, m0 + 9, ok, M, N)
-                _part(ws_s, gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, N)
-                _part(ws_s, gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, N)
-            gl.thread_barrier()  # every thread's partials are stored before the (acq_rel) atomic releases them
-            cnt = cnt_ptr + gl.program_id(0)
-            if gl.atomic_add(cnt, 1) == KS - 1:
-                _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0, m0, ok, M, N, KS), r0, m0, ok, M, stride_ym, HAS_BIAS)
-                _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0, m0 + 1, ok, M, N, KS), r0, m0 + 1, ok, M, stride_ym,
-                       HAS_BIAS)
-                _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0 + 8, m0, ok, M, N, KS), r0 + 8, m0, ok, M, stride_ym,
-                       HAS_BIAS)
-                _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0 + 8, m0 + 1, ok, M, N, KS), r0 + 8, m0 + 1, ok, M,
-                       stride_ym, HAS_BIAS)
-                if NT == 2:
-                    _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0, m0 + 8, ok, M, N, KS), r0, m0 + 8, ok, M, stride_ym,
-                           HAS_BIAS)
-                    _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0, m0 + 9, ok, M, N, KS), r0, m0 + 9, ok, M, stride_ym,
-                           HAS_BIAS)
-                    _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0 + 8, m0 + 8, ok, M, N, KS), r0 + 8, m0 + 8, ok, M,
-                           stride_ym, HAS_BIAS)
-                    _store(y_ptr, b_ptr, _part_sum(ws_ptr, r0 + 8, m0 + 9, ok, M, N, KS), r0 + 8, m0 + 9, ok, M,
-                           stride_ym, HAS_BIAS)
-                gl.atomic_xchg(cnt, 0)  # back to 0 for the next launch
-            return
         _store(y_ptr, b_ptr, inv * gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
         _store(y_ptr, b_ptr, inv * gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
         _store(y_ptr, b_ptr, inv * gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
@@ -337,21 +296,6 @@ if HAS_GLUON:
             up = up + gl.load(b_ptr + row + N // 2).to(gl.float32)
         act = gate / (1.0 + gl.exp(-gate)) * up
         gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, act.to(y_ptr.dtype.element_ty), mask=m < M)
-
-    @gluon.jit
-    def _part(ws_ptr, v, row, m, ok, M, N):
-        """A split's fp32 partial of y[m, row] into its ws slice [M, N]."""
-        gl.store(ws_ptr + m.to(gl.int64) * N + row, v, mask=ok & (m < M))
-
-    @gluon.jit
-    def _part_sum(ws_ptr, row, m, ok, M, N, KS: gl.constexpr):
-        """y[m, row] summed over the KS splits' partials in split order (L2 reads: other programs wrote them)."""
-        idx = m.to(gl.int64) * N + row
-        msk = ok & (m < M)
-        v = gl.load(ws_ptr + idx, mask=msk, other=0.0, cache_modifier=".cg")
-        for s in gl.static_range(1, KS):
-            v += gl.load(ws_ptr + s * M * N + idx, mask=msk, other=0.0, cache_modifier=".cg")
-        return v
 
     @gluon.jit
     def _store(y_ptr, b_ptr, v, row, m, ok, M, stride_ym, HAS_BIAS: gl.constexpr):
