@@ -94,6 +94,44 @@ def _decode_fingerprints(triton, target, cuobjdump: str) -> None:
         print(f"decode HEAD_DIM={d} TILE_N={tile} warps={warps} PREFETCH={pf}: {_fingerprint(kernel, cuobjdump)}")
 
 
+# 16-bit GEMVs at batch 1 (kernels/gemv.py, gemv_fused.py; 1B shapes' configs): (name, kernel, consts, num_warps);
+# ADD_NORM / PARTS_BLOCK (the split norm, fourteenth session) only where the tree's kernel has them
+GEMV_COMBOS = [
+    ("gemv bn4_bk2048 (o_proj)", "gemv", dict(BLOCK_N=4, BLOCK_K=2048), 4),
+    ("gemv bn4_bk2048 ADD_NORM", "gemv", dict(BLOCK_N=4, BLOCK_K=2048, ADD_NORM=True), 4),
+    ("silu bn4_bk1024_nx_s1", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True), 4),
+    ("silu bn4_bk1024_nx_s1 PARTS_BLOCK=512", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True,
+                                                           PARTS_BLOCK=512), 4),
+    ("norm bn4_bk512_nx", "fused", dict(PROLOGUE=1, HAS_RES=True, BLOCK_N=4, BLOCK_K=512, NEXT=True, NORM_BLOCK=2048), 4),
+]
+
+
+def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
+    from triton.compiler import ASTSource
+
+    from quanta.kernels import gemv, gemv_fused
+
+    kernels = {"gemv": gemv._gemv_kernel, "fused": gemv_fused._gemv_prologue_kernel}
+    for name, which, extra, warps in GEMV_COMBOS:
+        kern = kernels[which]
+        if any(k not in kern.arg_names for k in extra):
+            continue
+        consts = dict(HAS_BIAS=False, USE_SPLIT=False, USE_DOT=False, BLOCK_M=1, USE_PDL=True, PREFETCH=True,
+                      PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16, ADD_NORM=False,
+                      PARTS_BLOCK=0)
+        consts.update(extra)
+        optional = ("nw_ptr", "xw_ptr", "part_ptr") if which == "gemv" else ("parts_ptr", "n_parts", "k_norm")
+        if not (consts["ADD_NORM"] or consts["PARTS_BLOCK"]):  # the default launch leaves them None
+            consts.update({n: None for n in optional + ("r_ptr",) * (which == "gemv")})
+        consts = {n: v for n, v in consts.items() if n in kern.arg_names}
+        sig = {n: "constexpr" if n in consts else "*fp32" if n in ("ws_ptr", "part_ptr", "parts_ptr") else
+               "*i32" if n == "cnt_ptr" else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
+               for n in kern.arg_names}
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target,
+                                options=dict(num_warps=warps, num_stages=1))
+        print(f"{name}: {_fingerprint(kernel, cuobjdump)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton", default="", help="a folder holding the Triton to compile with (put first on sys.path)")
@@ -124,6 +162,7 @@ def main() -> None:
               f"{_fingerprint(kernel, cuobjdump)}")
     _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _decode_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
+    _gemv_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
 
 
 if __name__ == "__main__":

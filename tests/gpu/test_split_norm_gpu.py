@@ -142,3 +142,63 @@ def test_engine_split_norm_same_distributions(tmp_path, monkeypatch, mma):
 
     steps, worst = compare_steps(*runs)
     assert steps >= 5 and worst < 0.05, (steps, worst)
+
+
+@pytest.mark.parametrize("n,k,inter", [(2048, 2048, 8192), (1024, 512, 2048), (4096, 4096, 14336)])
+def test_split_norm_16bit_chain(n, k, inter):
+    """16-bit (QUANTA_SPLIT_NORM_16): the o_proj GEMV's producer half vs split_norm_ref, then cuBLAS gate_up on xw and
+    the SiLU GEMV scaling by the inverse RMS vs norm -> gate_up -> SiLU -> down."""
+    from quanta.kernels.gemv import gemv_add_norm, gemv_add_norm_ref
+    from quanta.kernels.gemv_fused import gemv_silu_mul, gemv_silu_mul_ref
+    from quanta.kernels.rms_norm import fused_add_rms_norm_ref
+
+    torch.manual_seed(n + k)
+    x, res = torch.randn(1, k, device="cuda").bfloat16(), torch.randn(1, n, device="cuda").bfloat16()
+    w = (torch.randn(n, k, device="cuda") * k**-0.5).bfloat16()
+    nw = (1 + 0.1 * torch.randn(n, device="cuda")).bfloat16()
+    gate_up = (torch.randn(2 * inter, n, device="cuda") * n**-0.5).bfloat16()
+    down = (torch.randn(n, inter, device="cuda") * inter**-0.5).bfloat16()
+    h, xw, parts = gemv_add_norm(x, w, None, res, nw)
+    h_r, xw_r, parts_r = gemv_add_norm_ref(x, w, None, res, nw)
+    for got, want in ((h, h_r), (xw, xw_r), (parts, parts_r)):
+        _close(got, want, 1e-2)
+    gu = torch.nn.functional.linear(xw, gate_up)
+    y = gemv_silu_mul(gu, down, inv=(parts, 1e-5, n))
+    _close(y, gemv_silu_mul_ref(gu, down, inv=(parts, 1e-5, n)))
+    normed, new_res = fused_add_rms_norm_ref(torch.nn.functional.linear(x, w), res, nw, 1e-5)
+    _close(y, gemv_silu_mul_ref(torch.nn.functional.linear(normed, gate_up), down), 2e-2)
+    _close(h, new_res)
+
+
+def test_engine_split_norm_16bit_same_distributions(tmp_path, monkeypatch):
+    """A bf16 engine at batch 1 (CUDA graphs) with post_attention_layernorm split around gate_up gives the same
+    next-token distributions as with the norm launch."""
+    from quanta.layers import fast_ops
+    from quanta.llmapi import LLM, SamplingParams
+
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
+               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
+               max_position_embeddings=512, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "llama-1024.json"
+    path.write_text(json.dumps(cfg))
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=8)
+    monkeypatch.setattr(fast_ops, "GEMV_LINEAR_MAX_BYTES", 48 << 20)
+    calls = []
+    real = fast_ops.Prenormed.__init__
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(fast_ops.Prenormed, "__init__", counting)
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(fast_ops, "SPLIT_NORM_16", on)
+        with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16") as llm:
+            runs.append(llm.generate([1, 17, 42, 99, 7], params).outputs[0])
+        if on:
+            assert calls, "the split norm never ran"
+    from dist_compare import compare_steps
+
+    steps, worst = compare_steps(*runs)
+    assert steps >= 5 and worst < 0.05, (steps, worst)

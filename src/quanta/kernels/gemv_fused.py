@@ -32,6 +32,7 @@ from quanta.kernels.pdl import (
     prefetch_enabled,
     preload_enabled,
 )
+from quanta.kernels.split_norm import inv_rms
 
 PRO_NORM = 1  # x = RMSNorm(x + residual) * norm_weight
 PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
@@ -98,10 +99,12 @@ def _gemv_prologue_kernel(
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+    parts_ptr=None, n_parts=None, k_norm=None, PARTS_BLOCK: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
     with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up).
-    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx")."""
+    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx"). PARTS_BLOCK > 0 (SiLU): gu is
+    gate_up applied to a split norm's xw (kernels/split_norm.py): gate and up are scaled by its inverse RMS first."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
@@ -133,6 +136,10 @@ def _gemv_prologue_kernel(
             hf = h.to(tl.float32)
             ss += tl.sum(hf * hf, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
+    inv = 1.0  # unused without PARTS_BLOCK
+    if PARTS_BLOCK > 0:  # the producer's partial sums of h^2 (one a program of the GEMV before gate_up)
+        offs_p = tl.arange(0, PARTS_BLOCK)
+        inv = inv_rms(tl.load(parts_ptr + offs_p, mask=offs_p < n_parts, other=0.0), k_norm, eps)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -156,7 +163,11 @@ def _gemv_prologue_kernel(
             x = (c.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
         else:
             g = a.to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g)) * b.to(tl.float32)).to(dtype)
+            if PARTS_BLOCK > 0:
+                g = g * inv
+                x = (g / (1.0 + tl.exp(-g)) * (b.to(tl.float32) * inv)).to(dtype)
+            else:
+                x = (g / (1.0 + tl.exp(-g)) * b.to(tl.float32)).to(dtype)
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w))
         else:
@@ -173,7 +184,7 @@ def _gemv_prologue_kernel(
 # fmt: on
 
 
-def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvConfig | None):
+def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvConfig | None, inv=None):
     require_triton()
     n, k = weight.shape
     m = x2.shape[0]
@@ -188,6 +199,10 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
     split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     r_arg = r2 if r2 is not None else x2
     use_pdl = pdl_enabled(x2.device)
+    inv_kwargs = {}
+    if inv is not None:  # (partial sums of h^2, eps, K of the norm): a split norm's consumer (SiLU only)
+        parts, eps, k_norm = inv
+        inv_kwargs = dict(parts_ptr=parts, n_parts=parts.numel(), k_norm=k_norm, PARTS_BLOCK=next_pow2(parts.numel()))
     # fmt: off
     _gemv_prologue_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, r_arg, nw if nw is not None else weight, res_out if res_out is not None else y, weight,
@@ -200,7 +215,7 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), NEXT=cfg.next_step, PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **cfg.launch_kwargs(),
+        **cfg.launch_kwargs(), **inv_kwargs,
     )
     # fmt: on
     return y, res_out
@@ -235,17 +250,25 @@ def gemv_add_rms_norm_ref(x, residual, norm_weight, eps, weight, bias=None, conf
 
 
 def gemv_silu_mul(
-    gu: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
+    gu: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None,
+    inv: tuple | None = None,
 ) -> torch.Tensor:
-    """(SiLU(gu[..., :K]) * gu[..., K:]) @ weight^T (+ bias); gu: [..., 2K] with <= MAX_M rows, weight [N, K]."""
+    """(SiLU(gu[..., :K]) * gu[..., K:]) @ weight^T (+ bias); gu: [..., 2K] with <= MAX_M rows, weight [N, K].
+    inv = (parts, eps, k_norm): one row of gate_up(xw) of a split norm (kernels/split_norm.py), gate and up scaled
+    by rsqrt(sum(parts) / k_norm + eps) before the SiLU."""
     k = weight.shape[1]
     assert gu.shape[-1] == 2 * k, (gu.shape, weight.shape)
     x2 = gu.reshape(-1, 2 * k)
-    y, _ = _launch(PRO_SILU, x2, None, None, 0.0, weight, bias, config)
+    assert inv is None or x2.shape[0] == 1, "a split norm's consumer takes one row"
+    y, _ = _launch(PRO_SILU, x2, None, None, 0.0, weight, bias, config, inv)
     return y.view(*gu.shape[:-1], weight.shape[0])
 
 
-def gemv_silu_mul_ref(gu, weight, bias=None, config=None):
+def gemv_silu_mul_ref(gu, weight, bias=None, config=None, inv=None):
     from quanta.kernels.activation import silu_and_mul_ref
 
+    if inv is not None:
+        from quanta.kernels.split_norm import inv_rms_ref
+
+        gu = (gu.float() * inv_rms_ref(inv[0], inv[2], inv[1])).to(gu.dtype)
     return F.linear(silu_and_mul_ref(gu), weight, bias)

@@ -45,6 +45,11 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 # With the producer triggering its consumer's launch at its start (447 tok/s), the consumer's waiting programs sat
 # beside the producer's K loops: the producer now triggers after its K loop.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
+# One 16-bit row: o_proj's skinny GEMV ends with the producer half of post_attention_layernorm (h, xw = h * w, h^2
+# partials), cuBLAS gate_up reads xw, and the SiLU -> down GEMV scales gate and up by the inverse RMS (exact in
+# math: gate_up is linear): no norm launch. The partials are read after the SiLU GEMV's wait, two kernels after
+# their producer. QUANTA_SPLIT_NORM_16.
+SPLIT_NORM_16 = envs.get("QUANTA_SPLIT_NORM_16")
 
 
 @dataclass
@@ -155,6 +160,11 @@ def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None, nxt=None
     itself end with the next decoder layer `nxt`'s residual add and split norm (then the result is a Prenormed)."""
     gate_up = mlp.gate_up_proj
     method = getattr(gate_up, "quant_method", None)
+    if isinstance(x, Prenormed) and method is None:  # 16-bit (linear_add_norm's split16 checks)
+        from quanta.kernels.gemv_fused import gemv_silu_mul
+
+        down, inv = mlp.down_proj, (*x.inv, x.xw.shape[-1])
+        return gemv_silu_mul(F.linear(x.xw, gate_up.weight), down.weight, down.bias, inv=inv), residual
     if isinstance(x, Prenormed):
         act = (method.apply_silu(gate_up, x.xw, inv=x.inv) if x.sub == 0
                else method.apply_planes_silu(gate_up, x.xw, x.xw, inv=x.inv))
@@ -198,10 +208,15 @@ def _consumer_sub(linear, like: torch.Tensor, silu: bool) -> int | None:
 
 
 def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm, consumer, silu: bool,
-                    fallback=None) -> tuple:
+                    fallback=None, down=None) -> tuple:
     """(Prenormed for `consumer`, x' + residual) where `linear`'s one-row GEMV can end with the residual add and
     the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
-    silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
+    silu, then `down`); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
+    if _split16(linear, x, residual, norm, consumer, silu, down):
+        from quanta.kernels.gemv import gemv_add_norm
+
+        h, xw, parts = gemv_add_norm(x, linear.weight, linear.bias, residual, norm.weight)
+        return Prenormed(xw, parts, norm.eps, 0), h.view(residual.shape)
     method = getattr(linear, "quant_method", None)
     if (SPLIT_NORM and residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
             and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
@@ -210,6 +225,16 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
             h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub)
             return Prenormed(xw, parts, norm.eps, sub), h
     return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
+
+
+def _split16(linear, x, residual, norm, consumer, silu: bool, down) -> bool:
+    """SPLIT_NORM_16 for one 16-bit row: o_proj on the skinny GEMV, bias-free gate_up on cuBLAS, the SiLU GEMV."""
+    if not (SPLIT_NORM_16 and silu and down is not None and residual is not None and type(norm) is RMSNorm
+            and residual.numel() == residual.shape[-1] == linear.out_features and x.numel() == x.shape[-1]):
+        return False
+    gu_like = x.new_empty(1, 2 * down.in_features)
+    return (_fusable(linear, x, _gemv_linear_bytes(x)) and _fusable(consumer, residual, 1 << 62)
+            and consumer.bias is None and _fusable(down, gu_like, FUSED_SILU_MAX_BYTES))
 
 
 def _planes_sub(linear, x: torch.Tensor) -> int:
@@ -221,16 +246,21 @@ def _planes_sub(linear, x: torch.Tensor) -> int:
 
 def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
-    max_bytes = GEMV_LINEAR_MAX_BYTES
-    if max_bytes < 0:  # unset: on with PDL
-        from quanta.kernels.pdl import pdl_enabled
-
-        max_bytes = GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
+    max_bytes = _gemv_linear_bytes(x)
     if max_bytes and _fusable(linear, x, max_bytes):
         from quanta.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias)
     return linear(x)
+
+
+def _gemv_linear_bytes(x: torch.Tensor) -> int:
+    """Largest plain batch-1 projection (bytes) on the skinny GEMV: GEMV_LINEAR_MAX_BYTES, unset: on with PDL."""
+    if GEMV_LINEAR_MAX_BYTES >= 0:
+        return GEMV_LINEAR_MAX_BYTES
+    from quanta.kernels.pdl import pdl_enabled
+
+    return GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
 
 
 def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
