@@ -51,7 +51,6 @@ from quanta.kernels.pdl import (
     prefetch_enabled,
     preload_enabled,
 )
-from quanta.kernels.split_norm import add_norm_store
 
 MAX_M = 16  # the GEMV handles M <= MAX_M rows; larger M is a GEMM
 
@@ -125,13 +124,13 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, PRELOAD: tl.constexpr = False,
-    r_ptr=None, nw_ptr=None, xw_ptr=None, part_ptr=None, ADD_NORM: tl.constexpr = False,
+    r_ptr=None, nw_ptr=None, xw_ptr=None, ADD_NORM: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
     K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split.
     PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop.
-    ADD_NORM (one row, no split-K): the producer half of a split add + RMSNorm (kernels/split_norm.py): y_ptr
-    gets h = y + residual, xw_ptr h * norm weight, part_ptr[pid_n] this program's sum of h^2."""
+    ADD_NORM (one row, no split-K): the producer half of a split add + RMSNorm: y_ptr gets h = y + residual
+    (rounded as the fused add-norm rounds it), xw_ptr h * norm weight (the SiLU GEMV after gate_up takes the RMS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -170,7 +169,12 @@ def _gemv_kernel(
     if not USE_DOT:
         acc = tl.sum(acc, axis=2)
     if ADD_NORM:
-        add_norm_store(tl.sum(acc, axis=0), offs_n, N, pid_n, b_ptr, res, nw, y_ptr, xw_ptr, part_ptr, HAS_BIAS, 0)
+        out = tl.sum(acc, axis=0)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        h = (out.to(y_ptr.dtype.element_ty).to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_n, h, mask=offs_n < N)
+        tl.store(xw_ptr + offs_n, (nw.to(tl.float32) * h.to(tl.float32)).to(h.dtype), mask=offs_n < N)
     else:
         gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
                       HAS_BIAS, USE_SPLIT)
@@ -212,8 +216,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                   norm_weight: torch.Tensor, config: GemvConfig | None = None):
-    """One row x [1, K] @ weight^T (+ bias), then the producer half of the add + RMSNorm after it (split_norm.py):
-    (h = y + residual [1, N], xw = h * norm_weight [1, N], fp32 partial sums of h^2 [N / block_n]). No split-K."""
+    """One row x [1, K] @ weight^T (+ bias), then the producer half of the add + RMSNorm after it:
+    (h = y + residual [1, N], xw = h * norm_weight [1, N]). No split-K."""
     require_triton()
     n, k = weight.shape
     x2 = x.reshape(-1, k)
@@ -221,7 +225,6 @@ def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     cfg = replace(config or gemv_config("w16", 1, n, k), split_k=1, use_dot=False)
     h = torch.empty(1, n, dtype=x.dtype, device=x.device)
     xw = torch.empty_like(h)
-    parts = torch.empty(_cdiv(n, cfg.block_n), dtype=torch.float32, device=x.device)
     use_pdl = pdl_enabled(x.device)
     # fmt: off
     _gemv_kernel[(_cdiv(n, cfg.block_n), 1)](
@@ -232,22 +235,20 @@ def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
-        r_ptr=residual.reshape(-1), nw_ptr=norm_weight, xw_ptr=xw, part_ptr=parts, ADD_NORM=True,
+        r_ptr=residual.reshape(-1), nw_ptr=norm_weight, xw_ptr=xw, ADD_NORM=True,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
         **cfg.launch_kwargs(),
     )
     # fmt: on
-    return h, xw, parts
+    return h, xw
 
 
 def gemv_add_norm_ref(x, weight, bias, residual, norm_weight, config=None):
     from quanta.kernels.split_norm import split_norm_ref
 
-    n, k = weight.shape
-    cfg = config or gemv_config("w16", 1, n, k)
-    y = F.linear(x.reshape(1, k).float(), weight.float(), None)[0]
-    h, xw, parts = split_norm_ref(y, residual.reshape(-1), norm_weight, cfg.block_n, bias)
-    return h[None], xw[None], parts
+    y = F.linear(x.reshape(1, -1).float(), weight.float(), None)[0]
+    h, xw, _ = split_norm_ref(y, residual.reshape(-1), norm_weight, 1, bias)
+    return h[None], xw[None]
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -32,7 +32,6 @@ from quanta.kernels.pdl import (
     prefetch_enabled,
     preload_enabled,
 )
-from quanta.kernels.split_norm import inv_rms
 
 PRO_NORM = 1  # x = RMSNorm(x + residual) * norm_weight
 PRO_SILU = 2  # x = SiLU(gu[:, :K]) * gu[:, K:]
@@ -99,12 +98,13 @@ def _gemv_prologue_kernel(
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False, PRELOAD: tl.constexpr = False,
-    parts_ptr=None, n_parts=None, k_norm=None, PARTS_BLOCK: tl.constexpr = 0,
+    hn_ptr=None, n_norm=None, HN_BLOCK: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
     with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up).
-    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx"). PARTS_BLOCK > 0 (SiLU): gu is
-    gate_up applied to a split norm's xw (kernels/split_norm.py): gate and up are scaled by its inverse RMS first."""
+    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx"). HN_BLOCK > 0 (SiLU, one row): gu
+    is gate_up applied to h * norm weight, h [n_norm] at hn_ptr: gate and up are scaled by rsqrt(mean(h^2) + eps)
+    first, taken before the PDL wait (h comes from the kernel before gate_up; gate_up is not a PDL launch)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
@@ -122,6 +122,14 @@ def _gemv_prologue_kernel(
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
     if PRELOAD:  # PDL: the first step's weight tile in flight before the wait (kernels/pdl.py)
         w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < k_hi)[None, :], other=0.0)
+    inv = 1.0  # unused without HN_BLOCK
+    if HN_BLOCK > 0:  # the split norm's inverse RMS from h (fp32 sum of squares, as kernels/rms_norm.py)
+        offs_h = tl.arange(0, HN_BLOCK)
+        hss = tl.zeros((HN_BLOCK,), dtype=tl.float32)
+        for h0 in range(0, n_norm, HN_BLOCK):
+            hv = tl.load(hn_ptr + h0 + offs_h, mask=h0 + offs_h < n_norm, other=0.0).to(tl.float32)
+            hss += hv * hv
+        inv = tl.rsqrt(tl.sum(hss, axis=0) / n_norm + eps)
     pdl_begin(USE_PDL)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == 1:  # pass 1: each row's mean square of h = x + residual (rounded as the norm kernel does)
@@ -136,10 +144,6 @@ def _gemv_prologue_kernel(
             hf = h.to(tl.float32)
             ss += tl.sum(hf * hf, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
-    inv = 1.0  # unused without PARTS_BLOCK
-    if PARTS_BLOCK > 0:  # the producer's partial sums of h^2 (one a program of the GEMV before gate_up)
-        offs_p = tl.arange(0, PARTS_BLOCK)
-        inv = inv_rms(tl.load(parts_ptr + offs_p, mask=offs_p < n_parts, other=0.0), k_norm, eps)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -163,7 +167,7 @@ def _gemv_prologue_kernel(
             x = (c.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
         else:
             g = a.to(tl.float32)
-            if PARTS_BLOCK > 0:
+            if HN_BLOCK > 0:
                 g = g * inv
                 x = (g / (1.0 + tl.exp(-g)) * (b.to(tl.float32) * inv)).to(dtype)
             else:
@@ -200,9 +204,9 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
     r_arg = r2 if r2 is not None else x2
     use_pdl = pdl_enabled(x2.device)
     inv_kwargs = {}
-    if inv is not None:  # (partial sums of h^2, eps, K of the norm): a split norm's consumer (SiLU only)
-        parts, eps, k_norm = inv
-        inv_kwargs = dict(parts_ptr=parts, n_parts=parts.numel(), k_norm=k_norm, PARTS_BLOCK=next_pow2(parts.numel()))
+    if inv is not None:  # (h, eps): a split norm's consumer (SiLU only)
+        h, eps = inv
+        inv_kwargs = dict(hn_ptr=h, n_norm=h.numel(), HN_BLOCK=min(next_pow2(h.numel()), 4096))
     # fmt: off
     _gemv_prologue_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, r_arg, nw if nw is not None else weight, res_out if res_out is not None else y, weight,
@@ -254,8 +258,8 @@ def gemv_silu_mul(
     inv: tuple | None = None,
 ) -> torch.Tensor:
     """(SiLU(gu[..., :K]) * gu[..., K:]) @ weight^T (+ bias); gu: [..., 2K] with <= MAX_M rows, weight [N, K].
-    inv = (parts, eps, k_norm): one row of gate_up(xw) of a split norm (kernels/split_norm.py), gate and up scaled
-    by rsqrt(sum(parts) / k_norm + eps) before the SiLU."""
+    inv = (h, eps): gu is one row of gate_up(h * norm weight) (a split add + RMSNorm, kernels/gemv.py
+    gemv_add_norm), gate and up scaled by rsqrt(mean(h^2) + eps) before the SiLU."""
     k = weight.shape[1]
     assert gu.shape[-1] == 2 * k, (gu.shape, weight.shape)
     x2 = gu.reshape(-1, 2 * k)
@@ -268,7 +272,6 @@ def gemv_silu_mul_ref(gu, weight, bias=None, config=None, inv=None):
     from quanta.kernels.activation import silu_and_mul_ref
 
     if inv is not None:
-        from quanta.kernels.split_norm import inv_rms_ref
-
-        gu = (gu.float() * inv_rms_ref(inv[0], inv[2], inv[1])).to(gu.dtype)
+        h = inv[0].float()
+        gu = (gu.float() * torch.rsqrt(h.pow(2).mean() + inv[1])).to(gu.dtype)
     return F.linear(silu_and_mul_ref(gu), weight, bias)

@@ -45,10 +45,10 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 # With the producer triggering its consumer's launch at its start (447 tok/s), the consumer's waiting programs sat
 # beside the producer's K loops: the producer now triggers after its K loop.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
-# One 16-bit row: o_proj's skinny GEMV ends with the producer half of post_attention_layernorm (h, xw = h * w, h^2
-# partials), cuBLAS gate_up reads xw, and the SiLU -> down GEMV scales gate and up by the inverse RMS (exact in
-# math: gate_up is linear): no norm launch. The partials are read after the SiLU GEMV's wait, two kernels after
-# their producer. QUANTA_SPLIT_NORM_16.
+# One 16-bit row: o_proj's skinny GEMV ends with the residual add and h * norm weight (xw), cuBLAS gate_up reads xw,
+# and the SiLU -> down GEMV scales gate and up by rsqrt(mean(h^2) + eps) (exact in math: gate_up is linear), which
+# it computes from h before its PDL wait (h is two kernels back, gate_up not a PDL launch): no norm launch.
+# QUANTA_SPLIT_NORM_16.
 SPLIT_NORM_16 = envs.get("QUANTA_SPLIT_NORM_16")
 
 
@@ -56,7 +56,7 @@ SPLIT_NORM_16 = envs.get("QUANTA_SPLIT_NORM_16")
 class Prenormed:
     """A linear's output that its GEMV already added to the residual, half-normed for the next GEMV
     (kernels/split_norm.py): xw = h * norm.weight [1, K] (x planes of chunk `sub` for the asm GEMV, plain for 0),
-    parts the fp32 partial sums of h^2 (one a producer program)."""
+    parts the fp32 partial sums of h^2 (one a producer program); sub -1 (16-bit, SPLIT_NORM_16): parts is h."""
 
     xw: torch.Tensor
     parts: torch.Tensor
@@ -160,11 +160,12 @@ def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None, nxt=None
     itself end with the next decoder layer `nxt`'s residual add and split norm (then the result is a Prenormed)."""
     gate_up = mlp.gate_up_proj
     method = getattr(gate_up, "quant_method", None)
-    if isinstance(x, Prenormed) and method is None:  # 16-bit (linear_add_norm's split16 checks)
+    if isinstance(x, Prenormed) and x.sub < 0:  # 16-bit (linear_add_norm's _split16): x.parts is h
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
-        down, inv = mlp.down_proj, (*x.inv, x.xw.shape[-1])
-        return gemv_silu_mul(F.linear(x.xw, gate_up.weight), down.weight, down.bias, inv=inv), residual
+        down = mlp.down_proj
+        gu = F.linear(x.xw, gate_up.weight)  # cuBLAS, not a PDL launch: the SiLU GEMV reads h before its wait
+        return gemv_silu_mul(gu, down.weight, down.bias, inv=(x.parts, x.eps)), residual
     if isinstance(x, Prenormed):
         act = (method.apply_silu(gate_up, x.xw, inv=x.inv) if x.sub == 0
                else method.apply_planes_silu(gate_up, x.xw, x.xw, inv=x.inv))
@@ -215,8 +216,8 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
     if _split16(linear, x, residual, norm, consumer, silu, down):
         from quanta.kernels.gemv import gemv_add_norm
 
-        h, xw, parts = gemv_add_norm(x, linear.weight, linear.bias, residual, norm.weight)
-        return Prenormed(xw, parts, norm.eps, 0), h.view(residual.shape)
+        h, xw = gemv_add_norm(x, linear.weight, linear.bias, residual, norm.weight)
+        return Prenormed(xw, h, norm.eps, -1), h.view(residual.shape)
     method = getattr(linear, "quant_method", None)
     if (SPLIT_NORM and residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
             and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
