@@ -94,14 +94,10 @@ def _decode_fingerprints(triton, target, cuobjdump: str) -> None:
         print(f"decode HEAD_DIM={d} TILE_N={tile} warps={warps} PREFETCH={pf}: {_fingerprint(kernel, cuobjdump)}")
 
 
-# 16-bit GEMVs at batch 1 (kernels/gemv.py, gemv_fused.py; 1B shapes' configs): (name, kernel, consts, num_warps);
-# ADD_NORM / HN_BLOCK (the 16-bit split norm, fourteenth session) only where the tree's kernel has them
+# 16-bit GEMVs at batch 1 (kernels/gemv.py, gemv_fused.py; the 1B shapes' configs): (name, kernel, consts, num_warps)
 GEMV_COMBOS = [
     ("gemv bn4_bk2048 (o_proj)", "gemv", dict(BLOCK_N=4, BLOCK_K=2048), 4),
-    ("gemv bn4_bk2048 ADD_NORM", "gemv", dict(BLOCK_N=4, BLOCK_K=2048, ADD_NORM=True), 4),
     ("silu bn4_bk1024_nx_s1", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True), 4),
-    ("silu bn4_bk1024_nx_s1 HN_BLOCK=2048", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True,
-                                                         HN_BLOCK=2048), 4),
     ("norm bn4_bk512_nx", "fused", dict(PROLOGUE=1, HAS_RES=True, BLOCK_N=4, BLOCK_K=512, NEXT=True, NORM_BLOCK=2048), 4),
 ]
 
@@ -114,15 +110,9 @@ def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
     kernels = {"gemv": gemv._gemv_kernel, "fused": gemv_fused._gemv_prologue_kernel}
     for name, which, extra, warps in GEMV_COMBOS:
         kern = kernels[which]
-        if any(k not in kern.arg_names for k in extra):
-            continue
         consts = dict(HAS_BIAS=False, USE_SPLIT=False, USE_DOT=False, BLOCK_M=1, USE_PDL=True, PREFETCH=True,
-                      PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16, ADD_NORM=False,
-                      HN_BLOCK=0)
+                      PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16)
         consts.update(extra)
-        optional = ("r_ptr", "nw_ptr", "xw_ptr") if which == "gemv" else ("hn_ptr", "n_norm")
-        if not (consts["ADD_NORM"] or consts["HN_BLOCK"]):  # the default launch leaves them None
-            consts.update({n: None for n in optional})
         consts = {n: v for n, v in consts.items() if n in kern.arg_names}
         sig = {n: "constexpr" if n in consts else "*fp32" if n == "ws_ptr" else
                "*i32" if n == "cnt_ptr" else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"

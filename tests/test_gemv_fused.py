@@ -71,7 +71,6 @@ def _run_all() -> dict:
                 results[name] = _rel(gemv_silu_mul(x, w, b, config), gemv_silu_mul_ref(x, w, b))
         except Exception as e:  # reported per check by the parent
             results[name] = f"{type(e).__name__}: {e}"
-    results.update(_split_norm_checks())
     # a second launch with split-K must find its counters back at 0
     x, r, nw, w, b = _inputs(2, 33, 1000, "norm", True, False, torch.float32, 99)
     cfg = GemvConfig.parse("bn8_bk128_sk4")
@@ -80,42 +79,7 @@ def _run_all() -> dict:
     return results
 
 
-def _split_norm_checks() -> dict:
-    """The 16-bit split add + RMSNorm around gate_up: o_proj's GEMV ending with the residual add and h * norm weight
-    (gemv_add_norm), gate_up on xw, the SiLU GEMV scaling gate and up by h's inverse RMS; vs the twins and the
-    unfused chain."""
-    from quanta.kernels.gemv import GemvConfig, gemv_add_norm, gemv_add_norm_ref
-    from quanta.kernels.gemv_fused import gemv_silu_mul, gemv_silu_mul_ref
-    from quanta.kernels.rms_norm import fused_add_rms_norm_ref
-
-    out = {}
-    for i, (dtype, n, k, inter, cfg, bias) in enumerate(
-        ((torch.float32, 40, 300, 24, "bn4_bk128", False), (torch.float16, 48, 256, 32, "bn8_bk64", True))
-    ):
-        g = torch.Generator().manual_seed(50 + i)
-        x, res = torch.randn(1, k, generator=g).to(dtype), torch.randn(1, n, generator=g).to(dtype)
-        w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
-        b = torch.randn(n, generator=g).to(dtype) if bias else None
-        nw = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype)
-        gate_up = (torch.randn(2 * inter, n, generator=g) * 0.2).to(dtype)
-        down = (torch.randn(5, inter, generator=g) * 0.2).to(dtype)
-        config = GemvConfig.parse(cfg)
-        h, xw = gemv_add_norm(x, w, b, res, nw, config)
-        h_r, xw_r = gemv_add_norm_ref(x, w, b, res, nw, config)
-        tag = f"split_norm_{str(dtype)[6:]}"
-        out[tag + "_h"], out[tag + "_xw"] = _rel(h, h_r), _rel(xw, xw_r)
-        gu = torch.nn.functional.linear(xw, gate_up)
-        inv = (h, 1e-5)
-        y = gemv_silu_mul(gu, down, None, GemvConfig.parse("bn4_bk16_sk1_nx"), inv=inv)
-        out[tag + "_silu_inv"] = _rel(y, gemv_silu_mul_ref(gu, down, None, inv=inv))
-        normed, _ = fused_add_rms_norm_ref(torch.nn.functional.linear(x, w, b), res, nw, 1e-5)
-        out[tag + "_chain"] = _rel(y, gemv_silu_mul_ref(torch.nn.functional.linear(normed, gate_up), down))
-    return out
-
-
-SPLIT_NAMES = [f"split_norm_{d}_{c}" for d in ("float32", "float16") for c in ("h", "xw", "silu_inv", "chain")]
 NAMES = [c[0] for c in CASES] + [c[0] + "_residual" for c in CASES if c[1] == "norm"] + ["norm_relaunch_same"]
-NAMES += SPLIT_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +99,7 @@ def interpreted() -> dict:
 def test_fused_gemv_matches_ref(interpreted: dict, name: str) -> None:
     err = interpreted.get(name, "missing")
     assert isinstance(err, float), err
-    tol = 3e-3 if "f16" in name or "float16" in name else 1e-4
-    assert err < (2e-2 if name.endswith("chain") and "16" in name else tol), f"{name}: {err:.2e}"
+    assert err < (3e-3 if "f16" in name else 1e-4), f"{name}: {err:.2e}"
 
 
 def test_fast_ops_dispatch_cpu_is_unfused() -> None:

@@ -124,13 +124,10 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, PRELOAD: tl.constexpr = False,
-    r_ptr=None, nw_ptr=None, xw_ptr=None, ADD_NORM: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
     K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split.
-    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop.
-    ADD_NORM (one row, no split-K): the producer half of a split add + RMSNorm: y_ptr gets h = y + residual
-    (rounded as the fused add-norm rounds it), xw_ptr h * norm weight (the SiLU GEMV after gate_up takes the RMS)."""
+    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -146,11 +143,7 @@ def _gemv_kernel(
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
     if PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
         w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < K)[None, :], other=0.0)
-    if ADD_NORM:
-        nw = tl.load(nw_ptr + rows)  # a parameter: loaded before the wait
     pdl_begin(USE_PDL)
-    if ADD_NORM:  # the residual (an earlier kernel's output) after the wait
-        res = tl.load(r_ptr + rows)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -168,16 +161,8 @@ def _gemv_kernel(
         acc = _gemv_step(acc, x, w, USE_DOT)
     if not USE_DOT:
         acc = tl.sum(acc, axis=2)
-    if ADD_NORM:
-        out = tl.sum(acc, axis=0)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        h = (out.to(y_ptr.dtype.element_ty).to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs_n, h, mask=offs_n < N)
-        tl.store(xw_ptr + offs_n, (nw.to(tl.float32) * h.to(tl.float32)).to(h.dtype), mask=offs_n < N)
-    else:
-        gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
-                      HAS_BIAS, USE_SPLIT)
+    gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS, USE_SPLIT)
 # fmt: on
 
 
@@ -212,43 +197,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)
-
-
-def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                  norm_weight: torch.Tensor, config: GemvConfig | None = None):
-    """One row x [1, K] @ weight^T (+ bias), then the producer half of the add + RMSNorm after it:
-    (h = y + residual [1, N], xw = h * norm_weight [1, N]). No split-K."""
-    require_triton()
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    assert x2.shape[0] == 1 and residual.numel() == n and weight.stride(1) == 1 and x2.stride(-1) == 1
-    cfg = replace(config or gemv_config("w16", 1, n, k), split_k=1, use_dot=False)
-    h = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    xw = torch.empty_like(h)
-    use_pdl = pdl_enabled(x.device)
-    # fmt: off
-    _gemv_kernel[(_cdiv(n, cfg.block_n), 1)](
-        x2, weight, bias if bias is not None else weight, h, h, h,
-        1, n, k, _cdiv(k, cfg.block_k) * cfg.block_k, 1,
-        x2.stride(0), weight.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, USE_SPLIT=False, USE_DOT=False,
-        BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
-        PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
-        r_ptr=residual.reshape(-1), nw_ptr=norm_weight, xw_ptr=xw, ADD_NORM=True,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **cfg.launch_kwargs(),
-    )
-    # fmt: on
-    return h, xw
-
-
-def gemv_add_norm_ref(x, weight, bias, residual, norm_weight, config=None):
-    from quanta.kernels.split_norm import split_norm_ref
-
-    y = F.linear(x.reshape(1, -1).float(), weight.float(), None)[0]
-    h, xw, _ = split_norm_ref(y, residual.reshape(-1), norm_weight, 1, bias)
-    return h[None], xw[None]
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -98,13 +98,10 @@ def _gemv_prologue_kernel(
     NORM_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, NEXT: tl.constexpr = False, PRELOAD: tl.constexpr = False,
-    hn_ptr=None, n_norm=None, HN_BLOCK: tl.constexpr = 0,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT),
     with the input row(s) built on the fly by the prologue. x: [M, K] (norm) or [M, 2K] (SiLU: gate | up).
-    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx"). HN_BLOCK > 0 (SiLU, one row): gu
-    is gate_up applied to h * norm weight, h [n_norm] at hn_ptr: gate and up are scaled by rsqrt(mean(h^2) + eps)
-    first, taken before the PDL wait (h comes from the kernel before gate_up; gate_up is not a PDL launch)."""
+    NEXT: step k + 1's loads are issued before step k's math (config suffix "_nx")."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
@@ -122,14 +119,6 @@ def _gemv_prologue_kernel(
         pdl_prefetch_rows(w_rows, k_lo, k_hi, BLOCK_N, PF_LINE, PF_COLS)
     if PRELOAD:  # PDL: the first step's weight tile in flight before the wait (kernels/pdl.py)
         w_pre = tl.load(w_rows + (k_lo + offs_k)[None, :], mask=(k_lo + offs_k < k_hi)[None, :], other=0.0)
-    inv = 1.0  # unused without HN_BLOCK
-    if HN_BLOCK > 0:  # the split norm's inverse RMS from h (fp32 sum of squares, as kernels/rms_norm.py)
-        offs_h = tl.arange(0, HN_BLOCK)
-        hss = tl.zeros((HN_BLOCK,), dtype=tl.float32)
-        for h0 in range(0, n_norm, HN_BLOCK):
-            hv = tl.load(hn_ptr + h0 + offs_h, mask=h0 + offs_h < n_norm, other=0.0).to(tl.float32)
-            hss += hv * hv
-        inv = tl.rsqrt(tl.sum(hss, axis=0) / n_norm + eps)
     pdl_begin(USE_PDL)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PROLOGUE == 1:  # pass 1: each row's mean square of h = x + residual (rounded as the norm kernel does)
@@ -167,11 +156,7 @@ def _gemv_prologue_kernel(
             x = (c.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
         else:
             g = a.to(tl.float32)
-            if HN_BLOCK > 0:
-                g = g * inv
-                x = (g / (1.0 + tl.exp(-g)) * (b.to(tl.float32) * inv)).to(dtype)
-            else:
-                x = (g / (1.0 + tl.exp(-g)) * b.to(tl.float32)).to(dtype)
+            x = (g / (1.0 + tl.exp(-g)) * b.to(tl.float32)).to(dtype)
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w))
         else:
@@ -188,7 +173,7 @@ def _gemv_prologue_kernel(
 # fmt: on
 
 
-def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvConfig | None, inv=None):
+def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvConfig | None):
     require_triton()
     n, k = weight.shape
     m = x2.shape[0]
@@ -203,10 +188,6 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
     split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     r_arg = r2 if r2 is not None else x2
     use_pdl = pdl_enabled(x2.device)
-    inv_kwargs = {}
-    if inv is not None:  # (h, eps): a split norm's consumer (SiLU only)
-        h, eps = inv
-        inv_kwargs = dict(hn_ptr=h, n_norm=h.numel(), HN_BLOCK=min(next_pow2(h.numel()), 4096))
     # fmt: off
     _gemv_prologue_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x2, r_arg, nw if nw is not None else weight, res_out if res_out is not None else y, weight,
@@ -219,7 +200,7 @@ def _launch(prologue: int, x2, r2, nw, eps: float, weight, bias, config: GemvCon
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), NEXT=cfg.next_step, PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **cfg.launch_kwargs(), **inv_kwargs,
+        **cfg.launch_kwargs(),
     )
     # fmt: on
     return y, res_out
@@ -254,24 +235,17 @@ def gemv_add_rms_norm_ref(x, residual, norm_weight, eps, weight, bias=None, conf
 
 
 def gemv_silu_mul(
-    gu: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None,
-    inv: tuple | None = None,
+    gu: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: GemvConfig | None = None
 ) -> torch.Tensor:
-    """(SiLU(gu[..., :K]) * gu[..., K:]) @ weight^T (+ bias); gu: [..., 2K] with <= MAX_M rows, weight [N, K].
-    inv = (h, eps): gu is one row of gate_up(h * norm weight) (a split add + RMSNorm, kernels/gemv.py
-    gemv_add_norm), gate and up scaled by rsqrt(mean(h^2) + eps) before the SiLU."""
+    """(SiLU(gu[..., :K]) * gu[..., K:]) @ weight^T (+ bias); gu: [..., 2K] with <= MAX_M rows, weight [N, K]."""
     k = weight.shape[1]
     assert gu.shape[-1] == 2 * k, (gu.shape, weight.shape)
     x2 = gu.reshape(-1, 2 * k)
-    assert inv is None or x2.shape[0] == 1, "a split norm's consumer takes one row"
-    y, _ = _launch(PRO_SILU, x2, None, None, 0.0, weight, bias, config, inv)
+    y, _ = _launch(PRO_SILU, x2, None, None, 0.0, weight, bias, config)
     return y.view(*gu.shape[:-1], weight.shape[0])
 
 
-def gemv_silu_mul_ref(gu, weight, bias=None, config=None, inv=None):
+def gemv_silu_mul_ref(gu, weight, bias=None, config=None):
     from quanta.kernels.activation import silu_and_mul_ref
 
-    if inv is not None:
-        h = inv[0].float()
-        gu = (gu.float() * torch.rsqrt(h.pow(2).mean() + inv[1])).to(gu.dtype)
     return F.linear(silu_and_mul_ref(gu), weight, bias)

@@ -44,19 +44,18 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 # gone) but the consumers lose it: the qkv GEMV reading 512 partials per program took 8.78 us vs 6.71 (h200_s12c_tl).
 # With the producer triggering its consumer's launch at its start (447 tok/s), the consumer's waiting programs sat
 # beside the producer's K loops: the producer now triggers after its K loop.
+# The same for one 16-bit row (post_attention_layernorm: o_proj's skinny GEMV ending with h and h * w, cuBLAS gate_up
+# on h * w, the SiLU GEMV scaling by the inverse RMS; a488b65 / 3c0e2fd, reverted): H200, 1B batch 1, 1,089.8 /
+# 1,090.0 tok/s (partials after the wait) and 1,080.5 / 1,098.8 (RMS from h before the wait) vs 1,118.7-1,122.2
+# (h200_s14f_*, h200_s14i_*); PDL off it gained (1,006 vs 980): under PDL the norm launch is mostly hidden.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
-# One 16-bit row: o_proj's skinny GEMV ends with the residual add and h * norm weight (xw), cuBLAS gate_up reads xw,
-# and the SiLU -> down GEMV scales gate and up by rsqrt(mean(h^2) + eps) (exact in math: gate_up is linear), which
-# it computes from h before its PDL wait (h is two kernels back, gate_up not a PDL launch): no norm launch.
-# QUANTA_SPLIT_NORM_16.
-SPLIT_NORM_16 = envs.get("QUANTA_SPLIT_NORM_16")
 
 
 @dataclass
 class Prenormed:
     """A linear's output that its GEMV already added to the residual, half-normed for the next GEMV
     (kernels/split_norm.py): xw = h * norm.weight [1, K] (x planes of chunk `sub` for the asm GEMV, plain for 0),
-    parts the fp32 partial sums of h^2 (one a producer program); sub -1 (16-bit, SPLIT_NORM_16): parts is h."""
+    parts the fp32 partial sums of h^2 (one a producer program)."""
 
     xw: torch.Tensor
     parts: torch.Tensor
@@ -160,12 +159,6 @@ def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None, nxt=None
     itself end with the next decoder layer `nxt`'s residual add and split norm (then the result is a Prenormed)."""
     gate_up = mlp.gate_up_proj
     method = getattr(gate_up, "quant_method", None)
-    if isinstance(x, Prenormed) and x.sub < 0:  # 16-bit (linear_add_norm's _split16): x.parts is h
-        from quanta.kernels.gemv_fused import gemv_silu_mul
-
-        down = mlp.down_proj
-        gu = F.linear(x.xw, gate_up.weight)  # cuBLAS, not a PDL launch: the SiLU GEMV reads h before its wait
-        return gemv_silu_mul(gu, down.weight, down.bias, inv=(x.parts, x.eps)), residual
     if isinstance(x, Prenormed):
         act = (method.apply_silu(gate_up, x.xw, inv=x.inv) if x.sub == 0
                else method.apply_planes_silu(gate_up, x.xw, x.xw, inv=x.inv))
@@ -209,15 +202,10 @@ def _consumer_sub(linear, like: torch.Tensor, silu: bool) -> int | None:
 
 
 def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm, consumer, silu: bool,
-                    fallback=None, down=None) -> tuple:
+                    fallback=None) -> tuple:
     """(Prenormed for `consumer`, x' + residual) where `linear`'s one-row GEMV can end with the residual add and
     the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
-    silu, then `down`); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
-    if _split16(linear, x, residual, norm, consumer, silu, down):
-        from quanta.kernels.gemv import gemv_add_norm
-
-        h, xw = gemv_add_norm(x, linear.weight, linear.bias, residual, norm.weight)
-        return Prenormed(xw, h, norm.eps, -1), h.view(residual.shape)
+    silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
     method = getattr(linear, "quant_method", None)
     if (SPLIT_NORM and residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
             and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
@@ -226,16 +214,6 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
             h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub)
             return Prenormed(xw, parts, norm.eps, sub), h
     return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
-
-
-def _split16(linear, x, residual, norm, consumer, silu: bool, down) -> bool:
-    """SPLIT_NORM_16 for one 16-bit row: o_proj on the skinny GEMV, bias-free gate_up on cuBLAS, the SiLU GEMV."""
-    if not (SPLIT_NORM_16 and silu and down is not None and residual is not None and type(norm) is RMSNorm
-            and residual.numel() == residual.shape[-1] == linear.out_features and x.numel() == x.shape[-1]):
-        return False
-    gu_like = x.new_empty(1, 2 * down.in_features)
-    return (_fusable(linear, x, _gemv_linear_bytes(x)) and _fusable(consumer, residual, 1 << 62)
-            and consumer.bias is None and _fusable(down, gu_like, FUSED_SILU_MAX_BYTES))
 
 
 def _planes_sub(linear, x: torch.Tensor) -> int:
@@ -247,21 +225,16 @@ def _planes_sub(linear, x: torch.Tensor) -> int:
 
 def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
-    max_bytes = _gemv_linear_bytes(x)
+    max_bytes = GEMV_LINEAR_MAX_BYTES
+    if max_bytes < 0:  # unset: on with PDL
+        from quanta.kernels.pdl import pdl_enabled
+
+        max_bytes = GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
     if max_bytes and _fusable(linear, x, max_bytes):
         from quanta.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias)
     return linear(x)
-
-
-def _gemv_linear_bytes(x: torch.Tensor) -> int:
-    """Largest plain batch-1 projection (bytes) on the skinny GEMV: GEMV_LINEAR_MAX_BYTES, unset: on with PDL."""
-    if GEMV_LINEAR_MAX_BYTES >= 0:
-        return GEMV_LINEAR_MAX_BYTES
-    from quanta.kernels.pdl import pdl_enabled
-
-    return GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
 
 
 def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:

@@ -91,8 +91,7 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv, residual = fast_ops.norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
         hidden, residual = fast_ops.linear_add_norm(attn.o_proj, attn.attend_core(positions, qkv), residual,
-                                                    self.post_attention_layernorm, mlp.gate_up_proj, silu=True,
-                                                    down=mlp.down_proj)
+                                                    self.post_attention_layernorm, mlp.gate_up_proj, silu=True)
         nxt = self.next_layer[0] if self.next_layer else None
         return fast_ops.norm_mlp(self.post_attention_layernorm, mlp, hidden, residual, nxt)
 
