@@ -9,7 +9,8 @@ refactor that keeps them needs no new GPU run. Use the GPU machine's Triton (3.6
 It also prints the one-row int4 asm GEMV's (quantization/w_int_gemv_asm.py) over ASM_COMBOS, its default paths
 (no split norm), with only the arguments that tree's kernel has, so an older tree compiles too, and the one-launch
 decode attention's over DECODE_COMBOS (merge chunks as the launcher sizes them from MERGE_VALUES, env
-MERGE_VALUES to try others). Each line ends with the kernel's registers and stack bytes (ptxas spills).
+MERGE_VALUES to try others), and the 16-bit batch-1 GEMVs' over GEMV_COMBOS (kernels/gemv.py, gemv_fused.py). Each
+line ends with the kernel's registers and stack bytes (ptxas spills).
 """
 
 from __future__ import annotations
