@@ -9,8 +9,9 @@ refactor that keeps them needs no new GPU run. Use the GPU machine's Triton (3.6
 It also prints the one-row int4 asm GEMV's (quantization/w_int_gemv_asm.py) over ASM_COMBOS, its default paths
 (no split norm), with only the arguments that tree's kernel has, so an older tree compiles too, and the one-launch
 decode attention's over DECODE_COMBOS (merge chunks as the launcher sizes them from MERGE_VALUES, env
-MERGE_VALUES to try others), and the 16-bit batch-1 GEMVs' over GEMV_COMBOS (kernels/gemv.py, gemv_fused.py). Each
-line ends with the kernel's registers and stack bytes (ptxas spills).
+MERGE_VALUES to try others), the 16-bit batch-1 GEMVs' over GEMV_COMBOS (kernels/gemv.py, gemv_fused.py) and the
+three-launch decode's split kernel over SPLIT_COMBOS. Each line ends with the kernel's registers and stack bytes
+(ptxas spills).
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def _decode_fingerprints(triton, target, cuobjdump: str) -> None:
         print(f"decode HEAD_DIM={d} TILE_N={tile} warps={warps} PREFETCH={pf}: {_fingerprint(kernel, cuobjdump)}")
 
 
+# the three-launch decode's split kernel (kernels/paged_attention_decode.py, batch > 1): (HEAD_DIM, TILE_N, num_warps)
+SPLIT_COMBOS = [(128, 64, 4), (128, 64, 8), (128, 32, 4), (128, 16, 4), (64, 64, 4)]
+
+
+def _split_fingerprints(triton, target, cuobjdump: str) -> None:
+    from triton.compiler import ASTSource
+
+    from quanta.kernels.paged_attention_decode import _decode_split_kernel as kern
+
+    for d, tile, warps in SPLIT_COMBOS:
+        consts = dict(QUERIES_PER_KV=4, HAS_WINDOW=False, G_PAD=16, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_SIZE=16,
+                      TILE_N=tile, SINGLE_SPLIT=False, DOT_PREC="tf32")
+        sig = {n: "constexpr" if n in consts else "fp32" if n == "scale_log2" else
+               "*fp32" if n in ("part_out_ptr", "part_lse_ptr") else "*i32" if n in ("block_tables_ptr", "seq_lens_ptr",
+               "qsl_ptr") else "*bf16" if n.endswith("_ptr") else "i32" for n in kern.arg_names}
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=warps))
+        print(f"split decode HEAD_DIM={d} TILE_N={tile} warps={warps}: {_fingerprint(kernel, cuobjdump)}")
+
+
 # 16-bit GEMVs at batch 1 (kernels/gemv.py, gemv_fused.py; the 1B shapes' configs): (name, kernel, consts, num_warps)
 GEMV_COMBOS = [
     ("gemv bn4_bk2048 (o_proj)", "gemv", dict(BLOCK_N=4, BLOCK_K=2048), 4),
@@ -154,6 +174,7 @@ def main() -> None:
     _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _decode_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _gemv_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
+    _split_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
 
 
 if __name__ == "__main__":

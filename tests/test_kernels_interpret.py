@@ -33,6 +33,7 @@ DECODE_CASES = [
     ("decode_gqa2_split3", [(0, 1), (16, 1), (49, 1), (129, 1), (0, 0)], 4, 2, 32, 16, 3),
     ("decode_gqa4_split8_bs32", [(200, 1), (7, 1)], 8, 2, 16, 32, 8),
     ("decode_gqa3_d80_split2", [(95, 1), (31, 1)], 6, 2, 80, 16, 2),
+    ("decode_gqa4_tile32_split3", [(200, 1), (33, 1), (1, 1)], 8, 2, 32, 16, 3),  # QUANTA_DECODE_TILE_N=32
 ]
 # (name, seqs, num_heads, num_kv_heads, head_dim, block_size, window, decode num_splits or None = prefill)
 WINDOW_CASES = [
@@ -118,12 +119,16 @@ def _attention_checks(results: dict) -> None:
         n = b.num_real_tokens
         out = paged_attention_prefill(*args, m.max_query_len, scale)
         results[name] = rel_err(out[:n], paged_attention_ref(*args, scale)[:n])
+    from quanta.kernels import paged_attention_decode as pad
+
     for name, seqs, h, kh, d, bs, splits in DECODE_CASES:
         b = make_paged_batch(seqs, h, kh, d, bs, seed=len(name))
         m, scale = b.meta, d**-0.5
         kv_cache_write_ref(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping)
         args = (b.q, b.k_cache, b.v_cache, m.block_tables, m.seq_lens, m.query_start_loc)
+        pad.DECODE_TILE_N, tile_n = (32 if "tile32" in name else pad.DECODE_TILE_N), pad.DECODE_TILE_N
         out = paged_attention_decode(*args, m.max_seq_len, scale, num_splits=splits)
+        pad.DECODE_TILE_N = tile_n
         results[name] = rel_err(out, paged_attention_ref(*args, scale))
     for name, seqs, h, kh, d, bs, window, splits in WINDOW_CASES:
         b = make_paged_batch(seqs, h, kh, d, bs, seed=len(name))

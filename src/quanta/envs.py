@@ -70,6 +70,7 @@ _add("QUANTA_FUSED_DECODE_PREFETCH_BYTES", "8192", "int", "K / V tiles up to thi
 _add("QUANTA_DECODE_MIN_SPLIT_TOKENS", "128", "int", "keys a split of the three-launch decode reads, at least")
 _add("QUANTA_DECODE_MAX_SPLITS", "64", "int", "splits per (sequence, kv head) of the decode attention, at most")
 _add("QUANTA_DECODE_WARPS", "4", "int", "warps a program of the three-launch decode attention's split kernel")
+_add("QUANTA_DECODE_TILE_N", "64", "int", "keys a tile of the three-launch decode (head_dim > 128: half)")
 # programmatic dependent launch (kernels/pdl.py)
 _add("QUANTA_PDL", "1", "flag", "programmatic dependent launch of the decode kernels (sm_90+)")
 _add("QUANTA_PDL_PRELOAD", "1", "flag", "under PDL, kernels load weights / metadata before waiting")

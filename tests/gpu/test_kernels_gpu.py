@@ -74,13 +74,15 @@ def test_decode(shape, dtype, num_splits) -> None:
     assert rel_err(out, paged_attention_ref(*args, d**-0.5)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("warps", [8])
+@pytest.mark.parametrize("warps,tile_n", [(8, 64), (4, 32)])
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=_shape_id)
-def test_decode_warps(monkeypatch, shape, warps) -> None:
-    """QUANTA_DECODE_WARPS: the split kernel with more warps (no spills at head_dim 128) gives the same attention."""
+def test_decode_warps(monkeypatch, shape, warps, tile_n) -> None:
+    """QUANTA_DECODE_WARPS / _TILE_N: the split kernel with more warps or 32-key tiles (no spills at head_dim 128)
+    gives the same attention."""
     from quanta.kernels import paged_attention_decode as pad
 
     monkeypatch.setattr(pad, "DECODE_NUM_WARPS", warps)
+    monkeypatch.setattr(pad, "DECODE_TILE_N", tile_n)
     h, kh, d, bs = shape
     b = make_paged_batch([(15, 1), (511, 1), (2047, 1), (90, 1)], h, kh, d, bs, dtype=torch.bfloat16, device="cuda")
     m = b.meta

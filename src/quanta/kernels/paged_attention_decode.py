@@ -15,10 +15,11 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.paged_attention import LOG2E, _attend_tile, _check, _dot_precision, _head_dim_pad, _num_sms
 
 # Tunables (H100 first guesses; benchmarks/bench_kernels.py measures them).
-DECODE_TILE_N = 64
-# Offline (benchmarks/sass_sig.py style, Triton 3.6, sm_90): the split kernel at head_dim 128 takes 255 registers and
-# 264 bytes of stack (spills) at 4 warps, 250 and none at 8, yet slower at 8 (H200, 8B W4A16_AWQ batch 16: 5,387.8
-# vs 5,535.6 tok/s, h200_s14c_*; env QUANTA_DECODE_WARPS)
+# Offline (benchmarks/sass_sig.py SPLIT_COMBOS, Triton 3.6, sm_90): the split kernel at head_dim 128 takes 255
+# registers and 264 bytes of stack (spills) at 64-key tiles and 4 warps, 250 and none at 8 warps, yet slower at 8
+# (H200, 8B W4A16_AWQ batch 16: 5,387.8 vs 5,535.6 tok/s, h200_s14c_*); 244 and none at 32-key tiles, 4 warps (not
+# timed: env QUANTA_DECODE_TILE_N=32).
+DECODE_TILE_N = envs.get("QUANTA_DECODE_TILE_N")
 DECODE_NUM_WARPS = envs.get("QUANTA_DECODE_WARPS")
 DECODE_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_DECODE_MIN_SPLIT_TOKENS")  # keys a split reads, at least
 DECODE_MAX_SPLITS = envs.get("QUANTA_DECODE_MAX_SPLITS")  # splits per (sequence, kv head), at most
