@@ -73,7 +73,8 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
 
 
 # one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
-DECODE_COMBOS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 0), (64, 256, 8, 0), (128, 64, 4, 0), (128, 64, 8, 0), (128, 32, 4, 0)]
+DECODE_COMBOS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 0), (64, 256, 8, 0), (128, 64, 4, 0), (128, 64, 8, 0), (128, 32, 4, 0),
+                 (128, 32, 4, 1)]
 _DECODE_PTRS = dict(cnt_ptr="*i32", part_out_ptr="*fp32", part_lse_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",
                     block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32")
 
