@@ -57,16 +57,14 @@ FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
 # Keys a tile (head_dim > 128: half as many) and warps a program. A tile is a split's unit, so a sequence of at most
 # one tile is one split whose keys all load before the PDL wait. H200, batch 1, tok/s (h200_s13e_*): 1B 64 keys, 4
 # warps 1,118.3 / 1,119.9; 256 keys, 8 warps 1,104.3 / 1,109.9; 128, 4 warps 1,084.1; 128, 8 warps 1,063.1; 8B
-# W4A16_AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (benchmarks/sass_sig.py: Triton 3.6, sm_90) the 1B
-# kernel takes 255 registers and 248 bytes of stack (spills) with the double buffer, none without it, 225 registers
-# and none at 8 warps; the 8B's (head_dim 128) 255 + 616 bytes at 4 warps, 250 and none at 8. H200 batch 1 (h200_s14a):
-# 8B W4A16_AWQ 8 warps 480.3 / 479.9 / 480.7 tok/s vs 4 warps 475.3 / 476.0; 1B 8 warps 1,097.5 vs 1,122.7 / 1,125.6.
+# AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (sass_sig.py) the 1B kernel takes 255 registers + 248 bytes
+# of stack (spills; none without the double buffer, none at 8 warps), the 8B's (head_dim 128) 255 + 616 at 4 warps,
+# none at 8: H200 batch 1 (h200_s14a) 8B AWQ 480.3 / 479.9 / 480.7 tok/s at 8 vs 475.3 / 476.0; 1B 1,097.5 vs 1,122.7.
 FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
 FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
 
 
-def fused_num_warps(head_dim_pad: int) -> int:
-    """Warps a program of the one-launch decode: QUANTA_FUSED_DECODE_WARPS, or (0) 4 up to head_dim 64, else 8."""
+def fused_num_warps(head_dim_pad: int) -> int:  # QUANTA_FUSED_DECODE_WARPS, or (0) 4 up to head_dim 64, else 8
     return FUSED_NUM_WARPS or (4 if head_dim_pad <= 64 else 8)
 
 
