@@ -26,7 +26,8 @@ import tempfile
 
 # (NT, TN, KW, PF, PX, GROUP, USE_PDL, ACT)
 COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0, 128, 1, 0), (1, 2, 2, 1, 0, 128, 1, 1),
-          (2, 2, 2, 0, 0, 128, 0, 0), (1, 1, 4, 1, 1, 64, 0, 0), (2, 2, 4, 0, 1, 64, 1, 1)]
+          (2, 2, 2, 0, 0, 128, 0, 0), (1, 1, 4, 1, 1, 64, 0, 0), (2, 2, 4, 0, 1, 64, 1, 1), (2, 1, 16, 0, 1, 128, 1, 0),
+          (2, 1, 16, 1, 0, 128, 1, 0)]
 _PTRS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr"]
 _INTS = ["M", "N", "G", "stride_xm", "stride_sn", "stride_zn", "stride_ym"]
 _CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX"]
@@ -74,7 +75,7 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
 
 # one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
 DECODE_COMBOS = [(64, 64, 4, 1), (64, 64, 8, 1), (64, 64, 4, 0), (64, 256, 8, 0), (128, 64, 4, 0), (128, 64, 8, 0), (128, 32, 4, 0),
-                 (128, 32, 4, 1)]
+                 (128, 32, 4, 1), (64, 32, 4, 1), (64, 16, 4, 1), (64, 32, 2, 1), (128, 16, 4, 1)]
 _DECODE_PTRS = dict(cnt_ptr="*i32", part_out_ptr="*fp32", part_lse_ptr="*fp32", pos_ptr="*i64", slot_ptr="*i64",
                     block_tables_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32")
 
@@ -119,6 +120,9 @@ def _split_fingerprints(triton, target, cuobjdump: str) -> None:
 # 16-bit GEMVs at batch 1 (kernels/gemv.py, gemv_fused.py; the 1B shapes' configs): (name, kernel, consts, num_warps)
 GEMV_COMBOS = [
     ("gemv bn4_bk2048 (o_proj)", "gemv", dict(BLOCK_N=4, BLOCK_K=2048), 4),
+    ("gemv bn8_bk2048", "gemv", dict(BLOCK_N=8, BLOCK_K=2048), 4),
+    ("gemv bn4_bk2048_r128", "gemv", dict(BLOCK_N=4, BLOCK_K=2048, maxnreg=128), 4),
+    ("gemv bn2_bk2048", "gemv", dict(BLOCK_N=2, BLOCK_K=2048), 4),
     ("silu bn4_bk1024_nx_s1", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True), 4),
     ("norm bn4_bk512_nx", "fused", dict(PROLOGUE=1, HAS_RES=True, BLOCK_N=4, BLOCK_K=512, NEXT=True, NORM_BLOCK=2048), 4),
 ]
@@ -135,12 +139,12 @@ def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
         consts = dict(HAS_BIAS=False, USE_SPLIT=False, USE_DOT=False, BLOCK_M=1, USE_PDL=True, PREFETCH=True,
                       PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16)
         consts.update(extra)
+        opts = dict(num_warps=warps, num_stages=1, **({"maxnreg": extra["maxnreg"]} if "maxnreg" in extra else {}))
         consts = {n: v for n, v in consts.items() if n in kern.arg_names}
         sig = {n: "constexpr" if n in consts else "*fp32" if n == "ws_ptr" else
                "*i32" if n == "cnt_ptr" else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
                for n in kern.arg_names}
-        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target,
-                                options=dict(num_warps=warps, num_stages=1))
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=opts)
         print(f"{name}: {_fingerprint(kernel, cuobjdump)}")
 
 
