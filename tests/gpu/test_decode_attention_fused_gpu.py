@@ -71,11 +71,11 @@ def test_fused_decode_graph_bound(seqs) -> None:
     assert isinstance(err, float) and err < 1e-2, err
 
 
-@pytest.mark.parametrize("tile_n,warps", [(64, 8), (128, 4), (256, 8)])
+@pytest.mark.parametrize("tile_n,warps", [(64, 8), (128, 4), (256, 8), (32, 4), (16, 4)])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=_shape_id)
 def test_fused_decode_big_tiles(monkeypatch, shape, tile_n, warps) -> None:
     """QUANTA_FUSED_DECODE_TILE_N / _WARPS: bigger tiles (a short sequence one split, all its keys loaded before
-    the PDL wait), at the graph bound and with given splits."""
+    the PDL wait) and smaller ones (fewer registers), at the graph bound and with given splits."""
     from quanta.kernels import decode_attention_fused as daf
 
     monkeypatch.setattr(daf, "FUSED_TILE_N", tile_n)
