@@ -85,9 +85,9 @@ for part in "$@"; do
     envab) i=0; for spec in ${ENV_RUNS:-1b:bf16:QUANTA_PDL=0 1b:bf16:QUANTA_PDL=1}; do IFS=: read -r mdl qa ev <<< "$spec"
         cfg=$C/llama-3.2-1b.json; [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"
         i=$((i+1)); echo "$spec"
-        if [[ $qa == *x16 ]]; then  # "awqx16" / "bf16x16": decode tok/s of 16 sequences (bench_quant.py)
-          p=${qa%x16}
-          env ${ev//,/ } timeout 200 python benchmarks/bench_quant.py --config "$cfg" --parts $p --measures batch16 --calib-batches 8 --json "$OUT/envab_${i}_${mdl}_${qa}.json" 2>&1 | grep -E "^(bf16|W4A16)" | tail -1
+        if [[ $qa == *x* ]]; then  # "awqx16" / "bf16x4": decode tok/s of 16 / 4 sequences (bench_quant.py)
+          p=${qa%x*}
+          env ${ev//,/ } timeout 200 python benchmarks/bench_quant.py --config "$cfg" --parts $p --measures batch${qa#*x} --calib-batches 8 --json "$OUT/envab_${i}_${mdl}_${qa}.json" 2>&1 | grep -E "^(bf16|W4A16)" | tail -1
         else env ${ev//,/ } timeout 150 python -m quanta.cli bench latency "$cfg" $q --json "$OUT/envab_${i}_${mdl}_${qa}.json" 2>&1 | grep -v Calibrating | tail -1; fi; done ;;
     # 1B throughput (TP_REQ requests, 128 / 128), the tree in .carry/old vs this one, same machine
     tpold) for tree in old new; do src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "1b throughput $tree"

@@ -46,7 +46,7 @@ LOW_PRECISION_CASES = [
 BACKEND_CHECKS = ["backend_forward_decode", "backend_forward_rope_decode"]
 LOW_PRECISION = {"padding_slot_fp16", *(c[0] for c in LOW_PRECISION_CASES)}
 CHECK_NAMES = [c[0] for c in CASES] + [c[0] for c in LOW_PRECISION_CASES] + ["padding_slot_fp16", "merge_chunked",
-                                                                              "tile256", *BACKEND_CHECKS]
+                                                                              "tile256", "one_seq_tile16", *BACKEND_CHECKS]
 
 
 def decode_batch(seqs, h, kh, d, bs, dtype, device, seed, pad_last_slot=False):
@@ -153,8 +153,11 @@ def child_main() -> None:
     daf.MERGE_VALUES, merge_values = 4 * 64, daf.MERGE_VALUES  # the merge in chunks of one split: n round trips
     results["merge_chunked"] = fused_check(([(400, 1), (90, 1)], 8, 2, 64, 16, 6, None, "rope"))
     daf.MERGE_VALUES = merge_values
-    daf.FUSED_TILE_N, tile_n = 256, daf.FUSED_TILE_N  # big tiles: <= 256 keys one split (+ a 2-tile split merge)
+    daf.MANY, many = (256, 4, 0), daf.MANY  # big tiles: <= 256 keys one split (+ a 2-tile split merge)
     results["tile256"] = fused_check(([(200, 1), (256, 1), (700, 1), (1, 1)], 8, 2, 64, 16, 6, None, "rope"))
+    daf.MANY = many
+    daf.FUSED_TILE_N, tile_n = 16, daf.FUSED_TILE_N  # one sequence, 16-key tiles: many tiles a split
+    results["one_seq_tile16"] = fused_check(([(300, 1)], 8, 2, 64, 16, 6, None, "rope"))
     daf.FUSED_TILE_N = tile_n
     pad_case = ([(129, 1), (20, 1), (0, 1)], 8, 2, 64, 16, 4, None, "rope")
     results["padding_slot_fp16"] = fused_check(pad_case, dtype=torch.float16, pad_last_slot=True)
@@ -179,6 +182,21 @@ def test_decode_fused_matches_ref(interpreted: dict, name: str) -> None:
     err = interpreted[name]
     assert isinstance(err, float), err
     assert err < (1e-2 if name in LOW_PRECISION else TOL), f"{name}: relative error {err:.2e}"
+
+
+def test_launch_shape(monkeypatch) -> None:
+    """One sequence: FUSED_TILE_N keys, warps by head dim, double buffer up to PREFETCH_TILE_BYTES; several: MANY."""
+    from quanta.kernels import decode_attention_fused as daf
+
+    for name, value in (("FUSED_TILE_N", 64), ("FUSED_NUM_WARPS", 0), ("PREFETCH_TILE_BYTES", 8192),
+                        ("MANY", (32, 4, 4096))):
+        monkeypatch.setattr(daf, name, value)
+    assert daf.launch_shape(64, 1, 2) == (64, 4, True)
+    assert daf.launch_shape(128, 1, 2) == (64, 8, False)
+    assert daf.launch_shape(256, 1, 2) == (32, 8, False)
+    assert daf.launch_shape(64, 16, 2) == (32, 4, True)
+    assert daf.launch_shape(128, 2, 2) == (32, 4, False)
+    assert daf.launch_shape(128, 16, 4) == (32, 4, False)
 
 
 def test_fused_num_warps(monkeypatch) -> None:

@@ -61,7 +61,8 @@ _add("QUANTA_API_KEY", "", "str", "`quanta serve`'s API key when --api-key is no
 _add("QUANTA_OVERLAP", "0", "flag", "overlap scheduling on a CPU too (always on for CUDA; builder.py)")
 # attention
 _add("QUANTA_FUSED_DECODE", "1", "flag", "one-launch decode attention (kernels/decode_attention_fused.py)")
-_add("QUANTA_FUSED_DECODE_MAX_SEQS", "1", "int", "decode batches of up to this many sequences take it")
+_add("QUANTA_FUSED_DECODE_MAX_SEQS", "16", "int", "decode batches of up to this many sequences take it")
+_add("QUANTA_FUSED_DECODE_MANY", "32,4,4096", "str", "its launches of several sequences: 'tile keys,warps,prefetch bytes'")
 _add("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS", "64", "int", "keys a split of the one-launch decode reads, at least")
 _add("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS", "128", "int", "sequences up to this long are one split")
 _add("QUANTA_FUSED_DECODE_TILE_N", "64", "int", "keys a tile of the one-launch decode (head_dim > 128: half)")
@@ -88,7 +89,7 @@ _add("QUANTA_GEMV_LMHEAD", "0", "flag", "the batch-1 lm_head on the skinny GEMV"
 _add("QUANTA_BENCH_FLUSH", "write", "choice", "how GEMV benchmarks evict L2", ("write", "read"))
 # weight-only int kernels (quantization/w_int_*.py, kernels/gemv_config.py)
 _add("QUANTA_INT_GEMV_ASM", "1", "flag", "the inline-PTX int4 GEMV at one row (sm_90)")
-_add("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1", "str", "its config")
+_add("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1_nx", "str", "its config")
 _add("QUANTA_INT_GEMV_ASM_CONFIG_LONG", "bn8_bk1024_sk1_w4_s1_nx", "str", "its config for K >= 8192")
 _add("QUANTA_INT_GEMV_ASM_SHAPES", "", "str", "per-shape configs: 'NxK=config;...'")
 _add("QUANTA_INT_GEMV_PLANES", "1", "flag", "the norm writes x planes for the int4 asm GEMV")

@@ -20,8 +20,9 @@ from quanta.kernels.rotary import rotary_kv_cache_write
 class TritonBackend:
     name = "triton"
     # NOTE: False = the three-launch decode path (cache write, split kernel, reduce kernel), for A/B timing
-    # (env QUANTA_FUSED_DECODE=0). The one-launch kernel is measured only at small batches (H200, Llama-3.2-1B
-    # batch 1: 1.067 vs 1.080 ms/step), so it runs there; larger decode batches keep the three-launch path.
+    # (env QUANTA_FUSED_DECODE=0). The one-launch kernel is measured up to 16 sequences (H200: Llama-3.2-1B batch 1
+    # 1.067 vs 1.080 ms/step; 8B batch 16 +2%, kernels/decode_attention_fused.py), so it runs there; larger decode
+    # batches keep the three-launch path.
     fused_decode: bool = envs.get("QUANTA_FUSED_DECODE")
     fused_decode_max_seqs: int = envs.get("QUANTA_FUSED_DECODE_MAX_SEQS")
 

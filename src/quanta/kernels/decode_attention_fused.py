@@ -45,27 +45,32 @@ from quanta.kernels.paged_attention_decode import decode_num_splits
 from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noqa: F401 (the twin lives there)
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
-# A K (and a V) tile of at most this many bytes is double-buffered: the next tile loads during this one's dots
-# (64 keys x head_dim 64 x 16-bit; 8B's head_dim 128 tiles are not). H200, 1B bf16 batch 1, 1,116.9 / 1,122.3 tok/s
-# vs 1,072.2 / 1,084.3 with 0 (never; benchmarks/results/h200_s13f_*)
+# Launch settings (H200 measurements: benchmarks/RESULTS.md, sessions 7, 13-15). A K / V tile of <= PREFETCH_TILE_BYTES
+# is double-buffered (1B batch 1: 1,116.9 / 1,122.3 tok/s vs 1,072.2 / 1,084.3 never). A split reads >=
+# FUSED_MIN_TOKENS_PER_SPLIT keys; a sequence of <= FUSED_ONE_SPLIT_TOKENS is one split (8B, 192 / 256 keys: 64 a
+# split 8.1 / 8.3 us vs 128 a split 9.3 / 9.6). One sequence: FUSED_TILE_N keys a tile (head_dim > 128: half), 4
+# warps up to head_dim 64, else 8 (4 spill 616 bytes at 128: 8B AWQ 480.3 / 479.9 vs 475.3 / 476.0; 1B at 8: 1,097.5
+# vs 1,122.7; 32- / 16-key tiles at 4 warps: 1B 1,070.6 / 1,063.3 vs 1,114.6, 8B AWQ 458.2 / 449.3 vs 480.8).
+# Several sequences, MANY = (tile keys, warps, prefetch bytes): 32 keys, 4 warps (244 registers at head_dim 128, no
+# spills): 8B batch 16 AWQ 5,633.6 / 5,668.3 vs 5,536.5 / 5,526.3 on the three-launch path, bf16 3,333.8 vs 3,323.1.
 PREFETCH_TILE_BYTES = envs.get("QUANTA_FUSED_DECODE_PREFETCH_BYTES")
-# Keys a split reads at least, and the length up to which one split reads them all. H200, batch 1, us a launch
-# (bench_decode_fused.py, benchmarks/results/h200_s7c_decode_fused_*): 8B shape at 192 / 256 / 1,024 keys, 64 a
-# split 8.1 / 8.3 / 9.2 vs 128 a split 9.3 / 9.6 / 10.2; at 128 keys one split 6.9 vs two 7.9 (1B: 5.2 vs 6.5).
 FUSED_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS")
 FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
-# Keys a tile (head_dim > 128: half as many) and warps a program. A tile is a split's unit, so a sequence of at most
-# one tile is one split whose keys all load before the PDL wait. H200, batch 1, tok/s (h200_s13e_*): 1B 64 keys, 4
-# warps 1,118.3 / 1,119.9; 256 keys, 8 warps 1,104.3 / 1,109.9; 128, 4 warps 1,084.1; 128, 8 warps 1,063.1; 8B
-# AWQ 476.1 vs 412.8 (256 / 8: 128-key tiles). Offline (sass_sig.py) the 1B kernel takes 255 registers + 248 bytes
-# of stack (spills; none without the double buffer, none at 8 warps), the 8B's (head_dim 128) 255 + 616 at 4 warps,
-# none at 8: H200 batch 1 (h200_s14a) 8B AWQ 480.3 / 479.9 / 480.7 tok/s at 8 vs 475.3 / 476.0; 1B 1,097.5 vs 1,122.7.
 FUSED_TILE_N = envs.get("QUANTA_FUSED_DECODE_TILE_N")
 FUSED_NUM_WARPS = envs.get("QUANTA_FUSED_DECODE_WARPS")
+MANY = tuple(int(v) for v in envs.get("QUANTA_FUSED_DECODE_MANY").split(","))
 
 
 def fused_num_warps(head_dim_pad: int) -> int:  # QUANTA_FUSED_DECODE_WARPS, or (0) 4 up to head_dim 64, else 8
     return FUSED_NUM_WARPS or (4 if head_dim_pad <= 64 else 8)
+
+
+def launch_shape(head_dim_pad: int, num_seqs: int, elt: int) -> tuple[int, int, bool]:
+    """(keys a tile, warps, double-buffered) of a launch over num_seqs sequences of elt-byte K / V."""
+    one = (FUSED_TILE_N, fused_num_warps(head_dim_pad), PREFETCH_TILE_BYTES)
+    tile_n, warps, pf_bytes = one if num_seqs == 1 else MANY
+    tile_n = tile_n if head_dim_pad <= 128 else tile_n // 2
+    return tile_n, warps, tile_n * head_dim_pad * elt <= pf_bytes
 
 
 # The split merge loads [query heads of a kv head, splits, head_dim] partials of at most this many fp32 values at once
@@ -321,7 +326,6 @@ def _decode_fused_kernel(
 # fmt: on
 
 
-# ------------------------------------------------------------------ per-(sequence, kv head) counters
 def decode_counters(device: torch.device, n: int) -> torch.Tensor | None:
     """Zeroed int32 counters (>= n) for the split decode kernel (kernels/counters.py)."""
     return zeroed_counters("decode_attention", device, n)
@@ -362,7 +366,7 @@ def decode_attention_fused(
         assert 2 * cos_cache.shape[-1] == head_dim, "full rotary only (kernels/rotary.py covers partial rotary)"
         assert cos_cache.stride(-1) == 1 and sin_cache.stride(-1) == 1
     d_pad = _head_dim_pad(head_dim)
-    tile_n = FUSED_TILE_N if d_pad <= 128 else FUSED_TILE_N // 2
+    tile_n, warps, prefetch = launch_shape(d_pad, num_seqs, k_cache.element_size())
     if num_splits is None:
         span = max_seq_len if window is None else min(max_seq_len, window + tile_n)
         num_splits = decode_num_splits(num_seqs, num_kv_heads, span, _num_sms(q.device), FUSED_MIN_TOKENS_PER_SPLIT)
@@ -392,9 +396,8 @@ def decode_attention_fused(
         ONE_SPLIT_TILES=FUSED_ONE_SPLIT_TOKENS // tile_n,
         HAS_WINDOW=window is not None, WRITE_KV=write_kv, HAS_ROPE=rope is not None,
         MULTI_SPLIT=num_splits > 1, DOT_PREC=_dot_precision(q.dtype),
-        PREFETCH=tile_n * d_pad * k_cache.element_size() <= PREFETCH_TILE_BYTES, USE_PDL=use_pdl,
-        PDL_PRELOAD=use_pdl and preload_enabled(),
-        num_warps=fused_num_warps(d_pad), **pdl_launch_kwargs(use_pdl),
+        PREFETCH=prefetch, USE_PDL=use_pdl, PDL_PRELOAD=use_pdl and preload_enabled(),
+        num_warps=warps, **pdl_launch_kwargs(use_pdl),
     )
     # fmt: on
     return out

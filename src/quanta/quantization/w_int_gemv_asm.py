@@ -18,8 +18,8 @@ shuffle, no barrier). sm_90 only (mul.bf16x2). Static SASS of the K loop (sm_90,
 instructions a weight (bn8_bk1024 3.4; with zero points and planes 3.2) against ~7 for the byte kernel.
 
 Same grid, split-K epilogue and CUDA-graph safety as kernels/gemv.py. The twin is w_int_kernel.w_int_linear_ref.
-ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off). Configs (config_for): bn8_bk1024
-without split-K, "_nx" (the next step's words and scales in registers) for K >= 8192, bn4_bk1024 "_xp" with planes;
+ON by default for one row on sm_90 (env QUANTA_INT_GEMV_ASM=0 turns it off). Configs (config_for):
+bn8_bk1024 without split-K, "_nx" (the next step's words and scales in registers), bn4_bk1024 "_xp" with planes;
 QUANTA_INT_GEMV_ASM_CONFIG[_LONG|_SHAPES] / QUANTA_INT_GEMV_PLANES[_CONFIG] override. Measured on an H200 (8B, W4A16_AWQ
 batch 1, tok/s, bf16 in the same call): fifth session 387.4 (bf16 217.4; byte kernel 308.3), sixth session 397.4
 with the split / _nx defaults and 406.8 with planes (bf16 213.8); bench_int_gemv.py (reading L2 flush, zero points)
@@ -45,7 +45,9 @@ from quanta.kernels.split_norm import add_norm_store, inv_rms
 
 ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
-# on the 8B o_proj (9.3 vs 10.7 us) and gained nowhere (benchmarks/results/h200_s6c_int_gemv_8b_read.json)
+# on the 8B o_proj (9.3 vs 10.7 us) and gained nowhere (benchmarks/results/h200_s6c_int_gemv_8b_read.json). "_nx"
+# (two K steps in flight a program; isolated slower, sixth session): under PDL the 8B o_proj gains, W4A16_AWQ batch 1
+# 489.6 vs 481.2 tok/s (bn8_bk2048 487.0; H200, benchmarks/results/h200_s15c_*)
 ASM_CONFIG = envs.get("QUANTA_INT_GEMV_ASM_CONFIG")
 # K >= LONG_K (8B down_proj: 14 steps a program): the next step's words in registers ("_nx"): 18.2 vs 19.0 us
 ASM_CONFIG_LONG = envs.get("QUANTA_INT_GEMV_ASM_CONFIG_LONG")
