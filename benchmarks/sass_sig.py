@@ -31,8 +31,9 @@ COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0
 _PTRS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr"]
 _INTS = ["M", "N", "G", "stride_xm", "stride_sn", "stride_zn", "stride_ym"]
 _CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX"]
-# asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL)
-ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0)]
+# asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL[, BLOCK_N, BLOCK_K]; default 4 with planes else 8, 1024)
+ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0), (0, 0, 0, 1, 8, 2048),
+              (0, 0, 0, 1, 8, 4096), (0, 0, 0, 1, 4, 4096), (0, 1, 0, 1, 8, 2048)]
 _ASM_PTRS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                  cnt_ptr="*i32")
 _ASM_INTS = ["M", "N", "K", "K_PAD", "K_SPLIT", "num_splits", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
@@ -61,16 +62,18 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
     from quanta.quantization import w_int_gemv_asm
     from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel as kern
 
-    for xp, nx, act, pdl in ASM_COMBOS:
+    for xp, nx, act, pdl, *blocks in ASM_COMBOS:
+        bn, bk = blocks or (4 if xp else 8, 1024)
         consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
-                      PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=4 if xp else 8,
-                      BLOCK_K=1024, STAGES=1, NEXT=bool(nx), TMA=False, XPLANES=bool(xp), ACT_OUT=bool(act),
+                      PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=bn,
+                      BLOCK_K=bk, STAGES=1, NEXT=bool(nx), TMA=False, XPLANES=bool(xp), ACT_OUT=bool(act),
                       USE_PDL=bool(pdl), PRELOAD=bool(pdl))
         names = [n for n in kern.arg_names if n in _ASM_PTRS or n in consts or n in _ASM_INTS]
         sig = {n: "constexpr" if n in consts else _ASM_PTRS.get(n, "i32") for n in names}
         sig["x_ptr"] = "*i32" if xp else "*bf16"
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
-        print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}: {_fingerprint(kernel, cuobjdump)}")
+        size = f" bn{bn}_bk{bk}" if blocks else ""
+        print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}{size}: {_fingerprint(kernel, cuobjdump)}")
 
 
 # one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
