@@ -73,3 +73,20 @@ def test_overlap_scheduler_equals_sync(tmp_path):
             results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason)
                             for o in llm.generate(prompts, params, use_tqdm=False)])
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_packed_inputs_equal(monkeypatch, tmp_path, overlap):
+    """QUANTA_PACKED_INPUTS (two uploads a step, the block table only when it changed; CUDA graphs read the
+    packed layout) == one buffer per input: mixed lengths, stop tokens, graph and eager steps."""
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts(24, 512)
+    params = [SamplingParams(max_tokens=1 + (i * 5) % 41, stop_token_ids=[7, 11]) for i in range(len(prompts))]
+    results = []
+    for packed in ("0", "1"):
+        monkeypatch.setenv("QUANTA_PACKED_INPUTS", packed)
+        with LLM(str(path), skip_tokenizer_init=True, dtype="float32", disable_overlap_scheduler=not overlap) as llm:
+            assert llm.engine.runner.buffers.packed == (packed == "1")
+            results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                            for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert results[0] == results[1]

@@ -56,17 +56,14 @@ class CudaGraphRunner:
     def bucket(self, num_seqs: int) -> int:
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        b = self.buffers
-        return AttentionMetadata(
-            slot_mapping=b.slot_mapping[:bs], block_tables=b.block_tables[:bs], seq_lens=b.seq_lens[:bs],
-            query_start_loc=b.query_start_loc[: bs + 1], max_query_len=1, max_seq_len=self.max_seq_len,
-        )
-
     def _body(self, bs: int) -> torch.Tensor:
+        """The model on the input buffers' views of a bs-sequence decode step (the layout build(pad_to=bs) fills)."""
         b = self.buffers
-        with forward_context(self._meta(bs), self.backend):
-            return self.model(b.input_ids[:bs], b.positions[:bs])
+        ids, pos, slots, _, lens, qsl = b.views(bs, bs)
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=b.block_tables[:bs], seq_lens=lens,
+                                 query_start_loc=qsl, max_query_len=1, max_seq_len=self.max_seq_len)
+        with forward_context(meta, self.backend):
+            return self.model(ids, pos)
 
     def _head(self, bs: int, hidden: torch.Tensor) -> None:
         self.logits[bs] = self.model.compute_logits(hidden, float32=False)
@@ -75,18 +72,12 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        b = self.buffers
         n = self.max_batch_size
-        b.input_ids[:n].zero_()
-        b.positions[:n].zero_()
-        b.slot_mapping[:n].fill_(-1)
-        b.block_tables[:n].zero_()
-        b.seq_lens[:n].fill_(1)
-        b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, dtype=torch.int32))
         pool = torch.cuda.graph_pool_handle()
         ctx = self.lora_ctx
         was_active = ctx.active if ctx is not None else False
         for bs in reversed(self.batch_sizes):
+            self.buffers.fill_dummy(bs)
             if ctx is not None:
                 ctx.active = True  # warm up and capture with the LoRA kernels (grids cover any grouping)
             self.model.compute_logits(self._body(bs), float32=False)  # warm up: Triton compiles, cuBLAS picks

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quanta import envs
 from quanta.attention.metadata import AttentionMetadata
 from quanta.engine.scheduler import SchedulerOutput
 
@@ -24,10 +25,18 @@ class ForwardBatch:
 
 
 class InputBuffers:
-    """Persistent step-input buffers (device) with pinned host staging, sized for the engine limits."""
+    """Persistent step-input buffers (device) with pinned host staging, sized for the engine limits.
 
-    def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device):
+    packed (env QUANTA_PACKED_INPUTS): a step's ids, positions, slots and logits indices lie back to back in one
+    int64 buffer (n each for n tokens: [ids | positions | slots | logits indices]) and its sequence lengths and
+    query starts in one int32 buffer, so a step uploads them in two copies instead of six; the block table is
+    uploaded only when its live part changed. The layout depends on the step's sizes, so a CUDA graph captured at
+    batch size bs reads `views(bs)`, the layout its replays upload. Off: one buffer per input (the twin)."""
+
+    def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device,
+                 packed: bool | None = None):
         self.device = device
+        self.packed = envs.get("QUANTA_PACKED_INPUTS") if packed is None else packed
         pin = device.type == "cuda"
         t, b = max_num_tokens, max_batch_size
 
@@ -35,13 +44,44 @@ class InputBuffers:
             host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
             return host, (torch.zeros(shape, dtype=dtype, device=device) if pin else host)
 
+        self.h_tables, self.block_tables = pair((b, max_blocks_per_seq), torch.int32)
+        if self.packed:
+            self.h_flat, self.flat = pair(3 * t + b, torch.int64)
+            self.h_flat32, self.flat32 = pair(2 * b + 1, torch.int32)
+            self.uploaded_tables = np.full((b, max_blocks_per_seq), -1, dtype=np.int32)  # what the device holds
+            return
         self.h_ids, self.input_ids = pair(t, torch.int64)
         self.h_pos, self.positions = pair(t, torch.int64)
         self.h_slots, self.slot_mapping = pair(t, torch.int64)
-        self.h_tables, self.block_tables = pair((b, max_blocks_per_seq), torch.int32)
         self.h_seq_lens, self.seq_lens = pair(b, torch.int32)
         self.h_qsl, self.query_start_loc = pair(b + 1, torch.int32)
         self.h_logits_idx, self.logits_indices = pair(b, torch.int64)
+
+    def views(self, n: int, s: int, r: int = 0, host: bool = False):
+        """(ids, positions, slots, logits indices, seq_lens, query_start_loc) of a step of n tokens, s sequences
+        and r sampling rows: the host staging (host) or the device buffers."""
+        if self.packed:
+            f, f32 = (self.h_flat, self.h_flat32) if host else (self.flat, self.flat32)
+            return f[:n], f[n : 2 * n], f[2 * n : 3 * n], f[3 * n : 3 * n + r], f32[:s], f32[s : 2 * s + 1]
+        if host:
+            bufs = (self.h_ids, self.h_pos, self.h_slots, self.h_logits_idx, self.h_seq_lens, self.h_qsl)
+        else:
+            bufs = (self.input_ids, self.positions, self.slot_mapping, self.logits_indices, self.seq_lens,
+                    self.query_start_loc)
+        return bufs[0][:n], bufs[1][:n], bufs[2][:n], bufs[3][:r], bufs[4][:s], bufs[5][: s + 1]
+
+    def fill_dummy(self, bs: int) -> None:
+        """Inert decode inputs for bs sequences (CUDA graph warm-up and capture): token 0 at position 0, no
+        cache write (slot -1), one key in block 0."""
+        ids, pos, slots, _, lens, qsl = self.views(bs, bs)
+        ids.zero_()
+        pos.zero_()
+        slots.fill_(-1)
+        self.block_tables[:bs].zero_()
+        lens.fill_(1)
+        qsl.copy_(torch.arange(bs + 1, dtype=torch.int32))
+        if self.packed:
+            self.uploaded_tables[:bs] = 0
 
     def build(self, out: SchedulerOutput, block_size: int, pad_to: int = 0) -> ForwardBatch:
         """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows.
@@ -88,37 +128,51 @@ class InputBuffers:
             lens_l += [1] * extra
             qsl_l += range(num_tokens + 1, pad_to + 1)
             num_tokens = num_seqs = pad_to
-        self.h_ids.numpy()[:num_tokens] = ids_l
-        self.h_pos.numpy()[:num_tokens] = pos_l
-        self.h_slots.numpy()[:num_tokens] = slot_l
-        self.h_seq_lens.numpy()[:num_seqs] = lens_l
-        self.h_qsl.numpy()[: num_seqs + 1] = qsl_l
-        self.h_logits_idx.numpy()[: len(logits_idx)] = logits_idx
+        h_ids, h_pos, h_slots, h_logits, h_lens, h_qsl = self.views(num_tokens, num_seqs, len(logits_idx), host=True)
+        h_ids.numpy()[:] = ids_l
+        h_pos.numpy()[:] = pos_l
+        h_slots.numpy()[:] = slot_l
+        h_lens.numpy()[:] = lens_l
+        h_qsl.numpy()[:] = qsl_l
+        h_logits.numpy()[:] = logits_idx
         return self._upload(num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows)
 
+    def stale_tables(self, s: int, max_blocks: int) -> bool:
+        """packed: whether the block table's live part differs from what the device holds; if so it is noted as
+        uploaded (the caller copies it)."""
+        live, done = self.h_tables.numpy()[:s, :max_blocks], self.uploaded_tables[:s, :max_blocks]
+        if np.array_equal(live, done):
+            return False
+        done[:] = live
+        return True
+
     def _upload(self, num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows) -> ForwardBatch:
-        nb = dict(non_blocking=True)
+        n, s, r = num_tokens, num_seqs, len(sample_rows)
         if self.device.type == "cuda":
-            self.input_ids[:num_tokens].copy_(self.h_ids[:num_tokens], **nb)
-            self.positions[:num_tokens].copy_(self.h_pos[:num_tokens], **nb)
-            self.slot_mapping[:num_tokens].copy_(self.h_slots[:num_tokens], **nb)
-            self.block_tables[:num_seqs, :max_blocks].copy_(self.h_tables[:num_seqs, :max_blocks], **nb)
-            self.seq_lens[:num_seqs].copy_(self.h_seq_lens[:num_seqs], **nb)
-            self.query_start_loc[: num_seqs + 1].copy_(self.h_qsl[: num_seqs + 1], **nb)
-            self.logits_indices[: len(sample_rows)].copy_(self.h_logits_idx[: len(sample_rows)], **nb)
+            nb = dict(non_blocking=True)
+            if self.packed:  # two copies, and the block table only when its live part changed
+                self.flat[: 3 * n + r].copy_(self.h_flat[: 3 * n + r], **nb)
+                self.flat32[: 2 * s + 1].copy_(self.h_flat32[: 2 * s + 1], **nb)
+                if self.stale_tables(s, max_blocks):
+                    self.block_tables[:s, :max_blocks].copy_(self.h_tables[:s, :max_blocks], **nb)
+            else:
+                for dst, src in zip(self.views(n, s, r), self.views(n, s, r, host=True)):
+                    dst.copy_(src, **nb)
+                self.block_tables[:s, :max_blocks].copy_(self.h_tables[:s, :max_blocks], **nb)
+        ids, pos, slots, logits_idx, lens, qsl = self.views(n, s, r)
         meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            block_tables=self.block_tables[:num_seqs, :max_blocks],
-            seq_lens=self.seq_lens[:num_seqs],
-            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            slot_mapping=slots,
+            block_tables=self.block_tables[:s, :max_blocks],
+            seq_lens=lens,
+            query_start_loc=qsl,
             max_query_len=max_q,
             max_seq_len=max_s,
         )
         return ForwardBatch(
-            input_ids=self.input_ids[:num_tokens],
-            positions=self.positions[:num_tokens],
+            input_ids=ids,
+            positions=pos,
             meta=meta,
-            logits_indices=self.logits_indices[: len(sample_rows)],
+            logits_indices=logits_idx,
             sample_rows=sample_rows,
             num_tokens=num_tokens,
             num_seqs=num_seqs,

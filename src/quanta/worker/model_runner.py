@@ -166,7 +166,7 @@ class ModelRunner:
         self._copy_blocks(out)
         graph_bs = self._graph_bucket(out)
         batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
-        feed_pending_inputs(out, batch.token_offsets, self.buffers.input_ids, prev)
+        feed_pending_inputs(out, batch.token_offsets, batch.input_ids, prev)
         if self.lora is not None:
             self.lora.prepare(out.scheduled, batch.num_tokens)
         if self.device.type == "cuda":
