@@ -21,6 +21,14 @@ def test_busy_gaps_and_overlap():
     assert summarize([], steps=1) == "no kernel events in the trace"
 
 
+def test_copies_count_as_gpu_work():
+    ev = [dict(ph="X", cat="gpu_memcpy", name="Memcpy HtoD (Pinned -> Device)", ts=0, dur=2),
+          dict(ph="X", cat="kernel", name="gemv", ts=3, dur=5)]
+    out = summarize(ev, steps=1)
+    assert out.startswith("kernels: 1 + copies / memsets: 1 (2 a step); wall 8.0 us a step, busy 7.0, idle gaps 1.0")
+    assert any(line.startswith("Memcpy HtoD (Pinned -> Device)") for line in out.splitlines())
+
+
 def test_grids_listed_apart():
     ev = [dict(ph="X", cat="kernel", name="gemv", ts=0, dur=4, args={"grid": [768, 1, 1]}),
           dict(ph="X", cat="kernel", name="gemv", ts=5, dur=2, args={"grid": [512, 1, 1]})]
