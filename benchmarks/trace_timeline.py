@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
