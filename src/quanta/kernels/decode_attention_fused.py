@@ -4,13 +4,12 @@ over the paged cache and the log-sum-exp merge of the splits, all in `_decode_fu
 Grid (num_seqs, num_kv_heads, num_splits); num_splits comes from host values only (under CUDA graphs from the
 model's max length), so the grid is graph-safe. Every program derives the same split plan from the device-side
 seq_len: each non-empty split reads at least FUSED_MIN_TOKENS_PER_SPLIT keys (a sequence of at most
-FUSED_ONE_SPLIT_TOKENS keys: one split, its tiles in turn, no merge), so a short sequence has only
-`n_eff` non-empty splits and the programs past them return at once. n_eff == 1: split 0 writes the output
-directly (no partials, no atomics). Otherwise each split stores its partial (out, lse), syncs its threads and
-bumps a per-(sequence, kv head) counter with an acq_rel atomic; the program that arrives last (count n_eff - 1)
-merges the partials (the log-sum-exp merge of `_decode_reduce_kernel`, done online a chunk of splits at a time so
-the usual few splits take one round trip; read with .cg: L2, not a stale L1), stores the
-output and resets the counter. Counters are zeroed once and every launch leaves them at 0: no memset.
+FUSED_ONE_SPLIT_TOKENS keys: one split, its tiles in turn, no merge), so a short sequence has only `n_eff` non-empty
+splits and the programs past them return at once. n_eff == 1: split 0 writes the output directly (no partials, no
+atomics). Otherwise each split stores its partial (out, lse), syncs its threads and bumps a per-(sequence, kv head)
+counter with an acq_rel atomic; the program that arrives last (count n_eff - 1) merges the partials (the log-sum-exp
+merge of `_decode_reduce_kernel`, online a chunk of splits at a time so the usual few splits take one round trip;
+read with .cg: L2, not a stale L1), stores the output and resets the counter (zeroed once, left at 0: no memset).
 
 Order: at short contexts the time is a chain of dependent global-memory round trips, not bytes, so each step
 issues everything that needs only the one before: (1) qsl[seq], qsl[seq + 1] and seq_lens[seq] together; programs
@@ -29,7 +28,6 @@ not from the cache, so the tile loads neither wait for the store nor need a barr
 tile. Slot < 0 (padding): no write, and the row is what the cache holds (as in the twin). q is rotated in
 registers only: the q tensor is left as it is. Rotary is full-rotary neox style with the conventions of
 kernels/rotary.py (cos/sin rows picked by `positions[token]`, rounded once to the input dtype).
-
 Twin: decode_attention_fused_ref = apply_rotary_emb_ref + kv_cache_write_ref + paged_attention_ref.
 """
 
@@ -45,14 +43,13 @@ from quanta.kernels.paged_attention_decode import decode_num_splits
 from quanta.kernels.paged_attention_ref import decode_attention_fused_ref  # noqa: F401 (the twin lives there)
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs, preload_enabled
 
-# Launch settings (H200 measurements: benchmarks/RESULTS.md, sessions 7, 13-15). A K / V tile of <= PREFETCH_TILE_BYTES
-# is double-buffered (1B batch 1: 1,116.9 / 1,122.3 tok/s vs 1,072.2 / 1,084.3 never). A split reads >=
-# FUSED_MIN_TOKENS_PER_SPLIT keys; a sequence of <= FUSED_ONE_SPLIT_TOKENS is one split (8B, 192 / 256 keys: 64 a
-# split 8.1 / 8.3 us vs 128 a split 9.3 / 9.6). One sequence: FUSED_TILE_N keys a tile (head_dim > 128: half), 4
-# warps up to head_dim 64, else 8 (4 spill 616 bytes at 128: 8B AWQ 480.3 / 479.9 vs 475.3 / 476.0; 1B at 8: 1,097.5
-# vs 1,122.7; 32- / 16-key tiles at 4 warps: 1B 1,070.6 / 1,063.3 vs 1,114.6, 8B AWQ 458.2 / 449.3 vs 480.8).
-# Several sequences, MANY = (tile keys, warps, prefetch bytes): 32 keys, 4 warps (244 registers at head_dim 128, no
-# spills): 8B batch 16 AWQ 5,633.6 / 5,668.3 vs 5,536.5 / 5,526.3 on the three-launch path, bf16 3,333.8 vs 3,323.1.
+# Launch settings (H200, benchmarks/RESULTS.md sessions 7, 13-15). K / V tiles of <= PREFETCH_TILE_BYTES are double-
+# buffered (1B batch 1 1,116.9 / 1,122.3 tok/s vs 1,072.2 / 1,084.3 never). A split reads >= FUSED_MIN_TOKENS_PER_SPLIT
+# keys, a sequence of <= FUSED_ONE_SPLIT_TOKENS is one split. One sequence: FUSED_TILE_N keys a tile (head_dim > 128:
+# half), 4 warps up to head_dim 64, else 8 (4 spill at 128: 8B AWQ 480.3 / 479.9 vs 475.3 / 476.0; 1B at 8: 1,097.5
+# vs 1,122.7; 32- / 16-key tiles: 1B 1,070.6 / 1,063.3 vs 1,114.6, 8B AWQ 458.2 / 449.3 vs 480.8). Several, MANY =
+# (tile keys, warps, prefetch bytes): 32, 4 (244 registers at head_dim 128, no spills): 8B batch 16 AWQ 5,633.6 /
+# 5,668.3 vs 5,536.5 / 5,526.3 on the three-launch path, bf16 3,333.8 vs 3,323.1.
 PREFETCH_TILE_BYTES = envs.get("QUANTA_FUSED_DECODE_PREFETCH_BYTES")
 FUSED_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS")
 FUSED_ONE_SPLIT_TOKENS = envs.get("QUANTA_FUSED_DECODE_ONE_SPLIT_TOKENS")
