@@ -60,3 +60,24 @@ def test_packed_inputs_same_tokens(monkeypatch, stories_path, overlap) -> None:
             outs = llm.generate(PROMPTS, params, use_tqdm=False) + llm.generate(STORY_STARTS, stops, use_tqdm=False)
             res[packed] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
     assert res["0"] == res["1"]
+
+
+def test_joint_greedy_copy() -> None:
+    """The fused greedy kernel's ids and logprobs share one int64 buffer; the host ring copies it once and reads
+    both back at their offsets (graph outputs are sliced to the sampling rows)."""
+    from quanta.worker.pending import HostRing, joint_base
+
+    r, n = 4, 3
+    both = torch.zeros(2 * r, dtype=torch.int64)
+    ids, lps = both[:r], both[r:].view(torch.float32)[:r]
+    ids.copy_(torch.tensor([5, 7, 11, 13]))
+    lps.copy_(torch.tensor([-0.5, -1.25, -2.0, -3.5]))
+    base = joint_base(ids[:n], lps[:n])
+    assert base.data_ptr() == both.data_ptr() and base.numel() == 2 * r
+    assert joint_base(ids.clone(), lps) is None and joint_base(ids, lps.clone()) is None
+    ring = HostRing(8, torch.device("cpu"))
+    for _ in range(3):  # both buffers of the ring, then the first again
+        host_ids, host_lps, event = ring.copy_out(ids[:n], lps[:n])
+        assert event is None and host_ids[:n].tolist() == [5, 7, 11] and host_lps[:n].tolist() == [-0.5, -1.25, -2.0]
+    host_ids, host_lps, _ = ring.copy_out(torch.tensor([1, 2]), torch.tensor([-1.0, -2.0]))  # two copies
+    assert host_ids[:2].tolist() == [1, 2] and host_lps[:2].tolist() == [-1.0, -2.0]

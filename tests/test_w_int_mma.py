@@ -58,8 +58,8 @@ def test_rows_and_configs():
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
     # down / o at 16 rows: one tile a program, x and words prefetched; qkv (384 tiles > 2 x 132 SMs) words only
-    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8, prefetch=False, xprefetch=True)
-    assert w_int_mma.config_for(16, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False, xprefetch=True)
+    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8, xprefetch=True)
+    assert w_int_mma.config_for(16, 4096, 4096) == MmaConfig(tiles=1, warps=8, xprefetch=True)
     assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=8)
     assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
 

@@ -63,8 +63,8 @@ def greedy_sample_fused(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     part_m = torch.empty(r, n, dtype=torch.float32, device=dev)
     part_i = torch.empty(r, n, dtype=torch.int32, device=dev)
     part_s = torch.empty(r, n, dtype=torch.float32, device=dev)
-    ids = torch.empty(r, dtype=torch.int64, device=dev)
-    lps = torch.empty(r, dtype=torch.float32, device=dev)
+    both = torch.empty(2 * r, dtype=torch.int64, device=dev)  # ids, then the logprobs: one device -> host copy
+    ids, lps = both[:r], both[r:].view(torch.float32)[:r]  # (worker/pending.py joint_base)
     if r == 0:
         return ids, lps
     _greedy_chunk_kernel[(r, n)](logits, part_m, part_i, part_s, v, logits.stride(0), n, CHUNK=CHUNK, num_warps=8)

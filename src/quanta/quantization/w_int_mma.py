@@ -150,13 +150,14 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # 8B W4A16_AWQ batch 16: 5,394.7 vs 5,237.6 tok/s, h200_s11b). At 9-16 rows each warp's next group's x loads
     # with its words ("_px", 98 registers instead of 80) where the grid's 8-warp programs fit at ~2 an SM (down / o,
     # not qkv's 384 tiles): 16 rows down 21.9 vs 25.1 us, o 12.0 vs 12.5, qkv 18.0 vs 13.4; engine batch 16
-    # 5,547.0 vs 5,423.7 / 5,407.2 tok/s (bf16 3,310.6, h200_s11c)
+    # 5,547.0 vs 5,423.7 / 5,407.2 tok/s (bf16 3,310.6, h200_s11c); and the words' prefetch kept beside it
+    # ("t1_w8_px"): 5,749.7 vs 5,686.4 (t1_w8_np_px, sixteenth session, h200_s16b; fifteenth: 5,595.2 vs 5,530.7)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     from quanta.kernels.gemv_config import num_sms
 
     fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-    return MmaConfig(tiles=1, warps=8, prefetch=not fits, xprefetch=fits)
+    return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=fits)
 
 
 @functools.lru_cache(maxsize=8)

@@ -21,7 +21,7 @@ from quanta.sampling.types import SamplingRow
 from quanta.worker import kv_transfer
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
 from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
-from quanta.worker.pending import HostRing, PendingStep, feed_pending_inputs
+from quanta.worker.pending import HostRing, PendingStep, feed_pending_inputs, joint_base, joint_views
 
 
 @dataclass
@@ -148,7 +148,9 @@ class ModelRunner:
         if plain:  # argmax only: skip the sampler
             n = len(seqs)
             ids, lps = (greedy[0][:n], greedy[1][:n]) if greedy is not None else fast_ops.greedy_sample(logits)
-            token_ids, lps = (t.tolist() for t in _to_host([ids, lps]))
+            base = joint_base(ids, lps) if ids.is_cuda else None  # the fused greedy's ids + logprobs: one copy
+            host = joint_views(_to_host([base])[0], ids, lps) if base is not None else _to_host([ids, lps])
+            token_ids, lps = (t.tolist() for t in host)
             result.sampled_seqs, result.sampled_token_ids, result.sampled_logprobs = seqs, token_ids, lps
             result.logprobs, result.generation_logits = [None] * n, [None] * n
             return result

@@ -48,27 +48,47 @@ class PendingStep:
         return result
 
 
+def joint_base(ids: torch.Tensor, lps: torch.Tensor) -> torch.Tensor | None:
+    """The int64 buffer (a whole storage) that ids (int64) and lps (float32) both lie in (the fused greedy
+    kernel's output: ids, then the logprobs' bits), so that one copy brings both to the host; else None."""
+    st = ids.untyped_storage()
+    ok = (ids.dtype == torch.int64 and lps.dtype == torch.float32 and ids.is_contiguous() and lps.is_contiguous()
+          and lps.untyped_storage().data_ptr() == st.data_ptr() and st.nbytes() % 8 == 0)
+    return torch.empty(0, dtype=torch.int64, device=ids.device).set_(st, 0, (st.nbytes() // 8,)) if ok else None
+
+
+def joint_views(host: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids / lps read from `host`, an int64 copy of their joint_base (same offsets)."""
+    n, i, j = ids.shape[0], ids.storage_offset(), lps.storage_offset()
+    return host[i : i + n], host.view(torch.float32)[j : j + n]
+
+
 class HostRing:
-    """Two pinned (ids, logprobs) buffer pairs used in turn: a step's copy never overwrites the pair the
-    engine has yet to read (the previous step's)."""
+    """Two pinned (ids, logprobs) buffers used in turn: a step's copy never overwrites the one the engine has
+    yet to read (the previous step's). Each is int64 [2 * size]: ids in the first half, or a copy of the fused
+    greedy kernel's joint buffer (one device -> host copy a step instead of two)."""
 
     def __init__(self, size: int, device: torch.device):
         pin = device.type == "cuda"
-        self.bufs = [(torch.zeros(size, dtype=torch.int64, pin_memory=pin),
-                      torch.zeros(size, dtype=torch.float32, pin_memory=pin)) for _ in range(2)]
+        self.size = size
+        self.bufs = [torch.zeros(2 * size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.turn = 0
         self.device = device
 
     def copy_out(self, ids: torch.Tensor, lps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        host_ids, host_lps = self.bufs[self.turn]
+        buf = self.bufs[self.turn]
         self.turn ^= 1
-        n = ids.shape[0]
-        if self.device.type != "cuda":
-            host_ids[:n].copy_(ids)
-            host_lps[:n].copy_(lps)
+        n, cuda = ids.shape[0], self.device.type == "cuda"
+        base = joint_base(ids, lps)
+        if base is not None and base.numel() <= buf.numel():
+            buf[: base.numel()].copy_(base, non_blocking=cuda)
+            host_ids, host_lps = joint_views(buf, ids, lps)
+        else:
+            host_ids, host_lps = buf[: self.size], buf[self.size :].view(torch.float32)[: self.size]
+            host_ids[:n].copy_(ids, non_blocking=cuda)
+            host_lps[:n].copy_(lps.float(), non_blocking=cuda)
+        if not cuda:
             return host_ids, host_lps, None
-        host_ids[:n].copy_(ids, non_blocking=True)
-        host_lps[:n].copy_(lps.float(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return host_ids, host_lps, event
