@@ -19,7 +19,10 @@ def test_packed_views_layout() -> None:
     assert [t.numel() for t in (ids, pos, slots, logits, lens, qsl)] == [n, n, n, r, s, s + 1]
     starts = [t.data_ptr() for t in (ids, pos, slots, logits)]
     assert starts == [b.flat.data_ptr() + 8 * k * n for k in range(4)]  # back to back, n int64 each
+    assert lens.data_ptr() == b.flat.data_ptr() + 8 * (3 * n + s)  # int32 after n * 3 + s int64 words: one copy
     assert qsl.data_ptr() == lens.data_ptr() + 4 * s
+    top = b.flat.data_ptr() + 8 * b.flat.numel()
+    assert b.views(64, 8, 8)[5].data_ptr() + 4 * 9 <= top  # the largest step fits
     # a CUDA graph of batch size bs reads views(bs, bs): the same storage as a padded step of bs sequences
     bs = 4
     graph = b.views(bs, bs)

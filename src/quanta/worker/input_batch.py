@@ -27,11 +27,11 @@ class ForwardBatch:
 class InputBuffers:
     """Persistent step-input buffers (device) with pinned host staging, sized for the engine limits.
 
-    packed (env QUANTA_PACKED_INPUTS): a step's ids, positions, slots and logits indices lie back to back in one
-    int64 buffer (n each for n tokens: [ids | positions | slots | logits indices]) and its sequence lengths and
-    query starts in one int32 buffer, so a step uploads them in two copies instead of six; the block table is
-    uploaded only when its live part changed. The layout depends on the step's sizes, so a CUDA graph captured at
-    batch size bs reads `views(bs)`, the layout its replays upload. Off: one buffer per input (the twin)."""
+    packed (env QUANTA_PACKED_INPUTS, default on): a step of n tokens and s sequences lays out its inputs back
+    to back in one int64 buffer, [ids n | positions n | slots n | logits indices (<= s, s reserved)], then its
+    sequence lengths and query starts as int32 (s + s + 1), so a step uploads them in one copy instead of six;
+    the block table is uploaded only when its live part changed. The layout depends on n and s, so a CUDA graph
+    captured at batch size bs reads `views(bs, bs)`, the layout its replays upload. Off: one buffer per input."""
 
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device,
                  packed: bool | None = None):
@@ -46,8 +46,7 @@ class InputBuffers:
 
         self.h_tables, self.block_tables = pair((b, max_blocks_per_seq), torch.int32)
         if self.packed:
-            self.h_flat, self.flat = pair(3 * t + b, torch.int64)
-            self.h_flat32, self.flat32 = pair(2 * b + 1, torch.int32)
+            self.h_flat, self.flat = pair(3 * t + 2 * b + 1, torch.int64)
             self.uploaded_tables = np.full((b, max_blocks_per_seq), -1, dtype=np.int32)  # what the device holds
             return
         self.h_ids, self.input_ids = pair(t, torch.int64)
@@ -61,7 +60,8 @@ class InputBuffers:
         """(ids, positions, slots, logits indices, seq_lens, query_start_loc) of a step of n tokens, s sequences
         and r sampling rows: the host staging (host) or the device buffers."""
         if self.packed:
-            f, f32 = (self.h_flat, self.h_flat32) if host else (self.flat, self.flat32)
+            f = self.h_flat if host else self.flat
+            f32 = f.view(torch.int32)[2 * (3 * n + s) :]  # the int32 part, after the int64 one
             return f[:n], f[n : 2 * n], f[2 * n : 3 * n], f[3 * n : 3 * n + r], f32[:s], f32[s : 2 * s + 1]
         if host:
             bufs = (self.h_ids, self.h_pos, self.h_slots, self.h_logits_idx, self.h_seq_lens, self.h_qsl)
@@ -150,9 +150,9 @@ class InputBuffers:
         n, s, r = num_tokens, num_seqs, len(sample_rows)
         if self.device.type == "cuda":
             nb = dict(non_blocking=True)
-            if self.packed:  # two copies, and the block table only when its live part changed
-                self.flat[: 3 * n + r].copy_(self.h_flat[: 3 * n + r], **nb)
-                self.flat32[: 2 * s + 1].copy_(self.h_flat32[: 2 * s + 1], **nb)
+            if self.packed:  # one copy, and the block table only when its live part changed
+                m = 3 * n + s + s + 1  # int64 words up to the last query start
+                self.flat[:m].copy_(self.h_flat[:m], **nb)
                 if self.stale_tables(s, max_blocks):
                     self.block_tables[:s, :max_blocks].copy_(self.h_tables[:s, :max_blocks], **nb)
             else:
