@@ -5,7 +5,9 @@ occupancy, warp stall reasons, DRAM throughput), e.g. (gpu_round.sh ncu):
         --section Occupancy --section WarpStateStats python benchmarks/ncu_int_gemv.py
 
 Cases (default all): mma16 (qkv, o, gate_up and down at 16 rows, the mma GEMV's default configs), silu1 (gate_up +
-SiLU at one row), asm1 (qkv, o and down at one row, the asm GEMV). Each runs twice (the first launch compiles)."""
+SiLU at one row), asm1 (qkv, o and down at one row, the asm GEMV). Each runs twice (the first launch compiles).
+--variants t2_w8_px,t4_w8_px: mma16 also on these configs (x read once a program for 2 / 4 tiles: its L1 / L2 load
+traffic against the default's, e.g. `NCU_ARGS="--cases mma16 --variants t2_w8_px,t4_w8_px" gpu_round.sh ncu`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="mma16,silu1,asm1")
+    ap.add_argument("--variants", default="", help="mma16 also on these configs (comma-separated, e.g. t2_w8_px)")
     a = ap.parse_args()
     from quanta.quantization import w_int_mma
     from quanta.quantization.w_int_kernel import w_int_linear
@@ -37,9 +40,11 @@ def main() -> None:
         if case == "mma16":
             for (packed, scale, zero), k in ((qkv, 4096), (o, 4096), (gate_up, 4096), (down, 14336)):
                 words, x = w_int_mma.mma_pack(packed, group), torch.randn(16, k, device=dev).bfloat16()
-                cfg = w_int_mma.config_for(16, packed.shape[0], k)
-                runs.append((f"mma16 N={packed.shape[0]} {cfg}",
-                             partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg)))
+                cfgs = [w_int_mma.config_for(16, packed.shape[0], k)]
+                cfgs += [w_int_mma.MmaConfig.parse(v) for v in a.variants.split(",") if v]
+                for cfg in cfgs:
+                    runs.append((f"mma16 N={packed.shape[0]} {cfg}",
+                                 partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg)))
         elif case == "silu1":
             packed, scale, zero = gate_up
             words, x = w_int_mma.mma_pack(packed, group), torch.randn(1, 4096, device=dev).bfloat16()
