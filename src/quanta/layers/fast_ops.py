@@ -223,7 +223,8 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
                     fallback=None) -> tuple:
     """(Prenormed for `consumer`, x' + residual) where `linear`'s one-row GEMV can end with the residual add and
     the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
-    silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
+    silu; NORM_TAIL: the whole norm, a done Prenormed); (Normed, x' + residual) where GEMV_ADD_NORM's 16-bit GEMV
+    does the add + norm; else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
     method = getattr(linear, "quant_method", None)
     if ((SPLIT_NORM or NORM_TAIL) and residual is not None and type(norm) is RMSNorm
             and type(linear) in (Linear, MergedLinear) and hasattr(method, "split_norm_producer")
