@@ -5,18 +5,11 @@ TRITON_INTERPRET must be set before triton is imported, so the kernel checks run
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
 
 # (name, prologue, M, N, K, residual, bias, dtype, config)
 CASES = [
@@ -84,15 +77,9 @@ NAMES = [c[0] for c in CASES] + [c[0] + "_residual" for c in CASES if c[1] == "n
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from .interpret import run_interpreted  # (this file also runs as the child script)
+
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", NAMES)

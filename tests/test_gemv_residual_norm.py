@@ -5,17 +5,11 @@ TRITON_INTERPRET must be set before triton is imported, so the kernel checks run
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SRC = Path(__file__).resolve().parent.parent / "src"
 
 # (name, M, N, K, bias, dtype, config): N past one norm chunk (1024) and not a multiple of block_n
 CASES = [
@@ -65,15 +59,9 @@ NAMES = [f"{c[0]}_{rep}{h}" for c in CASES for rep in (0, 1) for h in ("", "_h")
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from .interpret import run_interpreted  # (this file also runs as the child script)
+
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,17 +7,14 @@ the pytest side only launches it once and asserts on each entry.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
 TOL = 1e-3
 
 # (name, seqs as (cached prefix, new tokens), num_heads, num_kv_heads, head_dim, block_size, pad_tokens)
@@ -279,15 +276,9 @@ def _run_all() -> dict:
 # ---------------------------------------------------------------- parent side (pytest)
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(SRC)) if p)
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from .interpret import run_interpreted  # (this file also runs as the child script)
+
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", CHECK_NAMES)

@@ -4,8 +4,6 @@ it, and the engine's next-token distributions with it on and off."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -39,33 +37,22 @@ def test_residual_norm_equals_ref(n, k, bias, dtype):
 def test_engine_add_norm_same_distributions(tmp_path, monkeypatch):
     """A bf16 engine at batch 1 (CUDA graphs, PDL) with o_proj's GEMV doing the add + norm gives the same next-token
     distributions as with the norm launch (top-8 logprobs while the greedy tokens agree)."""
+    from dist_compare import compare_steps, count_inits, tiny_llama
+
     from quanta.layers import fast_ops
     from quanta.llmapi import LLM, SamplingParams
 
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
-               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
-               max_position_embeddings=512, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
-    path = tmp_path / "llama-1024.json"
-    path.write_text(json.dumps(cfg))
+    path = tiny_llama(tmp_path)
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=8)
     monkeypatch.setattr(fast_ops, "FUSED_NORM_MAX_BYTES", 0)  # gate_up after an unfused norm, as the 1B's
     monkeypatch.setattr(fast_ops, "GEMV_LINEAR_MAX_BYTES", 48 << 20)  # o_proj on the skinny GEMV with PDL or not
-    calls = []
-    real = fast_ops.Normed.__init__
-
-    def counting(self, *a, **kw):
-        calls.append(1)
-        real(self, *a, **kw)
-
-    monkeypatch.setattr(fast_ops.Normed, "__init__", counting)
+    calls = count_inits(monkeypatch, fast_ops.Normed)
     runs = []
     for on in (True, False):
         monkeypatch.setattr(fast_ops, "GEMV_ADD_NORM", on)
-        with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16") as llm:
+        with LLM(path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16") as llm:
             runs.append(llm.generate([1, 17, 42, 99, 7], params).outputs[0])
         if on:
             assert calls, "the GEMV's add + norm never ran"
-    from dist_compare import compare_steps
-
     steps, worst = compare_steps(*runs)
     assert steps >= 5 and worst < 0.05, (steps, worst)

@@ -5,8 +5,6 @@ program (QUANTA_NORM_TAIL) against the norm kernel, and the engine with it on an
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -136,35 +134,24 @@ def test_engine_split_norm_same_distributions(tmp_path, monkeypatch, mma, tail):
     """A W4A16 engine at batch 1 (CUDA graphs) with the add + norms split across the GEMVs gives the same next-token
     distributions as with the norm launches (top-8 logprobs while the greedy tokens agree); gate_up on the mma SiLU
     GEMV (plain xw) or the asm SiLU epilogue (x planes)."""
+    from dist_compare import compare_steps, count_inits, tiny_llama
+
     from quanta.layers import fast_ops
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
     from quanta.quantization import w_int_mma
 
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
-               num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
-               max_position_embeddings=512, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
-    path = tmp_path / "llama-1024.json"
-    path.write_text(json.dumps(cfg))
+    path = tiny_llama(tmp_path)
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=8)
     if not mma:
         monkeypatch.setattr(w_int_mma, "SILU_ROWS", (0, -1))
-    calls = []
-    real = fast_ops.Prenormed.__init__
-
-    def counting(self, *a, **kw):
-        calls.append(1)
-        real(self, *a, **kw)
-
-    monkeypatch.setattr(fast_ops.Prenormed, "__init__", counting)
+    calls = count_inits(monkeypatch, fast_ops.Prenormed)
     runs = []
     for on in (True, False):
         monkeypatch.setattr(fast_ops, "NORM_TAIL" if tail else "SPLIT_NORM", on)
-        with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+        with LLM(path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                  quant_config=QuantConfig(quant_algo="W4A16")) as llm:
             runs.append(llm.generate([1, 17, 42, 99, 7], params).outputs[0])
         if on:
             assert calls, "the split norm never ran"
-    from dist_compare import compare_steps
-
     steps, worst = compare_steps(*runs)
     assert steps >= 5 and worst < 0.05, (steps, worst)
