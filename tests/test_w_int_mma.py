@@ -49,6 +49,8 @@ def test_config_text():
     assert str(MmaConfig.parse("t4_w4")) == "t4_w4"
     assert MmaConfig.parse("t1_w8_px") == MmaConfig(tiles=1, warps=8, xprefetch=True)
     assert str(MmaConfig.parse("t1_w8_np_px")) == "t1_w8_np_px"
+    assert MmaConfig.parse("t2_w2_np_ps") == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
+    assert str(MmaConfig.parse("t1_w8_px_ps")) == "t1_w8_px_ps"
 
 
 def test_rows_and_configs():

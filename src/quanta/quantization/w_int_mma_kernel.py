@@ -2,7 +2,8 @@
 
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
-KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well), summed across warps, stored
+KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well, with "PS" its scales and
+zeros), summed across warps, stored
 (or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
 """
 
@@ -141,12 +142,9 @@ if HAS_GLUON:
         return a, b, c, d
 
     @gluon.jit
-    def _group(g, G, w0, w1, w2, w3, w4, w5, w6, w7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros,
-               t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr,
-               GROUP: gl.constexpr, NT: gl.constexpr, HAS_ZERO: gl.constexpr):
-        """The totals plus group g's (one a warp, [KW, 1, 1]; past G: adds nothing) scaled K16 products; w0..w7:
-        its words (_wload), xs: its x (_xload)."""
-        a, b, c, d = xs
+    def _sload(g, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16: gl.constexpr,
+               HAS_ZERO: gl.constexpr):
+        """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows row_lo / row_hi."""
         gc = gl.minimum(g, G - 1)
         s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
         s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
@@ -156,6 +154,15 @@ if HAS_GLUON:
         else:
             zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
             zh = zl
+        return s_lo, s_hi, zl, zh
+
+    @gluon.jit
+    def _group(w0, w1, w2, w3, w4, w5, w6, w7, xs, sz, zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM: gl.constexpr,
+               CONS: gl.constexpr, GROUP: gl.constexpr, NT: gl.constexpr):
+        """The totals plus a group's (one a warp, [KW, 1, 1]; past G its scales are 0) scaled K16 products; w0..w7:
+        its words (_wload), xs: its x (_xload), sz: its scales and zeros (_sload)."""
+        a, b, c, d = xs
+        s_lo, s_hi, zl, zh = sz
         e0 = zeros
         e1 = zeros
         e2 = zeros
@@ -199,7 +206,8 @@ if HAS_GLUON:
                        NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
-                       eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1):
+                       eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
+                       PS: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -230,6 +238,8 @@ if HAS_GLUON:
         t7 = zeros
         # the K loop: each warp's next group's words load before this group's math (PF), or with it; PX: its x too
         w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
+        if PS:  # the first group's scales and zeros too (weights: before the PDL wait)
+            szn = _sload(kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
         if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, summed after the loop
@@ -246,9 +256,14 @@ if HAS_GLUON:
                 xn = _xload(x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
             else:
                 xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
-            t0, t1, t2, t3, t4, t5, t6, t7 = _group(
-                g0 + kw, G, v0, v1, v2, v3, v4, v5, v6, v7, xs, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn,
-                zeros, t0, t1, t2, t3, t4, t5, t6, t7, ASM, CONS, MAGIC16, GROUP, NT, HAS_ZERO)
+            if PS:
+                sz = szn
+                szn = _sload(g0 + KW + kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16,
+                             HAS_ZERO)
+            else:
+                sz = _sload(g0 + kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _group(v0, v1, v2, v3, v4, v5, v6, v7, xs, sz, zeros, t0, t1, t2, t3, t4,
+                                                    t5, t6, t7, ASM, CONS, GROUP, NT)
             if not PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         inv = 1.0
