@@ -146,20 +146,23 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     if shaped or CONFIG:
         return shaped or MmaConfig.parse(CONFIG)
     if n >= 16384:  # many row tiles: small programs
-        return MmaConfig(tiles=2 if m > 8 else 1, warps=2, prefetch=m <= 8)
+        return MmaConfig(tiles=2 if m > 8 else 1, warps=2, prefetch=m <= 8, sprefetch=m > 8)
     # one tile a program, 8 warps: at two, 8B down_proj's 128 programs left 4 SMs idle (12.5% occupancy); qkv / o
     # at 9-16 rows on t2_w4_np had 192 / 128 programs of 4 warps, 9% / 6% achieved occupancy (Nsight Compute, H200;
     # 8B W4A16_AWQ batch 16: 5,394.7 vs 5,237.6 tok/s, h200_s11b). At 9-16 rows each warp's next group's x loads
     # with its words ("_px", 98 registers instead of 80) where the grid's 8-warp programs fit at ~2 an SM (down / o,
     # not qkv's 384 tiles): 16 rows down 21.9 vs 25.1 us, o 12.0 vs 12.5, qkv 18.0 vs 13.4; engine batch 16
     # 5,547.0 vs 5,423.7 / 5,407.2 tok/s (bf16 3,310.6, h200_s11c); and the words' prefetch kept beside it
-    # ("t1_w8_px"): 5,749.7 vs 5,686.4 (t1_w8_np_px, sixteenth session, h200_s16b; fifteenth: 5,595.2 vs 5,530.7)
+    # ("t1_w8_px"): 5,749.7 vs 5,686.4 (t1_w8_np_px, sixteenth session, h200_s16b; fifteenth: 5,595.2 vs 5,530.7).
+    # At 9-16 rows each group's scales and zeros load a group ahead too ("_ps", seventeenth session, h200_s17d):
+    # 16 rows gate_up t2_w2_np 35.1 -> 26.9 us (others within 0.2 us); engine batch 16 5,758.1 / 5,778.6 ->
+    # 5,899.5 / 5,916.5 tok/s (gate_up alone 5,805.1, h200_s17e; one row's SiLU t2_w2_ps: 488.1 vs 495.0, not taken)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     from quanta.kernels.gemv_config import num_sms
 
     fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-    return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=fits)
+    return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=fits, sprefetch=True)
 
 
 @functools.lru_cache(maxsize=8)
