@@ -59,10 +59,10 @@ def test_rows_and_configs():
     assert w_int_mma._rows("2-16") == (2, 16) and w_int_mma._rows("4") == (4, 4) and w_int_mma._rows("") == (0, -1)
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
-    # down / o at 16 rows: one tile a program, x and words prefetched; qkv (384 tiles > 2 x 132 SMs) words only
+    # down / o at 16 rows: one tile a program, x, words and scales prefetched; qkv (384 tiles > 2 x 132 SMs) on 4 warps
     assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True)
     assert w_int_mma.config_for(16, 4096, 4096) == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True)
-    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=8, sprefetch=True)
+    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=4, xprefetch=True, sprefetch=True)
     assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
 
 
