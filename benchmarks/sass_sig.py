@@ -10,8 +10,7 @@ It also prints the one-row int4 asm GEMV's (quantization/w_int_gemv_asm.py) over
 (no split norm), with only the arguments that tree's kernel has, so an older tree compiles too, and the one-launch
 decode attention's over DECODE_COMBOS (merge chunks as the launcher sizes them from MERGE_VALUES, env
 MERGE_VALUES to try others), the 16-bit batch-1 GEMVs' over GEMV_COMBOS (kernels/gemv.py, gemv_fused.py) and the
-three-launch decode's split kernel over SPLIT_COMBOS, and the asm GEMV as a split norm's producer with and without
-the norm tail (ASM_NORM_COMBOS). Each line ends with the kernel's registers and stack bytes
+three-launch decode's split kernel over SPLIT_COMBOS. Each line ends with the kernel's registers and stack bytes
 (ptxas spills).
 """
 
@@ -75,34 +74,6 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
         size = f" bn{bn}_bk{bk}" if blocks else ""
         print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}{size}: {_fingerprint(kernel, cuobjdump)}")
-
-
-# the asm GEMV as a split norm's producer (NORM_OUT; NORM_TAIL: its last program finishes the norm), o_proj's
-# default config (bn8_bk1024_nx, PDL): (NORM_SUB, NORM_TAIL)
-ASM_NORM_COMBOS = [(0, 0), (0, 1), (128, 0), (128, 1)]
-
-
-def _asm_norm_fingerprints(triton, target, cuobjdump: str) -> None:
-    import torch
-    from triton.compiler import ASTSource
-
-    from quanta.quantization import w_int_gemv_asm
-    from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel as kern
-
-    ptrs = dict(_ASM_PTRS, res_ptr="*bf16", nw_ptr="*bf16", h_ptr="*bf16", xw_ptr="*bf16", part_ptr="*fp32",
-                norm_cnt_ptr="*i32", eps="fp32")
-    for sub, tail in ASM_NORM_COMBOS:
-        if tail and "NORM_TAIL" not in kern.arg_names:
-            continue
-        consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
-                      PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024,
-                      STAGES=1, NEXT=True, TMA=False, XPLANES=False, ACT_OUT=False, USE_PDL=True, PRELOAD=True,
-                      NORM_OUT=True, NORM_SUB=sub, INV_RMS=False, NP_PAD=512, NORM_TAIL=bool(tail))
-        consts = {n: v for n, v in consts.items() if n in kern.arg_names}
-        names = [n for n in kern.arg_names if n in ptrs or n in consts or n in _ASM_INTS + ["n_parts", "k_norm"]]
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
-        print(f"asm split-norm producer NORM_SUB={sub} NORM_TAIL={tail}: {_fingerprint(kernel, cuobjdump)}")
 
 
 # one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
@@ -212,7 +183,6 @@ def main() -> None:
         print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: "
               f"{_fingerprint(kernel, cuobjdump)}")
     _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
-    _asm_norm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _decode_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _gemv_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)
     _split_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump)

@@ -97,7 +97,6 @@ _add("QUANTA_INT_GEMV_ASM_SHAPES", "", "str", "per-shape configs: 'NxK=config;..
 _add("QUANTA_INT_GEMV_PLANES", "1", "flag", "the norm writes x planes for the int4 asm GEMV")
 _add("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp", "str", "the asm GEMV's config with planes")
 _add("QUANTA_SPLIT_NORM", "0", "flag", "one int4 row: add + RMSNorm split across the GEMVs around it (split_norm.py)")
-_add("QUANTA_NORM_TAIL", "0", "flag", "one int4 row: the add + RMSNorm in the GEMV before it, its last program normalizing")
 _add("QUANTA_INT_SILU_EPILOGUE", "1", "flag", "gate_up's int4 GEMV stores SiLU(gate) * up")
 _add("QUANTA_INT4_GEMV_MANY_CONFIG", "", "str", "config of the int4 GEMVs of 5-16 rows")
 _add("QUANTA_INT4_GEMV_MANY_SHAPES", "", "str", "per-shape configs of those: 'NxK=config;...'")

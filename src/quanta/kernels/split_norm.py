@@ -22,10 +22,9 @@ from quanta.kernels._compat import tl, triton
 # fmt: off
 @triton.jit
 def add_norm_store(out, offs_n, N, pid, b_ptr, r, w, h_ptr, xw_ptr, part_ptr, HAS_BIAS: tl.constexpr,
-                   PLANES_SUB: tl.constexpr, STORE_XW: tl.constexpr = True):
+                   PLANES_SUB: tl.constexpr):
     """out [BN] fp32 sums of rows offs_n (masked past N); r, w: the residual and norm weight at offs_n (loaded
-    early by the caller) -> h, xw (unless not STORE_XW: norm_tail writes it) and this program's partial sum of h^2
-    at part_ptr[pid]."""
+    early by the caller) -> h, xw and this program's partial sum of h^2 at part_ptr[pid]."""
     dt = h_ptr.dtype.element_ty
     mask = offs_n < N
     if HAS_BIAS:
@@ -35,40 +34,12 @@ def add_norm_store(out, offs_n, N, pid, b_ptr, r, w, h_ptr, xw_ptr, part_ptr, HA
     tl.store(h_ptr + offs_n, h, mask=mask)
     hf = tl.where(mask, h.to(tl.float32), 0.0)
     tl.store(part_ptr + pid, tl.sum(hf * hf, axis=0))
-    if STORE_XW:
-        xw = (w.to(tl.float32) * hf).to(dt)
-        tl.store(xw_ptr + _planes_pos(offs_n, PLANES_SUB), xw, mask=mask)
-
-
-@triton.jit
-def _planes_pos(offs, PLANES_SUB: tl.constexpr):
-    """Where value offs of a row goes in the int4 asm GEMV's x-planes order of chunk PLANES_SUB (0: plain)."""
+    xw = (w.to(tl.float32) * hf).to(dt)
+    pos = offs_n
     if PLANES_SUB > 0:
-        i = offs % PLANES_SUB
-        offs = offs - i + ((i % 4) * (PLANES_SUB // 8) + i // 8) * 2 + (i % 8) // 4
-    return offs
-
-
-@triton.jit
-def norm_tail(N, h_ptr, nw_ptr, xw_ptr, part_ptr, n_parts, cnt_ptr, eps, PLANES_SUB: tl.constexpr,
-              NP_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """QUANTA_NORM_TAIL: after add_norm_store, the producer program that arrives last (acq_rel counter) finishes the
-    norm for the whole row: xw = weight * (h * rsqrt(sum of the partials / N + eps)) rounded as kernels/rms_norm.py
-    rounds it (x planes of chunk PLANES_SUB, or plain), so the consumer reads a normed x; it resets the counter."""
-    tl.debug_barrier()  # every thread's h and partial are stored before the (single-thread) atomic releases them
-    arrived = tl.atomic_add(cnt_ptr, 1)
-    if arrived == n_parts - 1:
-        offs_p = tl.arange(0, NP_PAD)
-        parts = tl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0, cache_modifier=".cg")
-        inv = tl.rsqrt(tl.sum(parts, axis=0) / N + eps)
-        offs = tl.arange(0, CHUNK)
-        for c in range(0, N, CHUNK):
-            mask = c + offs < N
-            h = tl.load(h_ptr + c + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            normed = (h.to(tl.float32) * inv).to(h_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(nw_ptr + c + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(xw_ptr + _planes_pos(c + offs, PLANES_SUB), (w * normed).to(h_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(cnt_ptr, 0)
+        i = offs_n % PLANES_SUB
+        pos = offs_n - i + ((i % 4) * (PLANES_SUB // 8) + i // 8) * 2 + (i % 8) // 4
+    tl.store(xw_ptr + pos, xw, mask=mask)
 
 
 @triton.jit
@@ -88,13 +59,6 @@ def split_norm_ref(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     pad = -hf.numel() % block_n
     parts = torch.nn.functional.pad(hf * hf, (0, pad)).view(-1, block_n).sum(1)
     return h, (weight.float() * hf).to(residual.dtype), parts
-
-
-def norm_tail_ref(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """What norm_tail stores (plain order) for one row h: the RMSNorm of h (kernels/rms_norm.py numerics)."""
-    from quanta.layers.norm import rms_norm_ref
-
-    return rms_norm_ref(h, weight, eps)
 
 
 def inv_rms_ref(parts: torch.Tensor, k: int, eps: float) -> torch.Tensor:

@@ -49,10 +49,6 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 # 1,090.0 tok/s (partials after the wait) and 1,080.5 / 1,098.8 (RMS from h before the wait) vs 1,118.7-1,122.2
 # (h200_s14f_*, h200_s14i_*); PDL off it gained (1,006 vs 980): under PDL the norm launch is mostly hidden.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
-# The same producers, but the producer's last program finishes the norm (kernels/split_norm.norm_tail: an acq_rel
-# counter, then RMSNorm(h) written as the consumer's x): the consumers read a normed x as without the split, so
-# they keep their speed (the split's consumers summing 512 partials lost it). OFF until measured (QUANTA_NORM_TAIL=1).
-NORM_TAIL = envs.get("QUANTA_NORM_TAIL")
 # One 16-bit row whose norm -> next linear is not one fused GEMV (1B / 8B post_attention_layernorm before cuBLAS
 # gate_up): the linear before it, on the skinny GEMV, ends with h = y + residual and its last program writes
 # RMSNorm(h) (kernels/gemv.py gemv_residual_norm): no norm launch. OFF until measured (env QUANTA_GEMV_ADD_NORM=1).
@@ -76,11 +72,10 @@ class Prenormed:
     parts: torch.Tensor
     eps: float
     sub: int
-    done: bool = False  # NORM_TAIL: xw is the finished norm (no inverse RMS for the consumer)
 
     @property
-    def inv(self) -> tuple | None:
-        return None if self.done else (self.parts, self.eps)
+    def inv(self) -> tuple:
+        return self.parts, self.eps
 
 
 def set_use_kernels(flag: bool) -> None:
@@ -223,17 +218,14 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
                     fallback=None) -> tuple:
     """(Prenormed for `consumer`, x' + residual) where `linear`'s one-row GEMV can end with the residual add and
     the producer half of `norm` (kernels/split_norm.py; consumer: the linear after the norm, SiLU-and-mul'd for
-    silu; NORM_TAIL: the whole norm, a done Prenormed); (Normed, x' + residual) where GEMV_ADD_NORM's 16-bit GEMV
-    does the add + norm; else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
+    silu); else (fallback(x) (default decode_linear(linear, x)), residual) as before."""
     method = getattr(linear, "quant_method", None)
-    if ((SPLIT_NORM or NORM_TAIL) and residual is not None and type(norm) is RMSNorm
-            and type(linear) in (Linear, MergedLinear) and hasattr(method, "split_norm_producer")
-            and residual.numel() == linear.out_features):
+    if (SPLIT_NORM and residual is not None and type(norm) is RMSNorm and type(linear) in (Linear, MergedLinear)
+            and hasattr(method, "split_norm_producer") and residual.numel() == linear.out_features):
         sub = _consumer_sub(consumer, residual, silu)
         if sub is not None and method.split_norm_producer(linear, x):
-            tail = norm.eps if NORM_TAIL else None
-            h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub, tail)
-            return Prenormed(xw, parts, norm.eps, sub, done=tail is not None), h
+            h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub)
+            return Prenormed(xw, parts, norm.eps, sub), h
     if (GEMV_ADD_NORM and silu and residual is not None and type(norm) is RMSNorm and fallback is None
             and residual.numel() == linear.out_features and _skinny(linear, x)
             and type(consumer) in (Linear, MergedLinear) and consumer.quant_method is None

@@ -41,7 +41,7 @@ from quanta import envs
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
 from quanta.kernels.pdl import pdl_begin
-from quanta.kernels.split_norm import add_norm_store, inv_rms, norm_tail
+from quanta.kernels.split_norm import add_norm_store, inv_rms
 
 ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
@@ -250,7 +250,6 @@ def _w_int_gemv_asm_kernel(
     USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
     res_ptr=None, nw_ptr=None, h_ptr=None, xw_ptr=None, part_ptr=None, n_parts=1, k_norm=1, eps=0.0,
     NORM_OUT: tl.constexpr = False, NORM_SUB: tl.constexpr = 0, INV_RMS: tl.constexpr = False, NP_PAD: tl.constexpr = 1,
-    norm_cnt_ptr=None, NORM_TAIL: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -264,9 +263,7 @@ def _w_int_gemv_asm_kernel(
     split-K).
     NORM_OUT (kernels/split_norm.py, no split-K): the epilogue adds the residual, stores h, xw = h * norm weight (x
     planes of chunk NORM_SUB, or plain) and this program's sum of h^2 at part_ptr[pid_n] instead of y. INV_RMS: x is
-    such an xw; the sums are scaled by rsqrt(sum of the n_parts partials / k_norm + eps) before the epilogue.
-    NORM_TAIL (with NORM_OUT, QUANTA_NORM_TAIL): the last program writes the finished RMSNorm of h as xw instead
-    (split_norm.norm_tail; n_parts = the grid's programs), so the consumer needs no INV_RMS."""
+    such an xw; the sums are scaled by rsqrt(sum of the n_parts partials / k_norm + eps) before the epilogue."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     pid_n = tl.program_id(0)
@@ -330,9 +327,7 @@ def _w_int_gemv_asm_kernel(
         if USE_PDL:  # the consumer (a big GEMV) launched at this kernel's start would wait beside its K loops
             tl.extra.cuda.gdc_launch_dependents()
         add_norm_store(tl.reshape(out, (BLOCK_N,)), offs_n, N, pid_n, b_ptr, r_pre, w_pre, h_ptr, xw_ptr, part_ptr,
-                       HAS_BIAS, NORM_SUB, not NORM_TAIL)
-        if NORM_TAIL:
-            norm_tail(N, h_ptr, nw_ptr, xw_ptr, part_ptr, n_parts, norm_cnt_ptr, eps, NORM_SUB, NP_PAD, 1024)
+                       HAS_BIAS, NORM_SUB)
     else:
         gemv_epilogue(out, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
                       HAS_BIAS, USE_SPLIT)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from quanta.kernels._compat import next_pow2, require_triton, tl, triton
-from quanta.kernels.counters import zeroed_counters
 from quanta.kernels.gemv import MAX_M, GemvConfig, gemv_config, gemv_epilogue, plan_split
 from quanta.kernels.pdl import pdl_enabled, pdl_launch_kwargs, preload_enabled
 from quanta.quantization import w_int_gemv_asm
@@ -253,8 +252,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
     """x [..., K] (<= 16 rows) @ dequant(W [N, K])^T (+ bias) -> [..., N] in x.dtype (Triton GEMV).
     act: W is gate | up [2I, K] and the result is SiLU(gate) * up [..., I] (the asm kernel's ACT_OUT epilogue, one
     int4 row, no split-K). The asm kernel's split norm (kernels/split_norm.py, one row, no split-K): norm_out =
-    (residual [1, N], norm weight [N], planes chunk or 0[, eps: the last program finishes the norm, norm_tail])
-    returns (h, xw [1, N], partials fp32) instead of y;
+    (residual [1, N], norm weight [N], planes chunk or 0) returns (h, xw [1, N], partials fp32) instead of y;
     inv = (partials, eps): x (or planes) is a producer's xw, the sums are scaled by its inverse RMS."""
     require_triton()
     k, n = in_features, packed.shape[0]
@@ -326,17 +324,12 @@ def _split_norm_args(norm_out: tuple | None, inv: tuple | None, split: int, act:
     if norm_out is not None and inv is not None:
         raise ValueError("a split-norm GEMV is a producer or a consumer, not both")
     if norm_out is not None:
-        residual, weight, sub, *tail = norm_out
+        residual, weight, sub = norm_out
         if split > 1 or act or residual.numel() != n or weight.numel() != n:
             raise ValueError(f"the split norm's producer needs one row of N={n}, no split-K, no SiLU epilogue")
         out = dict(res_ptr=residual, nw_ptr=weight, h_ptr=torch.empty(n, dtype=y.dtype, device=y.device),
                    xw_ptr=torch.empty(n, dtype=y.dtype, device=y.device),
                    part_ptr=torch.empty(programs, dtype=torch.float32, device=y.device), NORM_OUT=True, NORM_SUB=sub)
-        if tail:  # norm_tail: the last program normalizes (a counter; n_parts = the programs)
-            cnt = zeroed_counters("norm_tail", y.device, 1)
-            if cnt is None:
-                raise RuntimeError("norm_tail's counter is allocated by an eager launch before CUDA-graph capture")
-            out.update(norm_cnt_ptr=cnt, n_parts=programs, NP_PAD=next_pow2(programs), eps=tail[0], NORM_TAIL=True)
     if inv is not None:
         parts, eps = inv
         out.update(part_ptr=parts, n_parts=parts.numel(), k_norm=k, eps=eps, INV_RMS=True,

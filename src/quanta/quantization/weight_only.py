@@ -156,11 +156,9 @@ class WeightOnlyInt(QuantMethod):
         return (tile is not None and cfg.split_k == 1 and not cfg.tma and layer.in_features % tile[0] == 0
                 and w_int_gemv_asm.asm_ok(4, layer.weight_packed, x, 1, tile[1], True))
 
-    def apply_add_norm(self, layer, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, sub: int,
-                       tail_eps: float | None = None):
+    def apply_add_norm(self, layer, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, sub: int):
         """(h, xw, partials): this layer's one-row GEMV ending with the residual add and the producer half of a
-        split norm (kernels/split_norm.py; xw as x planes of chunk `sub`, or plain for 0); with tail_eps the
-        GEMV's last program finishes the norm (xw = RMSNorm(h), split_norm.norm_tail). Where
+        split norm (kernels/split_norm.py; xw as x planes of chunk `sub`, or plain for 0). Where
         split_norm_producer."""
         from quanta.quantization import w_int_gemv_asm
         from quanta.quantization.w_int_kernel import w_int_gemv
@@ -168,7 +166,7 @@ class WeightOnlyInt(QuantMethod):
         return w_int_gemv(pre_scale(layer, x), layer.weight_packed, layer.weight_scale,
                           getattr(layer, "weight_zero_point", None), 4, self.group_size(layer), layer.in_features,
                           layer.bias, w_int_gemv_asm.config_for(layer.out_features, layer.in_features),
-                          norm_out=(residual, weight, sub) + ((tail_eps,) if tail_eps is not None else ()))
+                          norm_out=(residual, weight, sub))
 
     def checkpoint_config(self) -> dict:
         cfg = super().checkpoint_config()
