@@ -126,8 +126,6 @@ GEMV_COMBOS = [
     ("gemv bn8_bk2048", "gemv", dict(BLOCK_N=8, BLOCK_K=2048), 4),
     ("gemv bn4_bk2048_r128", "gemv", dict(BLOCK_N=4, BLOCK_K=2048, maxnreg=128), 4),
     ("gemv bn2_bk2048", "gemv", dict(BLOCK_N=2, BLOCK_K=2048), 4),
-    ("gemv bn4_bk2048 + add_norm tail (QUANTA_GEMV_ADD_NORM)", "gemv", dict(BLOCK_N=4, BLOCK_K=2048, ADD_NORM=True), 4),
-    ("gemv bn4_bk512 + add_norm tail", "gemv", dict(BLOCK_N=4, BLOCK_K=512, ADD_NORM=True), 4),
     ("silu bn4_bk1024_nx_s1", "fused", dict(PROLOGUE=2, BLOCK_N=4, BLOCK_K=1024, NEXT=True), 4),
     ("norm bn4_bk512_nx", "fused", dict(PROLOGUE=1, HAS_RES=True, BLOCK_N=4, BLOCK_K=512, NEXT=True, NORM_BLOCK=2048), 4),
 ]
@@ -142,13 +140,12 @@ def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
     for name, which, extra, warps in GEMV_COMBOS:
         kern = kernels[which]
         consts = dict(HAS_BIAS=False, USE_SPLIT=False, USE_DOT=False, BLOCK_M=1, USE_PDL=True, PREFETCH=True,
-                      PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16, ADD_NORM=False,
-                      NORM_CHUNK=1024)
+                      PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16)
         consts.update(extra)
         opts = dict(num_warps=warps, num_stages=1, **({"maxnreg": extra["maxnreg"]} if "maxnreg" in extra else {}))
         consts = {n: v for n, v in consts.items() if n in kern.arg_names}
         sig = {n: "constexpr" if n in consts else "*fp32" if n == "ws_ptr" else
-               "*i32" if n in ("cnt_ptr", "norm_cnt_ptr") else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
+               "*i32" if n == "cnt_ptr" else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
                for n in kern.arg_names}
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=opts)
         print(f"{name}: {_fingerprint(kernel, cuobjdump)}")

@@ -87,7 +87,6 @@ _add("QUANTA_FUSED_NORM_MAX_MB", "16", "int", "largest weight (MiB) the norm -> 
 _add("QUANTA_FUSED_SILU_MAX_MB", "40", "int", "largest weight (MiB) the SiLU -> GEMV fusion takes")
 _add("QUANTA_GEMV_LINEAR_MB", "-1", "int", "plain batch-1 linears up to this size (MiB) on the GEMV; -1: 48 with PDL")
 _add("QUANTA_GEMV_LMHEAD", "0", "flag", "the batch-1 lm_head on the skinny GEMV")
-_add("QUANTA_GEMV_ADD_NORM", "0", "flag", "one 16-bit row: o_proj's skinny GEMV ends with the add + RMSNorm (gemv.py)")
 _add("QUANTA_BENCH_FLUSH", "write", "choice", "how GEMV benchmarks evict L2", ("write", "read"))
 # weight-only int kernels (quantization/w_int_*.py, kernels/gemv_config.py)
 _add("QUANTA_INT_GEMV_ASM", "1", "flag", "the inline-PTX int4 GEMV at one row (sm_90)")

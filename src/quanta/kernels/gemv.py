@@ -106,38 +106,6 @@ def gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, st
 
 
 @triton.jit
-def _add_norm_tail(acc, offs_m, offs_n, M, N, h_ptr, stride_hm, b_ptr, r_ptr, stride_rm, nw_ptr, xw_ptr, stride_xm,
-                   cnt_ptr, eps, num_blocks, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr):
-    """ADD_NORM epilogue: h = round(acc (+ bias)) + residual for this program's rows (stored: the new residual,
-    rounded as the unfused GEMV + fused_add_rms_norm pair rounds); the last program to arrive (acq_rel counter)
-    RMS-normalizes every row of h into xw (kernels/rms_norm.py numerics, CHUNK columns at a time) and resets it."""
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    r = tl.load(r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-    h = (y + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :], h, mask=mask)
-    tl.debug_barrier()  # every thread's rows are stored before the (single-thread) atomic releases them
-    arrived = tl.atomic_add(cnt_ptr, 1)
-    if arrived == num_blocks - 1:
-        offs = tl.arange(0, CHUNK)
-        for m in range(M):
-            h_row = h_ptr + m * stride_hm
-            ss = tl.zeros((CHUNK,), dtype=tl.float32)
-            for c in range(0, N, CHUNK):
-                v = tl.load(h_row + c + offs, mask=c + offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
-                ss += v * v
-            inv = tl.rsqrt(tl.sum(ss, axis=0) / N + eps)
-            for c in range(0, N, CHUNK):
-                v = tl.load(h_row + c + offs, mask=c + offs < N, other=0.0, cache_modifier=".cg").to(tl.float32)
-                normed = (v * inv).to(h_ptr.dtype.element_ty).to(tl.float32)
-                w = tl.load(nw_ptr + c + offs, mask=c + offs < N, other=0.0).to(tl.float32)
-                tl.store(xw_ptr + m * stride_xm + c + offs, (w * normed).to(xw_ptr.dtype.element_ty), mask=c + offs < N)
-        tl.atomic_xchg(cnt_ptr, 0)
-
-
-@triton.jit
 def _gemv_step(acc, x, w, USE_DOT: tl.constexpr):
     # acc [BM, BN] += x [BM, BK] @ w [BN, BK]^T (tensor cores), or acc [BM, BN, BK] += the fp32 products
     if USE_DOT:
@@ -156,13 +124,10 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, PF_LINE: tl.constexpr = 64,
     PF_COLS: tl.constexpr = 64, PRELOAD: tl.constexpr = False,
-    r_ptr=None, stride_rm=0, nw_ptr=None, xw_ptr=None, stride_xwm=0, norm_cnt_ptr=None, eps=0.0,
-    ADD_NORM: tl.constexpr = False, NORM_CHUNK: tl.constexpr = 1024,
 ):
     """Program (pid_n, pid_k): rows [pid_n * BLOCK_N, +BLOCK_N) of W over K range [pid_k * K_SPLIT, +K_SPLIT).
     K_SPLIT is a multiple of BLOCK_K, so the mask `k < K` only trims the last step of the last split.
-    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop.
-    ADD_NORM (no split-K): y is h = y + residual, and the last program writes RMSNorm(h) to xw (_add_norm_tail)."""
+    PRELOAD (PDL): the first step's weight tile is loaded before the wait, that step runs before the loop."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -196,43 +161,14 @@ def _gemv_kernel(
         acc = _gemv_step(acc, x, w, USE_DOT)
     if not USE_DOT:
         acc = tl.sum(acc, axis=2)
-    if ADD_NORM:
-        _add_norm_tail(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, r_ptr, stride_rm, nw_ptr, xw_ptr,
-                       stride_xwm, norm_cnt_ptr, eps, tl.num_programs(0), HAS_BIAS, NORM_CHUNK)
-    else:
-        gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
-                      HAS_BIAS, USE_SPLIT)
+    gemv_epilogue(acc, offs_m, offs_n, M, N, pid_n, pid_k, num_splits, y_ptr, stride_ym, b_ptr, ws_ptr, cnt_ptr,
+                  HAS_BIAS, USE_SPLIT)
 # fmt: on
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N] in x.dtype, for <= MAX_M rows of x (Triton)."""
-    return _launch(x, weight, bias, config)
-
-
-def gemv_residual_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                       eps: float, bias: torch.Tensor | None = None, config: GemvConfig | None = None):
-    """One launch for linear -> residual add -> RMSNorm: (xw = RMSNorm(h) * norm_weight, h = x @ weight^T (+ bias)
-    + residual), both [..., N] in x.dtype, for <= MAX_M rows; the GEMV's last program does the norm (no norm launch
-    between this linear and the next). None when its counter cannot be had (CUDA-graph capture of a first use)."""
-    n = weight.shape[0]
-    cnt = zeroed_counters("gemv_norm", x.device, 1)
-    if cnt is None:
-        return None
-    r2 = residual.reshape(-1, n)
-    xw = torch.empty(r2.shape, dtype=x.dtype, device=x.device)
-    h = _launch(x, weight, bias, config, norm=(r2, norm_weight, xw, cnt, eps))
-    return xw.view(h.shape), h
-
-
-def gemv_residual_norm_ref(x, weight, residual, norm_weight, eps, bias=None, config=None):
-    from quanta.kernels.rms_norm import fused_add_rms_norm
-
-    return fused_add_rms_norm(gemv(x, weight, bias, config), residual, norm_weight, eps)
-
-
-def _launch(x, weight, bias, config, norm=None) -> torch.Tensor:
     require_triton()
     n, k = weight.shape
     x2 = x.reshape(-1, k)
@@ -244,16 +180,9 @@ def _launch(x, weight, bias, config, norm=None) -> torch.Tensor:
     if m == 0 or n == 0:
         return y.reshape(*x.shape[:-1], n)
     cfg = config or gemv_config("w16", m, n, k)
-    if norm is not None:  # the norm tail counts row blocks, not K splits
-        cfg = replace(cfg, split_k=1)
     use_dot = cfg.use_dot and x.dtype in (torch.float16, torch.bfloat16) and cfg.block_n >= 16
     split, k_split, ws, cnt = plan_split(cfg, m, n, k, y)
     use_pdl = pdl_enabled(x.device)
-    norm_kw = {}
-    if norm is not None:
-        r2, nw, xw, ncnt, eps = norm
-        norm_kw = dict(r_ptr=r2, stride_rm=r2.stride(0), nw_ptr=nw, xw_ptr=xw, stride_xwm=xw.stride(0),
-                       norm_cnt_ptr=ncnt, eps=eps, ADD_NORM=True, NORM_CHUNK=min(1024, next_pow2(n)))
     # fmt: off
     _gemv_kernel[(_cdiv(n, cfg.block_n), split)](
         x2, weight, bias if bias is not None else weight, y, ws, cnt,
@@ -264,7 +193,7 @@ def _launch(x, weight, bias, config, norm=None) -> torch.Tensor:
         USE_PDL=use_pdl, PREFETCH=use_pdl and prefetch_enabled(), PF_LINE=128 // weight.element_size(),
         PF_COLS=max(1, 256 // cfg.block_n), PRELOAD=use_pdl and preload_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch_kwargs(use_pdl),
-        **cfg.launch_kwargs(), **norm_kw,
+        **cfg.launch_kwargs(),
     )
     # fmt: on
     return y.reshape(*x.shape[:-1], n)

@@ -49,17 +49,6 @@ GEMV_LMHEAD = envs.get("QUANTA_GEMV_LMHEAD")
 # 1,090.0 tok/s (partials after the wait) and 1,080.5 / 1,098.8 (RMS from h before the wait) vs 1,118.7-1,122.2
 # (h200_s14f_*, h200_s14i_*); PDL off it gained (1,006 vs 980): under PDL the norm launch is mostly hidden.
 SPLIT_NORM = envs.get("QUANTA_SPLIT_NORM")
-# One 16-bit row whose norm -> next linear is not one fused GEMV (1B / 8B post_attention_layernorm before cuBLAS
-# gate_up): the linear before it, on the skinny GEMV, ends with h = y + residual and its last program writes
-# RMSNorm(h) (kernels/gemv.py gemv_residual_norm): no norm launch. OFF until measured (env QUANTA_GEMV_ADD_NORM=1).
-GEMV_ADD_NORM = envs.get("QUANTA_GEMV_ADD_NORM")
-
-
-@dataclass
-class Normed:
-    """A norm's output that the GEMV before it wrote (gemv_residual_norm): the next linear's input as it is."""
-
-    xw: torch.Tensor
 
 
 @dataclass
@@ -170,8 +159,6 @@ def norm_mlp(norm, mlp, x: torch.Tensor, residual: torch.Tensor | None, nxt=None
     itself end with the next decoder layer `nxt`'s residual add and split norm (then the result is a Prenormed)."""
     gate_up = mlp.gate_up_proj
     method = getattr(gate_up, "quant_method", None)
-    if isinstance(x, Normed):  # linear_add_norm: o_proj's GEMV did the add + norm
-        return mlp.down(decode_linear(gate_up, x.xw)), residual
     if isinstance(x, Prenormed):
         act = (method.apply_silu(gate_up, x.xw, inv=x.inv) if x.sub == 0
                else method.apply_planes_silu(gate_up, x.xw, x.xw, inv=x.inv))
@@ -226,15 +213,6 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
         if sub is not None and method.split_norm_producer(linear, x):
             h, xw, parts = method.apply_add_norm(linear, x, residual, norm.weight, sub)
             return Prenormed(xw, parts, norm.eps, sub), h
-    if (GEMV_ADD_NORM and silu and residual is not None and type(norm) is RMSNorm and fallback is None
-            and residual.numel() == linear.out_features and _skinny(linear, x)
-            and type(consumer) in (Linear, MergedLinear) and consumer.quant_method is None
-            and not _fusable(consumer, x, FUSED_NORM_MAX_BYTES)):
-        from quanta.kernels.gemv import gemv_residual_norm
-
-        out = gemv_residual_norm(x, linear.weight, residual, norm.weight, norm.eps, linear.bias)
-        if out is not None:
-            return Normed(out[0]), out[1]
     return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
 
 
@@ -245,19 +223,14 @@ def _planes_sub(linear, x: torch.Tensor) -> int:
     return method.planes_sub(linear, x)
 
 
-def _skinny(linear, x: torch.Tensor) -> bool:
-    """Whether decode_linear runs `linear` on the skinny GEMV for x (GEMV_LINEAR_MAX_BYTES; unset: with PDL)."""
+def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
     max_bytes = GEMV_LINEAR_MAX_BYTES
     if max_bytes < 0:  # unset: on with PDL
         from quanta.kernels.pdl import pdl_enabled
 
         max_bytes = GEMV_LINEAR_PDL_BYTES if x.is_cuda and pdl_enabled(x.device) else 0
-    return bool(max_bytes) and _fusable(linear, x, max_bytes)
-
-
-def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x); a small plain projection at batch 1 may run on the skinny GEMV (GEMV_LINEAR_MAX_BYTES)."""
-    if _skinny(linear, x):
+    if max_bytes and _fusable(linear, x, max_bytes):
         from quanta.kernels.gemv import gemv
 
         return gemv(x, linear.weight, linear.bias)
