@@ -92,8 +92,8 @@ for part in "$@"; do
     # 1B throughput (TP_REQ requests, 128 / 128), the tree in .carry/old vs this one, same machine
     tpold) for tree in old new; do src=$PWD/src; [ $tree = old ] && src=$PWD/../old/src; echo "1b throughput $tree"
         PYTHONPATH=$src:$PWD timeout 150 python -m quanta.cli bench throughput "$C/llama-3.2-1b.json" --num-requests ${TP_REQ:-1024} --json "$OUT/tpold_$tree.json" 2>&1 | tail -2; done ;;
-    # the norm done by the GEMV before it (QUANTA_GEMV_ADD_NORM, QUANTA_NORM_TAIL) and the split norm vs their twins
-    normtest) timeout ${NT_S:-250} python -m pytest -q tests/gpu/test_gemv_residual_norm_gpu.py tests/gpu/test_split_norm_gpu.py --timeout 150 2>&1 | tail -8 ;;
+    # the split norm (QUANTA_SPLIT_NORM) vs its twins
+    normtest) timeout ${NT_S:-250} python -m pytest -q tests/gpu/test_split_norm_gpu.py --timeout 150 2>&1 | tail -8 ;;
     dtest) timeout 250 python -m pytest -q tests/gpu/test_decode_attention_fused_gpu.py ${DTEST_MORE:-tests/gpu/test_int_planes_gpu.py} --timeout 150 2>&1 | tail -4 ;;
     b16awq) timeout 150 python benchmarks/bench_quant.py --parts awq --measures batch16 --json "$OUT/b16_awq_default.json" 2>&1 | grep -E "^(bf16|W4A16)" ;;
     qktest) timeout 200 python -m pytest -q tests/test_quantization_kernels.py tests/gpu/test_engine_gpu.py -k "not interpreted" --timeout 150 2>&1 | tail -4 ;;
