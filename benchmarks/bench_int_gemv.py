@@ -71,8 +71,9 @@ def best_per_shape(path: str, kinds: str = "asm:", m: int = 1) -> str:
     for r in json.loads(Path(path).read_text())["rows"]:
         if r.get("m") == m and "variant" in r and r["us"] == r["us"] and any(key in r["variant"] for key in kinds.split(",")):
             key = f"{r['n']}x{r['k']}"
+            cfg = r.get("config") or r["variant"].split(":", 1)[1]  # "auto": the config it resolved to
             if key not in best or r["us"] < best[key][0]:
-                best[key] = (r["us"], r["variant"].split(":", 1)[1])
+                best[key] = (r["us"], cfg)
     return ";".join(f"{key}={cfg}" for key, (_, cfg) in best.items())
 
 
@@ -128,10 +129,12 @@ def main() -> None:
                 words = w_int_mma.mma_pack(packed, group) if bits == 4 and ("mma:" in a.variants or "silu:" in a.variants) else None
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
+                    resolved = None
                     if kind == "tinygemm":
                         fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
                     elif kind == "mma":
                         mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
+                        resolved = str(mcfg)
                         fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg)
                     elif kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
                         if name != "gate_up":
@@ -159,7 +162,8 @@ def main() -> None:
                     gbps = nbytes / t / 1e3 if t == t else float("nan")
                     rows.append(
                         dict(
-                            model=model, layer=name, n=n, k=k, m=m, variant=v, us=t, gbps=gbps, cublas_us=t_ref, err=err
+                            model=model, layer=name, n=n, k=k, m=m, variant=v, us=t, gbps=gbps, cublas_us=t_ref, err=err,
+                            **({"config": resolved} if resolved else {}),
                         )
                     )
                     line += f" {v.split(':')[0][:2]}:{cfg_s.rsplit('_sk', 1)[0]} {t:6.1f}"

@@ -145,6 +145,11 @@ for part in "$@"; do
     ncu) timeout ${NCU_S:-300} ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
         python benchmarks/ncu_int_gemv.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+    # 9-16-row mma GEMV configs: the sweep at 16 rows (reading flush), then batch 16 with each shape's fastest vs defaults
+    mma16) IGEMV_MS=16 IGEMV_VARIANTS=${MMA16_VARIANTS:-mma:auto,mma:t1_w8_px_ps_p2,mma:t1_w8_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w16_px_ps,mma:t2_w16_ps,mma:t2_w8_px_ps,mma:t2_w2_ps_p2,mma:t2_w2_np_ps,mma:t1_w16_px_ps,mma:t2_w4_np_ps} \
+        bash "$0" igemvr | grep "^8b [a-z]"
+      B=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b_read.json" --per-shape --best-kinds mma: --best-m 16); echo "fastest: $B"
+      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$B 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$B" bash "$0" envab ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

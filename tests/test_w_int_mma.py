@@ -51,6 +51,11 @@ def test_config_text():
     assert str(MmaConfig.parse("t1_w8_np_px")) == "t1_w8_np_px"
     assert MmaConfig.parse("t2_w2_np_ps") == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert str(MmaConfig.parse("t1_w8_px_ps")) == "t1_w8_px_ps"
+    assert MmaConfig.parse("t1_w8_px_ps_p2") == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True, deep=True)
+    assert str(MmaConfig.parse("t1_w8_px_ps_p2")) == "t1_w8_px_ps_p2"
+    for bad in ("auto", "t1_w8_xx", "tx_w8", ""):
+        with pytest.raises(ValueError, match="t<tiles>, w<warps>, np"):
+            MmaConfig.parse(bad)
 
 
 def test_rows_and_configs():

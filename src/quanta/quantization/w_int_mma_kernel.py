@@ -2,8 +2,8 @@
 
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
-KW-th group of K (words prefetched one group ahead, "PF"; with "PX" the group's x as well, with "PS" its scales and
-zeros), summed across warps, stored
+KW-th group of K (words prefetched one group ahead, "PF", or two, "PF2"; with "PX" the group's x as well, with "PS"
+its scales and zeros), summed across warps, stored
 (or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
 """
 
@@ -207,7 +207,7 @@ if HAS_GLUON:
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
-                       PS: gl.constexpr = False):
+                       PS: gl.constexpr = False, PF2: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -238,6 +238,8 @@ if HAS_GLUON:
         t7 = zeros
         # the K loop: each warp's next group's words load before this group's math (PF), or with it; PX: its x too
         w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, kw, G, GROUP, not USE_PDL)
+        if PF2:  # and the group after it (words two groups ahead in the loop)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, KW + kw, G, GROUP, not USE_PDL)
         if PS:  # the first group's scales and zeros too (weights: before the PDL wait)
             szn = _sload(kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
@@ -249,7 +251,10 @@ if HAS_GLUON:
             xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
-            if PF:
+            if PF2:
+                w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
+                u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, g0 + 2 * KW + kw, G, GROUP)
+            elif PF:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
             if PX:
                 xs = xn
@@ -264,7 +269,7 @@ if HAS_GLUON:
                 sz = _sload(g0 + kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(v0, v1, v2, v3, v4, v5, v6, v7, xs, sz, zeros, t0, t1, t2, t3, t4,
                                                     t5, t6, t7, ASM, CONS, GROUP, NT)
-            if not PF:
+            if not PF and not PF2:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
         inv = 1.0
         if INV_RMS:
