@@ -167,7 +167,7 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     from quanta.kernels.gemv_config import num_sms
 
     fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-    if not fits:  # qkv's 384 tiles: 4 warps, x prefetched (13.2 vs 14.8 us; batch 16 5,971.4 / 5,948.6 vs 5,904.9)
+    if not fits:  # qkv (384 tiles): 4 warps, x prefetched: 13.2 vs 14.8 us, batch 16 5,971.4 / 5,948.6 vs 5,904.9 (s17g-h)
         return MmaConfig(tiles=1, warps=4, prefetch=True, xprefetch=True, sprefetch=True)
     return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True)
 
