@@ -34,6 +34,7 @@ _CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS
 # asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL[, BLOCK_N, BLOCK_K]; default 4 with planes else 8, 1024)
 ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0), (0, 0, 0, 1, 8, 2048),
               (0, 0, 0, 1, 8, 4096), (0, 0, 0, 1, 4, 4096), (0, 1, 0, 1, 8, 2048)]
+ASM_L2_COMBOS = [(0, 1, 0, 1), (1, 0, 0, 1), (1, 0, 1, 1)]  # with L2_PREFETCH (QUANTA_INT_L2_PREFETCH)
 _ASM_PTRS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", b_ptr="*bf16", y_ptr="*bf16", ws_ptr="*fp32",
                  cnt_ptr="*i32")
 _ASM_INTS = ["M", "N", "K", "K_PAD", "K_SPLIT", "num_splits", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
@@ -62,17 +63,19 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
     from quanta.quantization import w_int_gemv_asm
     from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel as kern
 
-    for xp, nx, act, pdl, *blocks in ASM_COMBOS:
+    l2 = [(c, True) for c in ASM_L2_COMBOS] if "L2_PREFETCH" in kern.arg_names else []
+    for (xp, nx, act, pdl, *blocks), l2_on in [(c, False) for c in ASM_COMBOS] + l2:
         bn, bk = blocks or (4 if xp else 8, 1024)
         consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
                       PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=bn,
                       BLOCK_K=bk, STAGES=1, NEXT=bool(nx), TMA=False, XPLANES=bool(xp), ACT_OUT=bool(act),
-                      USE_PDL=bool(pdl), PRELOAD=bool(pdl))
+                      USE_PDL=bool(pdl), PRELOAD=bool(pdl), **({"L2_PREFETCH": True} if l2_on else {}))
         names = [n for n in kern.arg_names if n in _ASM_PTRS or n in consts or n in _ASM_INTS]
         sig = {n: "constexpr" if n in consts else _ASM_PTRS.get(n, "i32") for n in names}
         sig["x_ptr"] = "*i32" if xp else "*bf16"
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
         size = f" bn{bn}_bk{bk}" if blocks else ""
+        size += " L2_PREFETCH" if l2_on else ""
         print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}{size}: {_fingerprint(kernel, cuobjdump)}")
 
 

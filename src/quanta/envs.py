@@ -93,6 +93,7 @@ _add("QUANTA_INT_GEMV_ASM", "1", "flag", "the inline-PTX int4 GEMV at one row (s
 _add("QUANTA_INT_GEMV_ASM_CONFIG", "bn8_bk1024_sk1_w4_s1_nx", "str", "its config")
 _add("QUANTA_INT_GEMV_ASM_CONFIG_LONG", "bn8_bk1024_sk1_w4_s1_nx", "str", "its config for K >= 8192")
 _add("QUANTA_INT_GEMV_ASM_SHAPES", "", "str", "per-shape configs: 'NxK=config;...'")
+_add("QUANTA_INT_L2_PREFETCH", "0", "flag", "under PDL, the int4 asm GEMV prefetches its words into L2 first")
 _add("QUANTA_INT_GEMV_PLANES", "1", "flag", "the norm writes x planes for the int4 asm GEMV")
 _add("QUANTA_INT_GEMV_PLANES_CONFIG", "bn4_bk1024_sk1_w4_s1_xp", "str", "the asm GEMV's config with planes")
 _add("QUANTA_SPLIT_NORM", "0", "flag", "one int4 row: add + RMSNorm split across the GEMVs around it (split_norm.py)")

@@ -125,10 +125,14 @@ def test_engine_tokens_with_pdl(tmp_path, monkeypatch) -> None:
 
 
 @hopper
-def test_asm_gemv_preload_matches_plain(pdl_on) -> None:
-    """The one-row int4 asm GEMV with PDL (the first K step's words loaded before the wait): the plain kernel's
-    bits, for each config kind (plain, "_nx", x planes with the SiLU epilogue)."""
+@pytest.mark.parametrize("l2", [False, True])
+def test_asm_gemv_preload_matches_plain(pdl_on, monkeypatch, l2) -> None:
+    """The one-row int4 asm GEMV with PDL (the first K step's words loaded before the wait; l2: all its words asked
+    of L2 too, QUANTA_INT_L2_PREFETCH): the plain kernel's bits, for each config kind (plain, "_nx", x planes with
+    the SiLU epilogue)."""
     from quanta.quantization import w_int_gemv_asm
+
+    monkeypatch.setattr(w_int_gemv_asm, "L2_PREFETCH", l2)
     from quanta.quantization.int_quant import group_qparams, pack_int4, quantize_groups
     from quanta.quantization.w_int_kernel import w_int_gemv
 

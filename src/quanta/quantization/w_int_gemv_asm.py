@@ -40,10 +40,13 @@ import torch
 from quanta import envs
 from quanta.kernels._compat import tl, triton
 from quanta.kernels.gemv import gemv_epilogue
-from quanta.kernels.pdl import pdl_begin
+from quanta.kernels.pdl import pdl_begin, pdl_prefetch_rows
 from quanta.kernels.split_norm import add_norm_store, inv_rms
 
 ASM_ENABLED = envs.get("QUANTA_INT_GEMV_ASM")
+# under PDL, each program asks L2 for all its words before waiting for the kernel before (QUANTA_INT_L2_PREFETCH;
+# off until measured: the 16-bit GEMVs' version lost on an H100, kernels/pdl.py)
+L2_PREFETCH = envs.get("QUANTA_INT_L2_PREFETCH")
 # w_int_linear's config for it; no split-K (sk1): on an H200 the split's partials + last-program reduce cost ~1.4 us
 # on the 8B o_proj (9.3 vs 10.7 us) and gained nowhere (benchmarks/results/h200_s6c_int_gemv_8b_read.json). "_nx"
 # (two K steps in flight a program; isolated slower, sixth session): under PDL the 8B o_proj gains, W4A16_AWQ batch 1
@@ -250,6 +253,7 @@ def _w_int_gemv_asm_kernel(
     USE_PDL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
     res_ptr=None, nw_ptr=None, h_ptr=None, xw_ptr=None, part_ptr=None, n_parts=1, k_norm=1, eps=0.0,
     NORM_OUT: tl.constexpr = False, NORM_SUB: tl.constexpr = 0, INV_RMS: tl.constexpr = False, NP_PAD: tl.constexpr = 1,
+    L2_PREFETCH: tl.constexpr = False,
 ):
     """Program (pid_n, pid_k): BLOCK_N rows over K range [pid_k * K_SPLIT, +K_SPLIT) (whole steps of BLOCK_K
     values, K == K_PAD); w_ptr / stride_wn in int32 words. A step is [BLOCK_N, NG, WPG] words (NG chunks of SUB
@@ -263,7 +267,9 @@ def _w_int_gemv_asm_kernel(
     split-K).
     NORM_OUT (kernels/split_norm.py, no split-K): the epilogue adds the residual, stores h, xw = h * norm weight (x
     planes of chunk NORM_SUB, or plain) and this program's sum of h^2 at part_ptr[pid_n] instead of y. INV_RMS: x is
-    such an xw; the sums are scaled by rsqrt(sum of the n_parts partials / k_norm + eps) before the epilogue."""
+    such an xw; the sums are scaled by rsqrt(sum of the n_parts partials / k_norm + eps) before the epilogue.
+    L2_PREFETCH (under PDL, not TMA): before the wait, the program's words after its first step are prefetched into
+    L2 (kernels/pdl.py pdl_prefetch_rows), so they stream while the kernel before drains."""
     NG: tl.constexpr = BLOCK_K // SUB
     WPG: tl.constexpr = SUB // 8
     pid_n = tl.program_id(0)
@@ -292,6 +298,8 @@ def _w_int_gemv_asm_kernel(
     elif PRELOAD:  # PDL: the first step's weights in flight before the wait (kernels/pdl.py)
         q0, s0, z0 = _asm_loads(w_ptr, w_rows, s_rows, z_rows, k_lo, word, offs_g, pid_n, GROUP, SUB, HAS_ZERO,
                                 BLOCK_N, BLOCK_K, NG, WPG, TMA)
+    if L2_PREFETCH:  # QUANTA_INT_L2_PREFETCH: the rest of this program's words asked of L2 before the wait
+        pdl_prefetch_rows(w_ptr + rows[:, None] * stride_wn, (k_lo + BLOCK_K) // 8, k_hi // 8, BLOCK_N, 32, 16)
     if NORM_OUT and USE_PDL:  # a split norm's producer lets its consumer launch only after its K loop (below)
         tl.extra.cuda.gdc_wait()
     else:

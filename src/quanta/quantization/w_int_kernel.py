@@ -306,6 +306,7 @@ def w_int_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero:
                                      PTX=ptx(x.dtype), MAGIC16=magic16(x.dtype), BLOCK_M=1, STAGES=cfg.num_stages,
                                      NEXT=cfg.next_step, TMA=cfg.tma, XPLANES=xp, ACT_OUT=act, **common,
                                      USE_PDL=use_pdl, PRELOAD=use_pdl and preload_enabled(), **pdl_launch_kwargs(use_pdl),
+                                     L2_PREFETCH=use_pdl and w_int_gemv_asm.L2_PREFETCH and not cfg.tma,
                                      **cfg.launch_kwargs(), **norm)
         if norm_out is not None:
             return norm["h_ptr"].view(1, n), norm["xw_ptr"].view(1, n), norm["part_ptr"]
