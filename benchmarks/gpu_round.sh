@@ -145,6 +145,9 @@ for part in "$@"; do
     ncu) timeout ${NCU_S:-300} ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
         python benchmarks/ncu_int_gemv.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+    # the seventeenth session's off-by-default builds vs their twins: mma "_p2" / "_l2" / 16 warps, asm L2 prefetch
+    l2test) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "p2 or w16 or l2" --timeout 120 2>&1 | tail -2
+      timeout 100 python -m pytest -q tests/gpu/test_pdl_gpu.py -k "asm or w4" --timeout 90 2>&1 | tail -2 ;;
     # 9-16-row mma GEMV configs: the sweep at 16 rows (reading flush), then batch 16 with each shape's fastest vs defaults
     mma16) IGEMV_MS=16 IGEMV_VARIANTS=${MMA16_VARIANTS:-mma:auto,mma:t1_w8_px_ps_p2,mma:t1_w8_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w16_px_ps,mma:t2_w16_ps,mma:t2_w8_px_ps,mma:t2_w2_ps_p2,mma:t2_w2_np_ps,mma:t1_w16_px_ps,mma:t2_w4_np_ps} \
         bash "$0" igemvr | grep "^8b [a-z]"

@@ -53,6 +53,7 @@ def test_config_text():
     assert str(MmaConfig.parse("t1_w8_px_ps")) == "t1_w8_px_ps"
     assert MmaConfig.parse("t1_w8_px_ps_p2") == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True, deep=True)
     assert str(MmaConfig.parse("t1_w8_px_ps_p2")) == "t1_w8_px_ps_p2"
+    assert MmaConfig.parse("t2_w2_l2") == MmaConfig(tiles=2, warps=2, l2=True) and str(MmaConfig(l2=True)) == "t1_w4_l2"
     for bad in ("auto", "t1_w8_xx", "tx_w8", ""):
         with pytest.raises(ValueError, match="t<tiles>, w<warps>, np"):
             MmaConfig.parse(bad)

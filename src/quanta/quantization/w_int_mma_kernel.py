@@ -3,7 +3,7 @@
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
 KW-th group of K (words prefetched one group ahead, "PF", or two, "PF2"; with "PX" the group's x as well, with "PS"
-its scales and zeros), summed across warps, stored
+its scales and zeros; "L2PF", under PDL: all its words asked of L2 before the wait), summed across warps, stored
 (or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
 """
 
@@ -115,6 +115,18 @@ if HAS_GLUON:
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @gluon.jit
+    def _l2_prefetch(w_ptr, tile, G, WPG: gl.constexpr, KW: gl.constexpr):
+        """Ask L2 for all of tile `tile`'s words (G * WPG lines of 128 bytes, contiguous); nothing is waited for."""
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [KW], [0])
+        base = w_ptr + tile.to(gl.int64) * G * (32 * WPG)
+        for i in range(0, G * WPG, KW * 32):
+            idx = i + gl.arange(0, KW * 32, layout=lay)
+            gl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                [(base + idx * 32).to(gl.int64), (idx < G * WPG).to(gl.int32)], dtype=gl.int32, is_pure=False,
+                pack=1)
+
+    @gluon.jit
     def _ld8(ptr, PURE: gl.constexpr):
         """Eight x words from 16-byte aligned ptr (two vector loads), as an 8-tuple of ptr's shape."""
         p0, p1, p2, p3 = _ld4(ptr, LD4X, PURE)
@@ -207,7 +219,7 @@ if HAS_GLUON:
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
-                       PS: gl.constexpr = False, PF2: gl.constexpr = False):
+                       PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -242,6 +254,12 @@ if HAS_GLUON:
             u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, KW + kw, G, GROUP, not USE_PDL)
         if PS:  # the first group's scales and zeros too (weights: before the PDL wait)
             szn = _sload(kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
+        if L2PF:  # and all of the program's words asked of L2 (kernels/pdl.py's prefetch), before the wait
+            for t in gl.static_range(TN):
+                if ACT:
+                    _l2_prefetch(w_ptr, gl.program_id(0) + t * (n_tiles // 2), G, WPG, KW)
+                else:
+                    _l2_prefetch(w_ptr, gl.minimum(gl.program_id(0) * TN + t, n_tiles - 1), G, WPG, KW)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
         if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, summed after the loop
