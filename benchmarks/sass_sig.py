@@ -41,6 +41,60 @@ _ASM_INTS = ["M", "N", "K", "K_PAD", "K_SPLIT", "num_splits", "stride_xm", "stri
              "stride_ym"]
 
 
+def _sass(kernel, cuobjdump: str) -> list[tuple[int, str]]:
+    """(address, instruction) of the kernel's SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def loop_order(sass: list[tuple[int, str]]) -> str:
+    """The first K loop's (first backward branch's) global loads L and HMMAs H in issue order, run-length coded,
+    e.g. '14L 16H': whether a loop's loads go out before its math."""
+    loop = next(((int(m.group(1), 16), a) for a, ins in sass if (m := re.search(r"BRA 0x([0-9a-f]+)", ins))
+                 and int(m.group(1), 16) < a), None)
+    if loop is None:
+        return "no loop"
+    runs: list[list] = []
+    for a, ins in sass:
+        op = "L" if "LDG" in ins else "H" if "HMMA" in ins else None
+        if op and loop[0] <= a <= loop[1]:
+            if runs and runs[-1][0] == op:
+                runs[-1][1] += 1
+            else:
+                runs.append([op, 1])
+    return " ".join(f"{n}{op}" for op, n in runs)
+
+
+def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
+    """--mma-loop: each mma GEMV config's (w_int_mma.MmaConfig, "_r" caps included) registers and K-loop order at 16
+    rows (NT 2; the SiLU "_act" variant at one row), e.g. t1_w4_px_ps_r144."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from quanta.quantization import w_int_mma
+    from quanta.quantization.w_int_mma_kernel import _w4_mma_kernel
+
+    for text in configs.split(","):
+        act = text.endswith("_act")
+        cfg = w_int_mma.MmaConfig.parse(text.removesuffix("_act"))
+        nt = 1 if act else 2
+        asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
+        consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
+                      HAS_ZERO=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2)
+        types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
+        sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
+        names = list(sig)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
+        opts = dict(num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}))
+        kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs), target=target,
+                                options=opts)
+        print(f"{text}: {_fingerprint(kernel, cuobjdump)} loop: {loop_order(_sass(kernel, cuobjdump))}")
+
+
 def _fingerprint(kernel, cuobjdump: str) -> str:
     """'<sha1 of the SASS, addresses stripped> (<instructions> lines) REG:<registers> STACK:<bytes>' (the stack is
     where ptxas spills)."""
@@ -157,9 +211,16 @@ def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton", default="", help="a folder holding the Triton to compile with (put first on sys.path)")
+    ap.add_argument("--mma-loop", default="", help="only these mma GEMV configs' registers and K-loop order")
     a = ap.parse_args()
     if a.triton:
         sys.path.insert(0, a.triton)
+    if a.mma_loop:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return _mma_loops(a.mma_loop, triton, GPUTarget("cuda", 90, 32), cuobjdump)
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
