@@ -149,10 +149,12 @@ for part in "$@"; do
     l2test) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "p2 or w16 or l2 or r128" --timeout 120 2>&1 | tail -2
       timeout 100 python -m pytest -q tests/gpu/test_pdl_gpu.py -k "asm or w4" --timeout 90 2>&1 | tail -2 ;;
     # one row's gate_up + SiLU on the mma GEMV with a register cap (ptxas then issues the next group's loads before
-    # this group's math: offline SASS) and the asm GEMV's L2 prefetch: isolated, then 8B AWQ batch 1 vs the defaults
+    # this group's math: offline SASS), the asm GEMV's L2 prefetch, qkv / o / down on the mma GEMV (capped) instead
+    # of the asm one: isolated, then 8B AWQ batch 1 vs the defaults
     silu1r) IGEMV_MS=1 IGEMV_VARIANTS=silu:t2_w2,silu:t2_w2_r128,silu:t2_w2_ps_r128,silu:t2_w2_r112 bash "$0" igemvr | grep "^8b gate_up"
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_r128 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_r128
-        8b:awq:QUANTA_INT_L2_PREFETCH=1 8b:awq" bash "$0" envab ;;
+        8b:awq:QUANTA_INT_L2_PREFETCH=1 8b:awq:QUANTA_INT_MMA_ROWS=1-16,QUANTA_INT_GEMV_PLANES=0,QUANTA_INT_MMA_SHAPES=${R1:-6144x4096=t1_w4_px_ps_r96;4096x4096=t1_w4_px_ps_r96;4096x14336=t1_w4_px_ps_r96}
+        8b:awq" bash "$0" envab ;;
     # 9-16-row mma GEMV configs: the sweep at 16 rows (reading flush), then batch 16 with each shape's fastest vs defaults
     mma16) IGEMV_MS=16 IGEMV_VARIANTS=${MMA16_VARIANTS:-mma:auto,mma:t1_w4_px_ps_r128,mma:t1_w4_px_ps_r144,mma:t1_w8_px_ps_r128,mma:t1_w8_px_ps_r120,mma:t1_w8_px_ps_p2,mma:t1_w8_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w16_px_ps,mma:t2_w16_ps,mma:t2_w8_px_ps,mma:t2_w2_ps_p2,mma:t2_w2_np_ps,mma:t1_w16_px_ps,mma:t2_w4_np_ps} \
         bash "$0" igemvr | grep "^8b [a-z]"

@@ -70,7 +70,7 @@ def loop_order(sass: list[tuple[int, str]]) -> str:
 
 def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     """--mma-loop: each mma GEMV config's (w_int_mma.MmaConfig, "_r" caps included) registers and K-loop order at 16
-    rows (NT 2; the SiLU "_act" variant at one row), e.g. t1_w4_px_ps_r144."""
+    rows (NT 2; "_one": at 1-8 rows, NT 1; "_act": the SiLU epilogue at 1-8 rows), e.g. t1_w4_px_ps_r144."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -78,9 +78,9 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     from quanta.quantization.w_int_mma_kernel import _w4_mma_kernel
 
     for text in configs.split(","):
-        act = text.endswith("_act")
-        cfg = w_int_mma.MmaConfig.parse(text.removesuffix("_act"))
-        nt = 1 if act else 2
+        act, one = text.endswith("_act"), text.endswith("_one")
+        cfg = w_int_mma.MmaConfig.parse(text.removesuffix("_act").removesuffix("_one"))
+        nt = 1 if act or one else 2
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       HAS_ZERO=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
