@@ -146,7 +146,7 @@ for part in "$@"; do
         --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \
         python benchmarks/ncu_int_gemv.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
     # the seventeenth session's off-by-default builds vs their twins: mma "_p2" / "_l2" / 16 warps, asm L2 prefetch
-    l2test) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "p2 or w16 or l2 or r128" --timeout 120 2>&1 | tail -2
+    l2test) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "p2 or w16 or l2 or r128 or r96" --timeout 120 2>&1 | tail -2
       timeout 100 python -m pytest -q tests/gpu/test_pdl_gpu.py -k "asm or w4" --timeout 90 2>&1 | tail -2 ;;
     # one row's gate_up + SiLU on the mma GEMV with a register cap (ptxas then issues the next group's loads before
     # this group's math: offline SASS), the asm GEMV's L2 prefetch, qkv / o / down on the mma GEMV (capped) instead
