@@ -66,26 +66,24 @@ def test_raw_logprobs_ignore_processors():
 # ---- no host sync ----
 
 
+def _busy_params(**more) -> SamplingParams:
+    """Many processing knobs at once (the sync tests: every path of the sampler runs)."""
+    return SamplingParams(temperature=0.8, top_k=3, top_p=0.9, min_p=0.05, logprobs=2, repetition_penalty=1.3,
+                          no_repeat_ngram_size=2, seed=3, **more)
+
+
 def test_no_host_sync_calls(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("host sync inside the sampler")
 
     params = [
-        SamplingParams(
-            temperature=0.8,
-            top_k=3,
-            top_p=0.9,
-            min_p=0.05,
-            logprobs=2,
-            repetition_penalty=1.3,
+        _busy_params(
             presence_penalty=0.2,
             frequency_penalty=0.1,
             prompt_ignore_length=1,
-            no_repeat_ngram_size=2,
             min_tokens=4,
             bad_token_ids=[6],
             embedding_bias=torch.ones(VOCAB),
-            seed=3,
             top_p_decay=0.9,
             logprobs_mode="processed",
         ),
@@ -105,16 +103,7 @@ def test_no_host_sync_calls(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_device_sync_on_cuda():
-    params = SamplingParams(
-        temperature=0.8,
-        top_k=3,
-        top_p=0.9,
-        min_p=0.05,
-        logprobs=2,
-        repetition_penalty=1.3,
-        no_repeat_ngram_size=2,
-        seed=3,
-    )
+    params = _busy_params()
     rows = [make_row(params, prompt=[1, 2, 1], output=[2], generator=make_generator(3, "cuda"))]
     logits = batch_logits(1).cuda()
     Sampler()(logits, rows)  # warm-up (lazy init may sync)
