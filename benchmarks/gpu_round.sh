@@ -141,6 +141,10 @@ for part in "$@"; do
     timeline) for spec in ${TL_RUNS:-8b:awq:1 1b:bf16:1}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json
         [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "timeline $spec"
         env ${ev//,/ } PROF_ROWS=3 timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps 32 --trace --timeline $q 2>&1 | grep -vE "^-|Calibrating|^ *Name|^Self" | tail -34; done ;;
+    # what the engine's step adds to its graph's replay (upload, feed, download, the host a step behind)
+    bubble) for spec in ${BB_RUNS:-1b:bf16:1 1b:bf16:1:QUANTA_PDL=0}; do IFS=: read -r mdl qa bs ev <<< "$spec"; cfg=$C/llama-3.2-1b.json
+        [ $mdl = 8b ] && cfg=$C/llama-3.1-8b.json; q=""; [ $qa = awq ] && q="--quant-algo W4A16_AWQ"; echo "bubble $spec"
+        env ${ev//,/ } timeout 150 python benchmarks/profile_step.py "$cfg" --batch $bs --steps ${BB_STEPS:-128} --bubble $q 2>&1 | grep -vE "Calibrating|^ +[a-z]+ +[0-9.]+ ms$" | tail -16; done ;;
     # Nsight Compute on the int4 GEMVs (benchmarks/ncu_int_gemv.py): occupancy, warp stall reasons, DRAM throughput
     ncu) timeout ${NCU_S:-300} ncu --clock-control none --kernel-name regex:"_w4_mma|_w_int_gemv_asm" --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section MemoryWorkloadAnalysis \

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (kernels show in the trace)")
     ap.add_argument("--quant-algo", default=None, help="quantize at load (random-token calibration), e.g. W4A16_AWQ")
+    ap.add_argument("--bubble", action="store_true", help="what the engine adds to the graph's replay: the step's "
+                    "upload, input feed and token download around back-to-back replays, one at a time")
     ap.add_argument("--timeline", action="store_true", help="with --trace: kernel time line of the traced steps "
                     "(busy time, gaps, overlap, per-kernel durations; benchmarks/trace_timeline.py)")
     a = ap.parse_args()
@@ -82,6 +84,8 @@ def main() -> None:
         gpu = (time.perf_counter() - t) / a.steps
         print(f"graph replays back to back: {gpu * 1e3:.3f} ms/step; the engine's step {(step - gpu) * 1e6:.1f} us "
               f"({(step - gpu) / step:.1%}) longer")
+        if a.bubble:
+            _bubble(runner, a.batch, a.steps, step)
     acc: dict[str, float] = defaultdict(float)
     _wrap(eng.scheduler, "schedule", acc, True)
     _wrap(runner.buffers, "build", acc, True)
@@ -117,6 +121,59 @@ def main() -> None:
                 prof.export_chrome_trace(f.name)
                 events = json.loads(Path(f.name).read_text())["traceEvents"]
             print(summarize(events, steps=trace_steps))
+
+
+def _bubble(runner, batch: int, steps: int, engine_step: float) -> None:
+    """ms a step of back-to-back graph replays with the engine's per-step stream work added one piece at a time."""
+    g, bufs = runner.graphs, runner.buffers
+    bs = g.bucket(batch)
+    ids, lps = g.greedy[bs]
+    inp = bufs.views(bs, bs)[0]
+    m = 5 * bs + 1 if bufs.packed else 0
+
+    def upload():
+        if m:
+            bufs.flat[:m].copy_(bufs.h_flat[:m], non_blocking=True)
+
+    def feed():
+        inp[:batch].copy_(ids[:batch])
+
+    def feed_kernel():
+        torch.add(ids[:batch], 0, out=inp[:batch])
+
+    def download():
+        return runner.ring.copy_out(ids[:batch], lps[:batch])[2]
+
+    pieces = {
+        "replay": [],
+        "+ download (DtoH, event)": [download],
+        "+ upload (HtoD)": [upload, download],
+        "+ feed (DtoD)": [upload, feed, download],
+        "+ feed as a kernel": [upload, feed_kernel, download],
+    }
+    for name, fns in pieces.items():
+        for overlapped in (False, True):
+            prev = None
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(steps):
+                ev = None
+                for fn in fns:
+                    if fn is download:
+                        continue
+                    fn()
+                g.replay(bs)
+                if download in fns:
+                    ev = download()
+                if overlapped and prev is not None:
+                    prev.synchronize()  # the engine waits for the step before the one it just launched
+                prev = ev
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / steps
+            tag = " + host waits a step behind" if overlapped else ""
+            print(f"  {name + tag:52s} {dt * 1e3:.3f} ms/step (engine {engine_step * 1e3:.3f})")
+            if not fns:
+                break
 
 
 def _timed_call(sampler, logits, rows, acc):
