@@ -32,6 +32,39 @@ def greedy_check(device: str, dtype: torch.dtype, rows: int, vocab: int) -> bool
     return bool(torch.equal(ids, ref_ids) and torch.allclose(lps, ref_lps, atol=1e-4, rtol=1e-4))
 
 
+def handoff_check(device: str, rows: int, vocab: int) -> bool:
+    """The CUDA-graph token hand-over (kernels/greedy.py): three calls count 1, 2, 3 and fill slots 1, 0, 1 with
+    the ids, the logprobs and the count; the ids also land in feed; the returned ids / logprobs are unchanged."""
+    from quanta.kernels.greedy import greedy_sample_fused
+    from quanta.sampling.sampler import greedy_sample
+
+    pin = device == "cuda"
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    host_ids = torch.full((2, rows + 3), -7, dtype=torch.int64, pin_memory=pin)
+    host_lps = torch.zeros(2, rows + 2, dtype=torch.float32, pin_memory=pin)
+    feed = torch.full((rows + 1,), -5, dtype=torch.int64, device=device)
+    ok = True
+    for k in (1, 2, 3):
+        g = torch.Generator().manual_seed(k)
+        logits = (torch.randn(rows, vocab, generator=g) * 4).to(device)
+        ids, lps = greedy_sample_fused(logits, (count, host_ids, host_lps, feed))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ref_ids, ref_lps = greedy_sample(logits.float())
+        slot = k % 2
+        ok &= bool(torch.equal(ids, ref_ids) and torch.allclose(lps, ref_lps, atol=1e-4, rtol=1e-4))
+        ok &= int(count[0]) == k and int(host_ids[slot, 0]) == k and int(host_ids[slot, rows + 1]) == -7
+        ok &= bool(torch.equal(host_ids[slot, 1 : rows + 1], ref_ids.cpu()))
+        ok &= bool(torch.allclose(host_lps[slot, :rows], ref_lps.cpu(), atol=1e-4, rtol=1e-4))
+        ok &= bool(torch.equal(feed[:rows], ref_ids)) and int(feed[rows]) == -5
+    try:
+        greedy_sample_fused(logits, (count, host_ids[:, :rows], host_lps, feed))
+        ok = False
+    except ValueError as e:  # no room for the count
+        ok &= "handoff" in str(e)
+    return ok
+
+
 def rope_cache_check(device: str, dtype: torch.dtype) -> float:
     from quanta.kernels.kv_cache_write import kv_cache_write_ref
     from quanta.kernels.rotary import apply_rotary_emb_ref, rotary_kv_cache_write
@@ -63,6 +96,7 @@ def child_main() -> None:
         "greedy_1x5000_fp32": greedy_check("cpu", torch.float32, 1, 5000),
         "greedy_3x9000_fp32_tie": greedy_check("cpu", torch.float32, 3, 9000),
         "greedy_2x4096_fp16": greedy_check("cpu", torch.float16, 2, 4096),
+        "greedy_handoff_3x5000": handoff_check("cpu", 3, 5000),
         "rope_cache_fp32": rope_cache_check("cpu", torch.float32) < 1e-5,
     }
     print(json.dumps(res))
@@ -81,7 +115,7 @@ def interpreted() -> dict:
 
 
 @pytest.mark.parametrize("name", ["greedy_1x5000_fp32", "greedy_3x9000_fp32_tie", "greedy_2x4096_fp16",
-                                  "rope_cache_fp32"])
+                                  "greedy_handoff_3x5000", "rope_cache_fp32"])
 def test_fused_ops_interpreted(interpreted, name):
     assert interpreted[name] is True
 
@@ -94,6 +128,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_fused_gpu(rows, vocab, dtype):
     assert greedy_check("cuda", dtype, rows, vocab)
+
+
+@cuda
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (16, 32000)])
+def test_greedy_handoff_gpu(rows, vocab):
+    assert handoff_check("cuda", rows, vocab)
 
 
 @cuda

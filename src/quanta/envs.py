@@ -74,6 +74,8 @@ _add("QUANTA_DECODE_WARPS", "4", "int", "warps a program of the three-launch dec
 _add("QUANTA_DECODE_TILE_N", "64", "int", "keys a tile of the three-launch decode (head_dim > 128: half)")
 # programmatic dependent launch (kernels/pdl.py)
 _add("QUANTA_PDL", "1", "flag", "programmatic dependent launch of the decode kernels (sm_90+)")
+_add("QUANTA_GRAPH_TOKENS", "1", "flag", "CUDA graphs hand their greedy tokens to the host and the next step's "
+     "input ids themselves (worker/cuda_graph.py)")
 _add("QUANTA_PACKED_INPUTS", "1", "flag", "a step's inputs in two host -> device copies (0: one each; worker/input_batch.py)")
 _add("QUANTA_PDL_PRELOAD", "1", "flag", "under PDL, kernels load weights / metadata before waiting")
 _add("QUANTA_PDL_PREFETCH", "0", "flag", "under PDL, GEMVs prefetch all their weights into L2 first")

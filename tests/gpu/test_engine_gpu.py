@@ -90,3 +90,26 @@ def test_packed_inputs_equal(monkeypatch, tmp_path, overlap):
             results.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason)
                             for o in llm.generate(prompts, params, use_tqdm=False)])
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("packed", ["0", "1"])
+def test_graph_token_handoff_equal(monkeypatch, tmp_path, packed):
+    """QUANTA_GRAPH_TOKENS (the graph's greedy kernels write the tokens to pinned host slots and the next input
+    ids; worker/cuda_graph.py GraphTokens) == the copies it replaces == eager: one long sequence (the in-place
+    steady state), then mixed lengths and stop tokens (rows that shift, graph and eager steps)."""
+    monkeypatch.setenv("QUANTA_PACKED_INPUTS", packed)
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    prompts = _prompts(24, 512)
+    runs = [([prompts[0]], [SamplingParams(max_tokens=80, ignore_eos=True)]),
+            (prompts, [SamplingParams(max_tokens=1 + (i * 5) % 41, stop_token_ids=[7, 11]) for i in range(24)])]
+    results = []
+    for on, eager in (("0", False), ("1", False), ("1", True)):
+        monkeypatch.setenv("QUANTA_GRAPH_TOKENS", on)
+        with LLM(str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=eager) as llm:
+            graphs = llm.engine.runner.graphs
+            assert (graphs is None) == eager and (eager or (graphs.tokens is not None) == (on == "1"))
+            results.append([[(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                             for o in llm.generate(p, sp, use_tqdm=False)] for p, sp in runs])
+            if not eager and on == "1":
+                assert graphs.tokens.replays > 80 and int(graphs.tokens.count[0]) == graphs.tokens.replays
+    assert results[0] == results[1] == results[2]

@@ -95,12 +95,15 @@ def fused_add_rms_norm(
     return rms_norm_ref(residual, weight, eps), residual
 
 
-def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, vocab] -> (argmax ids [R] int64, their log-probabilities [R] float32)."""
+def greedy_sample(logits: torch.Tensor, handoff=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, vocab] -> (argmax ids [R] int64, their log-probabilities [R] float32); handoff: the CUDA-graph token
+    hand-over of kernels/greedy.py (kernel path only)."""
     if _USE_KERNELS and logits.is_cuda:
         from quanta.kernels.greedy import greedy_sample_fused
 
-        return greedy_sample_fused(logits)
+        return greedy_sample_fused(logits, handoff)
+    if handoff is not None:
+        raise ValueError("greedy_sample: handoff needs the CUDA kernels")
     from quanta.sampling.sampler import greedy_sample as ref
 
     return ref(logits.float())

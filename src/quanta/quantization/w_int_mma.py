@@ -225,8 +225,13 @@ def usable_silu(layer, x: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def silu_config(m: int) -> MmaConfig:
-    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps."""
-    return MmaConfig.parse(SILU_CONFIG) if SILU_CONFIG else MmaConfig(tiles=2, warps=2, prefetch=m <= 8)
+    """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps; one row
+    capped at 128 registers (ptxas then issues the next group's loads before this group's math: offline SASS, 96
+    registers "7L 4H 1L 2H 4L ..." -> "16L 16H"). H200, 8B gate_up, isolated 26.4 -> 23.7 us; W4A16_AWQ batch 1
+    494.0 / 493.9 / 495.1 -> 496.4 / 496.1 tok/s (eighteenth session, h200_s18a / c; 2-8 rows not measured)."""
+    if SILU_CONFIG:
+        return MmaConfig.parse(SILU_CONFIG)
+    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, regs=128 if m == 1 else 0)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None) -> torch.Tensor:

@@ -9,6 +9,11 @@ body with the LoRA kernels, the body without them (ends by copying its hidden st
 body's output) and the head (logits + argmax) reading that output. A step replays one body, chosen by
 `lora_ctx.active` (does any token of the step have an adapter?), then the head: steps without adapters
 pay nothing for LoRA, and the logits exist once per batch size.
+
+Token hand-over (GraphTokens; env QUANTA_GRAPH_TOKENS, default on): the graph's greedy kernels write a replay's
+ids and log-probabilities straight into pinned host memory (slot replay % 2, tagged with the replay's count) and
+its ids into the input-ids buffer, so an overlapped steady-state step needs neither a device -> host copy after
+the graph nor a device -> device input feed before it (worker/model_runner.py execute_async).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 
 import torch
 
+from quanta import envs
 from quanta.attention.forward_context import forward_context
 from quanta.attention.metadata import AttentionMetadata
 from quanta.layers import fast_ops
@@ -48,6 +54,7 @@ class CudaGraphRunner:
         self.heads: dict[int, torch.cuda.CUDAGraph] = {}  # with LoRA: logits + argmax from the body's hidden
         self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] in the model's dtype
         self.greedy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # argmax ids, their logprobs [bs]
+        self.tokens = GraphTokens(self.max_batch_size) if envs.get("QUANTA_GRAPH_TOKENS") else None
 
     @property
     def max_batch_size(self) -> int:
@@ -68,7 +75,9 @@ class CudaGraphRunner:
     def _head(self, bs: int, hidden: torch.Tensor) -> None:
         self.logits[bs] = self.model.compute_logits(hidden, float32=False)
         # NOTE: argmax in the graph saves plain-greedy steps the sampler's launches
-        self.greedy[bs] = fast_ops.greedy_sample(self.logits[bs])
+        t = self.tokens
+        handoff = None if t is None else (t.count, t.host_ids, t.host_lps, self.buffers.views(bs, bs)[0])
+        self.greedy[bs] = fast_ops.greedy_sample(self.logits[bs], handoff)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -106,9 +115,33 @@ class CudaGraphRunner:
         """Run the graph(s); returns (logits [bs, vocab] in the model's dtype, (argmax ids [bs], their logprobs)).
         With LoRA: the body with the LoRA kernels only when a token of the step has an adapter."""
         ctx = self.lora_ctx
+        if self.tokens is not None:
+            self.tokens.replays += 1
         if ctx is None:
             self.graphs[bs].replay()
         else:
             (self.graphs if ctx.active else self.base_graphs)[bs].replay()
             self.heads[bs].replay()
         return self.logits[bs], self.greedy[bs]
+
+
+class GraphTokens:
+    """The greedy kernels' hand-over buffers (kernels/greedy.py): a device replay counter and two pinned host slots
+    [count, ids...] / [logprobs...]. Replay k writes slot k % 2; the engine reads step N's slot after step N's
+    event and launches step N + 2 (the next writer of that slot) only after it has read step N."""
+
+    def __init__(self, max_rows: int):
+        self.count = torch.zeros(1, dtype=torch.int64, device="cuda")
+        self.host_ids = torch.zeros(2, max_rows + 1, dtype=torch.int64, pin_memory=True)
+        self.host_lps = torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=True)
+        self.replays = 0  # what count will read once the replays launched so far have run
+
+    def last(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(host ids [n], host logprobs [n], the count their slot must carry) of the latest replay."""
+        k = self.replays
+        return self.host_ids[k % 2, 1 : n + 1], self.host_lps[k % 2, :n], k
+
+    def check(self, k: int) -> None:
+        got = int(self.host_ids[k % 2, 0])
+        if got != k:
+            raise RuntimeError(f"CUDA graph token hand-over: slot {k % 2} holds replay {got}, expected {k}")

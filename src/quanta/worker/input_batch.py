@@ -83,8 +83,9 @@ class InputBuffers:
         if self.packed:
             self.uploaded_tables[:bs] = 0
 
-    def build(self, out: SchedulerOutput, block_size: int, pad_to: int = 0) -> ForwardBatch:
-        """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows.
+    def build(self, out: SchedulerOutput, block_size: int, pad_to: int = 0, skip_ids: bool = False) -> ForwardBatch:
+        """Fill the buffers for `out`; with pad_to (decode under a CUDA graph) add inert padding rows; skip_ids:
+        leave the device's input ids as they are (the previous graph wrote them: worker/pending.py fed_in_place).
 
         NOTE: decode rows (one token) take a pure-Python path: per-row numpy calls cost more than
         the arithmetic at batch sizes in the hundreds.
@@ -135,7 +136,7 @@ class InputBuffers:
         h_lens.numpy()[:] = lens_l
         h_qsl.numpy()[:] = qsl_l
         h_logits.numpy()[:] = logits_idx
-        return self._upload(num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows)
+        return self._upload(num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows, skip_ids)
 
     def stale_tables(self, s: int, max_blocks: int) -> bool:
         """packed: whether the block table's live part differs from what the device holds; if so it is noted as
@@ -146,17 +147,18 @@ class InputBuffers:
         done[:] = live
         return True
 
-    def _upload(self, num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows) -> ForwardBatch:
+    def _upload(self, num_tokens, num_seqs, max_blocks, max_q, max_s, offsets, sample_rows, skip_ids=False):
         n, s, r = num_tokens, num_seqs, len(sample_rows)
         if self.device.type == "cuda":
             nb = dict(non_blocking=True)
             if self.packed:  # one copy, and the block table only when its live part changed
-                m = 3 * n + s + s + 1  # int64 words up to the last query start
-                self.flat[:m].copy_(self.h_flat[:m], **nb)
+                m, lo = 3 * n + s + s + 1, n if skip_ids else 0  # int64 words up to the last query start
+                self.flat[lo:m].copy_(self.h_flat[lo:m], **nb)
                 if self.stale_tables(s, max_blocks):
                     self.block_tables[:s, :max_blocks].copy_(self.h_tables[:s, :max_blocks], **nb)
             else:
-                for dst, src in zip(self.views(n, s, r), self.views(n, s, r, host=True)):
+                pairs = list(zip(self.views(n, s, r), self.views(n, s, r, host=True)))
+                for dst, src in pairs[1:] if skip_ids else pairs:
                     dst.copy_(src, **nb)
                 self.block_tables[:s, :max_blocks].copy_(self.h_tables[:s, :max_blocks], **nb)
         ids, pos, slots, logits_idx, lens, qsl = self.views(n, s, r)

@@ -21,7 +21,7 @@ from quanta.sampling.types import SamplingRow
 from quanta.worker import kv_transfer
 from quanta.worker.input_batch import ForwardBatch, InputBuffers
 from quanta.worker.logits_extras import prompt_logits_outputs, topk_to_dicts
-from quanta.worker.pending import HostRing, PendingStep, feed_pending_inputs, joint_base, joint_views
+from quanta.worker.pending import HostRing, PendingStep, fed_in_place, feed_pending_inputs, joint_base, joint_views
 
 
 @dataclass
@@ -167,17 +167,26 @@ class ModelRunner:
             self._uploaded.synchronize()
         self._copy_blocks(out)
         graph_bs = self._graph_bucket(out)
-        batch = self.buffers.build(out, self.block_size, pad_to=graph_bs)
-        feed_pending_inputs(out, batch.token_offsets, batch.input_ids, prev)
+        in_place = bool(graph_bs) and fed_in_place(out, prev)  # prev's graph wrote these input ids already
+        batch = self.buffers.build(out, self.block_size, pad_to=graph_bs, skip_ids=in_place)
+        if not in_place:
+            feed_pending_inputs(out, batch.token_offsets, batch.input_ids, prev)
         if self.lora is not None:
             self.lora.prepare(out.scheduled, batch.num_tokens)
         if self.device.type == "cuda":
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()
         seqs = [out.scheduled[i].seq for i in batch.sample_rows]
+        rows = {s.seq_id: i for i, s in enumerate(seqs)}
         if graph_bs:
             _, (ids, lps) = self.graphs.replay(graph_bs)
             ids, lps = ids[: len(seqs)], lps[: len(seqs)]
+            tokens = self.graphs.tokens
+            if tokens is not None:  # the graph wrote them to the host itself: only an event to wait for
+                host_ids, host_lps, k = tokens.last(len(seqs))
+                event = torch.cuda.Event()
+                event.record()
+                return PendingStep(out, seqs, ids, host_ids, host_lps, event, rows, (tokens, k))
         else:
             with forward_context(batch.meta, self.backend):
                 hidden = self.model(batch.input_ids, batch.positions)  # [T, hidden]
@@ -185,7 +194,7 @@ class ModelRunner:
                 return PendingStep(out, [], None, None, None, None)
             ids, lps = fast_ops.greedy_sample(self.model.compute_logits(hidden[batch.logits_indices], float32=False))
         host_ids, host_lps, event = self.ring.copy_out(ids, lps)
-        return PendingStep(out, seqs, ids, host_ids, host_lps, event, {s.seq_id: i for i, s in enumerate(seqs)})
+        return PendingStep(out, seqs, ids, host_ids, host_lps, event, rows)
 
     def _beam_rows(self, seqs, logits, greedy, result: RunnerOutput):
         """Beam-search rows hand their top candidates to the engine instead of sampling (sampling/beam.py);

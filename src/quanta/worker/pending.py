@@ -30,6 +30,9 @@ class PendingStep:
     host_lps: torch.Tensor | None  # [>= R] float32
     event: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # seq_id -> row in ids
+    # a CUDA graph's own hand-over (worker/cuda_graph.py GraphTokens, the replay's count): host_ids / host_lps
+    # are its slot, and the graph also wrote ids into the input-ids buffer
+    handoff: tuple | None = None
 
     def resolve(self):
         """Wait for the tokens; -> RunnerOutput (plain greedy rows only)."""
@@ -40,6 +43,9 @@ class PendingStep:
             return result
         if self.event is not None:
             self.event.synchronize()
+        if self.handoff is not None:
+            tokens, k = self.handoff
+            tokens.check(k)
         n = len(self.seqs)
         result.sampled_seqs = self.seqs
         result.sampled_token_ids = self.host_ids[:n].tolist()
@@ -92,6 +98,15 @@ class HostRing:
         event = torch.cuda.Event()
         event.record()
         return host_ids, host_lps, event
+
+
+def fed_in_place(out: SchedulerOutput, prev: PendingStep | None) -> bool:
+    """Whether prev's CUDA graph already wrote every input id of `out` (a decode step of the same sequences in
+    the same rows, each with its token still in flight), so neither the host's ids nor a feed are needed."""
+    if prev is None or prev.handoff is None or len(out.scheduled) > len(prev.seqs):
+        return False
+    rows = prev.rows
+    return all(s.seq.pending_token and rows.get(s.seq.seq_id) == i for i, s in enumerate(out.scheduled))
 
 
 def feed_pending_inputs(out: SchedulerOutput, token_offsets: list[int], input_ids: torch.Tensor,
