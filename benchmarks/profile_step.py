@@ -1,6 +1,7 @@
 """Where a step's time goes: engine phases (host timers) and the top GPU kernels (torch.profiler).
 
     python benchmarks/profile_step.py CONFIG_OR_MODEL --batch 1 --steps 64 [--trace --eager] [--quant-algo W4A16_AWQ]
+    python benchmarks/profile_step.py CONFIG_OR_MODEL --bubble   # the step vs its CUDA graph replayed back to back
 """
 
 from __future__ import annotations

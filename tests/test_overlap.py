@@ -99,3 +99,26 @@ def test_overlap_mixed_with_sync_requests_and_streaming(stories_path):
         engine = llm.engine
         llm.generate(PROMPTS[0], plain)
         assert engine.kv.num_used_blocks == 0 and not engine.scheduler.hold
+
+
+def test_fed_in_place_only_for_the_same_rows_in_flight():
+    """worker/pending.fed_in_place: the input ids come from the graph's own hand-over only when every scheduled
+    sequence's token is in flight from a hand-over step, in the row it was sampled in."""
+    from types import SimpleNamespace as NS
+
+    from quanta.worker.pending import PendingStep, fed_in_place
+
+    a, b, c = (NS(seq_id=i, pending_token=True) for i in range(3))
+
+    def step(*seqs):
+        return NS(scheduled=[NS(seq=s) for s in seqs])
+
+    prev = PendingStep(step(a, b), [a, b], None, None, None, None, {0: 0, 1: 1}, handoff=(None, 1))
+    assert fed_in_place(step(a, b), prev) and fed_in_place(step(a), prev)
+    assert not fed_in_place(step(b), prev)  # a finished: b moved up a row
+    assert not fed_in_place(step(a, b, c), prev)  # a new sequence joined
+    assert not fed_in_place(step(a, b), None)
+    copied = PendingStep(step(a, b), [a, b], None, None, None, None, {0: 0, 1: 1})  # tokens came back by copy
+    assert not fed_in_place(step(a, b), copied)
+    b.pending_token = False  # its token is known on the host
+    assert not fed_in_place(step(a, b), prev)

@@ -54,7 +54,7 @@ class CudaGraphRunner:
         self.heads: dict[int, torch.cuda.CUDAGraph] = {}  # with LoRA: logits + argmax from the body's hidden
         self.logits: dict[int, torch.Tensor] = {}  # static outputs [bs, vocab] in the model's dtype
         self.greedy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # argmax ids, their logprobs [bs]
-        self.tokens = GraphTokens(self.max_batch_size) if envs.get("QUANTA_GRAPH_TOKENS") else None
+        self.tokens = GraphTokens(self.max_batch_size, buffers.device) if envs.get("QUANTA_GRAPH_TOKENS") else None
 
     @property
     def max_batch_size(self) -> int:
@@ -130,8 +130,8 @@ class GraphTokens:
     [count, ids...] / [logprobs...]. Replay k writes slot k % 2; the engine reads step N's slot after step N's
     event and launches step N + 2 (the next writer of that slot) only after it has read step N."""
 
-    def __init__(self, max_rows: int):
-        self.count = torch.zeros(1, dtype=torch.int64, device="cuda")
+    def __init__(self, max_rows: int, device: torch.device):
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)
         self.host_ids = torch.zeros(2, max_rows + 1, dtype=torch.int64, pin_memory=True)
         self.host_lps = torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=True)
         self.replays = 0  # what count will read once the replays launched so far have run
