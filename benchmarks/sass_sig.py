@@ -50,22 +50,23 @@ def _sass(kernel, cuobjdump: str) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
 
 
-def loop_order(sass: list[tuple[int, str]]) -> str:
-    """The first K loop's (first backward branch's) global loads L and HMMAs H in issue order, run-length coded,
-    e.g. '14L 16H': whether a loop's loads go out before its math."""
-    loop = next(((int(m.group(1), 16), a) for a, ins in sass if (m := re.search(r"BRA 0x([0-9a-f]+)", ins))
-                 and int(m.group(1), 16) < a), None)
-    if loop is None:
-        return "no loop"
-    runs: list[list] = []
-    for a, ins in sass:
-        op = "L" if "LDG" in ins else "H" if "HMMA" in ins else None
-        if op and loop[0] <= a <= loop[1]:
-            if runs and runs[-1][0] == op:
-                runs[-1][1] += 1
-            else:
-                runs.append([op, 1])
-    return " ".join(f"{n}{op}" for op, n in runs)
+def loop_order(sass: list[tuple[int, str]], math: str = r"HMMA|HFMA2|HMUL2") -> str:
+    """The first K loop's (backward branch's) global loads L and HMMAs / half2 FMAs H in issue order, run-length coded,
+    e.g. '14L 16H': whether a loop's loads go out before its math (no such loop: the whole kernel's, "all: ...")."""
+    loops = [(int(m.group(1), 16), a) for a, ins in sass if (m := re.search(r"BRA 0x([0-9a-f]+)", ins))
+             and int(m.group(1), 16) < a]
+    for lo, hi in loops + [(0, 1 << 62)]:  # the first loop with loads and math; else the whole kernel ("all:")
+        runs: list[list] = []
+        for a, ins in sass:
+            op = "L" if "LDG" in ins else "H" if re.search(math, ins) else None
+            if op and lo <= a <= hi:
+                if runs and runs[-1][0] == op:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([op, 1])
+        if len({op for op, _ in runs}) == 2:
+            return ("all: " if hi == 1 << 62 else "") + " ".join(f"{n}{op}" for op, n in runs)
+    return "no loads and math"
 
 
 def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
@@ -110,7 +111,9 @@ def _fingerprint(kernel, cuobjdump: str) -> str:
     return f"{digest} ({len(body)} lines) {usage}"
 
 
-def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
+def _asm_fingerprints(triton, target, cuobjdump: str, caps: str = "") -> None:
+    """caps ("--asm-loop 0,96,128"): the default paths' combos (o / down "_nx", qkv planes, gate_up planes + SiLU)
+    at each register cap (0: ptxas' own), with their K loops' load / math order instead."""
     import torch
     from triton.compiler import ASTSource
 
@@ -118,7 +121,10 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
     from quanta.quantization.w_int_gemv_asm import _w_int_gemv_asm_kernel as kern
 
     l2 = [(c, True) for c in ASM_L2_COMBOS] if "L2_PREFETCH" in kern.arg_names else []
-    for (xp, nx, act, pdl, *blocks), l2_on in [(c, False) for c in ASM_COMBOS] + l2:
+    combos = [(c, False) for c in ASM_COMBOS] + l2
+    if caps:
+        combos = [(c, False) for c in ((0, 1, 0, 1), (1, 0, 0, 1), (1, 0, 1, 1))]
+    for ((xp, nx, act, pdl, *blocks), l2_on), cap in [(c, int(r)) for c in combos for r in (caps or "0").split(",")]:
         bn, bk = blocks or (4 if xp else 8, 1024)
         consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
                       PTX=w_int_gemv_asm.ptx(torch.bfloat16), MAGIC16=0x4300, BLOCK_M=1, BLOCK_N=bn,
@@ -127,10 +133,13 @@ def _asm_fingerprints(triton, target, cuobjdump: str) -> None:
         names = [n for n in kern.arg_names if n in _ASM_PTRS or n in consts or n in _ASM_INTS]
         sig = {n: "constexpr" if n in consts else _ASM_PTRS.get(n, "i32") for n in names}
         sig["x_ptr"] = "*i32" if xp else "*bf16"
-        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=dict(num_warps=4))
+        opts = dict(num_warps=4, **({"maxnreg": cap} if cap else {}))
+        kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=opts)
         size = f" bn{bn}_bk{bk}" if blocks else ""
         size += " L2_PREFETCH" if l2_on else ""
-        print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}{size}: {_fingerprint(kernel, cuobjdump)}")
+        size += f" r{cap}" if cap else ""
+        loop = f" loop: {loop_order(_sass(kernel, cuobjdump))}" if caps else ""
+        print(f"asm XPLANES={xp} NEXT={nx} ACT_OUT={act} PDL={pdl}{size}: {_fingerprint(kernel, cuobjdump)}{loop}")
 
 
 # one-launch decode attention (kernels/decode_attention_fused.py): (HEAD_DIM, TILE_N, num_warps, PREFETCH), 1B / 8B
@@ -188,13 +197,18 @@ GEMV_COMBOS = [
 ]
 
 
-def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
+def _gemv_fingerprints(triton, target, cuobjdump: str, caps: str = "") -> None:
+    """caps ("--gemv-loop 0,128"): each combo at each register cap with its K loop's loads L and FMAs H instead."""
     from triton.compiler import ASTSource
 
     from quanta.kernels import gemv, gemv_fused
 
     kernels = {"gemv": gemv._gemv_kernel, "fused": gemv_fused._gemv_prologue_kernel}
-    for name, which, extra, warps in GEMV_COMBOS:
+    combos = GEMV_COMBOS
+    if caps:
+        combos = [(f"{n} r{r}" if int(r) else n, w, {**e, **({"maxnreg": int(r)} if int(r) else {})}, nw)
+                  for n, w, e, nw in GEMV_COMBOS if "maxnreg" not in e for r in caps.split(",")]
+    for name, which, extra, warps in combos:
         kern = kernels[which]
         consts = dict(HAS_BIAS=False, USE_SPLIT=False, USE_DOT=False, BLOCK_M=1, USE_PDL=True, PREFETCH=True,
                       PF_LINE=64, PF_COLS=64, PRELOAD=True, HAS_RES=False, NORM_BLOCK=16)
@@ -205,21 +219,30 @@ def _gemv_fingerprints(triton, target, cuobjdump: str) -> None:
                "*i32" if n == "cnt_ptr" else "*bf16" if n.endswith("_ptr") else "fp32" if n == "eps" else "i32"
                for n in kern.arg_names}
         kernel = triton.compile(ASTSource(kern, sig, constexprs=consts), target=target, options=opts)
-        print(f"{name}: {_fingerprint(kernel, cuobjdump)}")
+        loop = f" loop: {loop_order(_sass(kernel, cuobjdump), r'FFMA|HFMA2')}" if caps else ""
+        print(f"{name}: {_fingerprint(kernel, cuobjdump)}{loop}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--triton", default="", help="a folder holding the Triton to compile with (put first on sys.path)")
     ap.add_argument("--mma-loop", default="", help="only these mma GEMV configs' registers and K-loop order")
+    ap.add_argument("--gemv-loop", default="", help="only the 16-bit batch-1 GEMVs at these register caps: "
+                    "registers and K-loop order")
+    ap.add_argument("--asm-loop", default="", help="only the asm GEMV's default paths at these register caps "
+                    "(e.g. 0,96,128; 0 = none): registers and K-loop order")
     a = ap.parse_args()
     if a.triton:
         sys.path.insert(0, a.triton)
-    if a.mma_loop:
+    if a.mma_loop or a.asm_loop or a.gemv_loop:
         import triton
         from triton.backends.compiler import GPUTarget
 
         cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if a.asm_loop:
+            return _asm_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump, a.asm_loop)
+        if a.gemv_loop:
+            return _gemv_fingerprints(triton, GPUTarget("cuda", 90, 32), cuobjdump, a.gemv_loop)
         return _mma_loops(a.mma_loop, triton, GPUTarget("cuda", 90, 32), cuobjdump)
     import torch
     import triton
