@@ -164,6 +164,12 @@ for part in "$@"; do
         bash "$0" igemvr | grep "^8b [a-z]"
       B=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b_read.json" --per-shape --best-kinds mma: --best-m 16); echo "fastest: $B"
       ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$B 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$B" bash "$0" envab ;;
+    # one-row asm GEMV on x planes (8B qkv) under a register cap (offline SASS: 40 registers interleave loads and
+    # math; capped, all of a K step's loads first): isolated, then 8B AWQ batch 1 vs the default
+    planes96) P=bn4_bk1024_sk1_w4_s1; IGEMV_MS=1 IGEMV_VARIANTS=asm:${P}_xp,asm:${P}_r96_xp,asm:bn4_bk2048_sk1_w4_s1_r96_xp,asm:bn8_bk1024_sk1_w4_s1_r96_xp,asm:${P}_nx_r96_xp \
+        bash "$0" igemvr | grep "^8b qkv"
+      ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P96_OTHER:-bn4_bk2048_sk1_w4_s1_r96_xp}
+        8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp" bash "$0" envab ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -122,8 +122,9 @@ def _asm_fingerprints(triton, target, cuobjdump: str, caps: str = "") -> None:
 
     l2 = [(c, True) for c in ASM_L2_COMBOS] if "L2_PREFETCH" in kern.arg_names else []
     combos = [(c, False) for c in ASM_COMBOS] + l2
-    if caps:
-        combos = [(c, False) for c in ((0, 1, 0, 1), (1, 0, 0, 1), (1, 0, 1, 1))]
+    if caps:  # env ASM_LOOP_COMBOS="1,1,0,1;1,0,0,1,4,2048" for others
+        text = os.environ.get("ASM_LOOP_COMBOS", "0,1,0,1;1,0,0,1;1,0,1,1")
+        combos = [(tuple(int(v) for v in c.split(",")), False) for c in text.split(";")]
     for ((xp, nx, act, pdl, *blocks), l2_on), cap in [(c, int(r)) for c in combos for r in (caps or "0").split(",")]:
         bn, bk = blocks or (4 if xp else 8, 1024)
         consts = dict(GROUP=128, SUB=128, BITS=4, HAS_ZERO=True, HAS_BIAS=False, USE_SPLIT=False,
