@@ -170,11 +170,6 @@ for part in "$@"; do
         bash "$0" igemvr | grep "^8b qkv"
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P96_OTHER:-bn4_bk2048_sk1_w4_s1_r96_xp}
         8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp" bash "$0" envab ;;
-    # each warp's group BP passes ahead asked of L2 in one bulk prefetch ("_b<BP>"): GPU tests, then isolated at 16
-    # rows and the one-row SiLU
-    bulk) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "b1 or b2 or b4" --timeout 120 2>&1 | tail -2
-      IGEMV_MS=16 IGEMV_VARIANTS=${BULK16:-mma:auto,mma:t1_w4_px_ps_b1,mma:t1_w4_px_ps_b2,mma:t1_w4_px_ps_b4,mma:t1_w8_px_ps_b1,mma:t1_w8_px_ps_b2,mma:t1_w8_px_ps_b4,mma:t2_w2_np_ps_b1,mma:t2_w2_np_ps_b2,mma:t2_w2_np_ps_b4} bash "$0" igemvr | grep "^8b [a-z]"
-      IGEMV_MS=1 IGEMV_VARIANTS=${BULK1:-silu:t2_w2_r128,silu:t2_w2_r128_b1,silu:t2_w2_r128_b2,silu:t2_w2_r128_b4,silu:t2_w2_r128} bash "$0" igemvr | grep "^8b gate_up" ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -124,28 +124,26 @@ class MmaConfig:
     deep: bool = False  # PF2: the words two groups ahead ("_p2"; 8 more registers)
     l2: bool = False  # L2PF: under PDL, all of the program's words prefetched into L2 before the wait ("_l2")
     regs: int = 0  # ptxas' register cap (Triton's maxnreg, "_r128"); 0: ptxas' own choice
-    bulk: int = 0  # BP: each warp asks L2 for its group this many passes ahead, one bulk prefetch a tile ("_b2")
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128][_b2]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x;
-        of scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers; each
-        warp's group two passes ahead asked of L2 in bulk)."""
+        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x; of
+        scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers)."""
         parts = [p for p in text.split("_") if p]
         flags = ("np", "px", "ps", "p2", "l2")
-        bad = [p for p in parts if p not in flags and not (p[0] in "twrb" and p[1:].isdigit())]
+        bad = [p for p in parts if p not in flags and not (p[0] in "twr" and p[1:].isdigit())]
         if bad or not parts:
-            raise ValueError(f"mma GEMV config {text!r}: parts are t<tiles>, w<warps>, r<registers>, b<passes>, "
+            raise ValueError(f"mma GEMV config {text!r}: parts are t<tiles>, w<warps>, r<registers>, "
                              f"{', '.join(flags)} (e.g. 't1_w8_px')")
-        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twrb"}
+        vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twr"}
         return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
                    xprefetch="px" in parts, sprefetch="ps" in parts, deep="p2" in parts, l2="l2" in parts,
-                   regs=vals.get("r", 0), bulk=vals.get("b", 0))
+                   regs=vals.get("r", 0))
 
     def __str__(self) -> str:
         return (f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
                 + ("_ps" if self.sprefetch else "") + ("_p2" if self.deep else "") + ("_l2" if self.l2 else "")
-                + (f"_r{self.regs}" if self.regs else "") + (f"_b{self.bulk}" if self.bulk else ""))
+                + (f"_r{self.regs}" if self.regs else ""))
 
 
 @functools.lru_cache(maxsize=256)
@@ -288,7 +286,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, BP=cfg.bulk, **_inv_args(inv, m, k),
+        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 

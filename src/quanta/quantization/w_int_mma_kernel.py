@@ -3,8 +3,7 @@
 One K16 step of a lane is `mma_ptx`'s inline PTX: dequantize its word into the four A registers, then one
 `mma.sync.m16n8k16` per n-tile of 8 batch rows. `_w4_mma_kernel`: TN 16-row tiles a program, its KW warps on every
 KW-th group of K (words prefetched one group ahead, "PF", or two, "PF2"; with "PX" the group's x as well, with "PS"
-its scales and zeros; "L2PF", under PDL: all its words asked of L2 before the wait; "BP": its group BP passes
-ahead asked of L2 in one bulk request a pass), summed across warps, stored
+its scales and zeros; "L2PF", under PDL: all its words asked of L2 before the wait), summed across warps, stored
 (or SiLU(gate) * up, ACT); INV_RMS: x is a split norm's xw, the sums scaled by its inverse RMS (kernels/split_norm.py).
 """
 
@@ -65,15 +64,11 @@ _LD4W = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"  # weights
 _LD4X = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"  # x: read by every program (L1 / L2)
 # the first group's words before the PDL wait: a coherent load (ptxas hoists the wait above .nc loads)
 _LD4P = "ld.global.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
-# one warp's group of one tile (WPG * 128 contiguous bytes) asked of L2 in one bulk request (sm_90), lane 0 only
-_BULK = "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], SIZE; mov.u32 $0, 0; }"
 
 if HAS_GLUON:
     LD4W = gl.constexpr(_LD4W)
     LD4X = gl.constexpr(_LD4X)
     LD4P = gl.constexpr(_LD4P)
-    BULK512 = gl.constexpr(_BULK.replace("SIZE", "512"))
-    BULK1024 = gl.constexpr(_BULK.replace("SIZE", "1024"))
 
     @gluon.jit
     def _ld4(ptr, ASM: gl.constexpr, PURE: gl.constexpr = True):
@@ -130,16 +125,6 @@ if HAS_GLUON:
                 "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
                 [(base + idx * 32).to(gl.int64), (idx < G * WPG).to(gl.int32)], dtype=gl.int32, is_pure=False,
                 pack=1)
-
-    @gluon.jit
-    def _bulk_l2(w_l, ln, g, G, GROUP: gl.constexpr):
-        """Ask L2 for group g (past G: nothing) of each warp's tiles: one bulk prefetch a tile from lane 0 (w_l: the
-        lanes' word pointers of group 0, [KW, TN, 32]; g: [KW, 1, 1])."""
-        WPG: gl.constexpr = GROUP // 16
-        ptr = w_l - ln * WPG + gl.minimum(g, G - 1) * (32 * WPG)
-        ok = ((ln == 0) & (g < G)).to(gl.int32)
-        gl.inline_asm_elementwise(BULK1024 if WPG == 8 else BULK512, "=r,l,r", [ptr.to(gl.int64), ok],
-                                  dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _ld8(ptr, PURE: gl.constexpr):
@@ -234,8 +219,7 @@ if HAS_GLUON:
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
-                       PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False,
-                       BP: gl.constexpr = 0):
+                       PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -276,9 +260,6 @@ if HAS_GLUON:
                     _l2_prefetch(w_ptr, gl.program_id(0) + t * (n_tiles // 2), G, WPG, KW)
                 else:
                     _l2_prefetch(w_ptr, gl.minimum(gl.program_id(0) * TN + t, n_tiles - 1), G, WPG, KW)
-        if BP:  # BP: the groups 1 .. BP passes ahead asked of L2 in bulk (each warp its own), before the wait
-            for d in gl.static_range(1, BP + 1):
-                _bulk_l2(w_l, ln, d * KW + kw, G, GROUP)
         if USE_PDL:  # the first group's words are in flight: now wait for x (kernels/pdl.py)
             _pdl_begin()
         if INV_RMS:  # x is a split norm's xw (kernels/split_norm.py): its producer's partials, summed after the loop
@@ -288,8 +269,6 @@ if HAS_GLUON:
             xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
-            if BP:
-                _bulk_l2(w_l, ln, g0 + (BP + 1) * KW + kw, G, GROUP)
             if PF2:
                 w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
                 u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, g0 + 2 * KW + kw, G, GROUP)
