@@ -170,14 +170,6 @@ for part in "$@"; do
         bash "$0" igemvr | grep "^8b qkv"
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P96_OTHER:-bn4_bk2048_sk1_w4_s1_r96_xp}
         8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp" bash "$0" envab ;;
-    # 9-16 rows as two 8-row programs a tile ("_h2": one n-tile, fewer registers, words read twice), then batch 16
-    # with each shape's fastest; the decode attention split over more programs (QUANTA_DECODE_WAVES)
-    halves) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "h2" --timeout 120 2>&1 | tail -2
-      IGEMV_MS=16 IGEMV_VARIANTS=${H2_VARIANTS:-mma:auto,mma:t1_w4_px_ps_h2,mma:t1_w4_px_ps_r96_h2,mma:t1_w8_px_ps_h2,mma:t1_w8_ps_h2,mma:t1_w8_h2,mma:t1_w4_h2,mma:t2_w2_np_ps_h2,mma:t2_w2_h2} \
-        bash "$0" igemvr | grep "^8b [a-z]"
-      B=$(python benchmarks/bench_int_gemv.py --best-of "$OUT/int_gemv_8b_read.json" --per-shape --best-kinds mma: --best-m 16); echo "fastest: $B"
-      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$B 8b:awqx16:QUANTA_DECODE_WAVES=4,QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS=32
-        8b:awqx16:QUANTA_DECODE_WAVES=6,QUANTA_FUSED_DECODE_MIN_SPLIT_TOKENS=32" bash "$0" envab ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"

@@ -81,11 +81,11 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     for text in configs.split(","):
         act, one = text.endswith("_act"), text.endswith("_one")
         cfg = w_int_mma.MmaConfig.parse(text.removesuffix("_act").removesuffix("_one"))
-        nt = 1 if act or one or cfg.halves else 2
+        nt = 1 if act or one else 2
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       HAS_ZERO=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
-                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, HALVES=cfg.halves)
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2)
         types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)

@@ -69,7 +69,6 @@ _add("QUANTA_FUSED_DECODE_TILE_N", "64", "int", "keys a tile of the one-launch d
 _add("QUANTA_FUSED_DECODE_WARPS", "0", "int", "warps a program of the one-launch decode (0: 4, head_dim > 64: 8)")
 _add("QUANTA_FUSED_DECODE_PREFETCH_BYTES", "8192", "int", "K / V tiles up to this size double-buffered (0: never)")
 _add("QUANTA_DECODE_MIN_SPLIT_TOKENS", "128", "int", "keys a split of the three-launch decode reads, at least")
-_add("QUANTA_DECODE_WAVES", "2", "int", "decode attention splits aim at this many programs an SM")
 _add("QUANTA_DECODE_MAX_SPLITS", "64", "int", "splits per (sequence, kv head) of the decode attention, at most")
 _add("QUANTA_DECODE_WARPS", "4", "int", "warps a program of the three-launch decode attention's split kernel")
 _add("QUANTA_DECODE_TILE_N", "64", "int", "keys a tile of the three-launch decode (head_dim > 128: half)")

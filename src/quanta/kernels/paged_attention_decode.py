@@ -23,7 +23,7 @@ DECODE_TILE_N = envs.get("QUANTA_DECODE_TILE_N")
 DECODE_NUM_WARPS = envs.get("QUANTA_DECODE_WARPS")
 DECODE_MIN_TOKENS_PER_SPLIT = envs.get("QUANTA_DECODE_MIN_SPLIT_TOKENS")  # keys a split reads, at least
 DECODE_MAX_SPLITS = envs.get("QUANTA_DECODE_MAX_SPLITS")  # splits per (sequence, kv head), at most
-DECODE_WAVES = envs.get("QUANTA_DECODE_WAVES")  # aim for this many programs per SM when splitting
+DECODE_WAVES = 2  # aim for this many programs per SM when splitting
 
 
 # fmt: off

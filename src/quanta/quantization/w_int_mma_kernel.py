@@ -219,13 +219,8 @@ if HAS_GLUON:
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
-                       PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False,
-                       HALVES: gl.constexpr = False):
+                       PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
-        if HALVES:  # grid axis 1: batch rows 8 h .. 8 h + 7 (NT 1), the words read by both halves (L2)
-            x_ptr += gl.program_id(1) * 8 * stride_xm
-            y_ptr += gl.program_id(1) * 8 * stride_ym
-            M = M - gl.program_id(1) * 8
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
         tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
