@@ -85,7 +85,7 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       HAS_ZERO=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
-                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2)
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, SR=cfg.smem_sum)
         types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)

@@ -124,13 +124,14 @@ class MmaConfig:
     deep: bool = False  # PF2: the words two groups ahead ("_p2"; 8 more registers)
     l2: bool = False  # L2PF: under PDL, all of the program's words prefetched into L2 before the wait ("_l2")
     regs: int = 0  # ptxas' register cap (Triton's maxnreg, "_r128"); 0: ptxas' own choice
+    smem_sum: bool = False  # SR: the warps' totals summed through one shared buffer, one barrier ("_sr")
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
         """"t2_w4[_np][_px][_ps][_p2][_l2][_r128]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x; of
         scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers)."""
         parts = [p for p in text.split("_") if p]
-        flags = ("np", "px", "ps", "p2", "l2")
+        flags = ("np", "px", "ps", "p2", "l2", "sr")
         bad = [p for p in parts if p not in flags and not (p[0] in "twr" and p[1:].isdigit())]
         if bad or not parts:
             raise ValueError(f"mma GEMV config {text!r}: parts are t<tiles>, w<warps>, r<registers>, "
@@ -138,12 +139,12 @@ class MmaConfig:
         vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twr"}
         return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
                    xprefetch="px" in parts, sprefetch="ps" in parts, deep="p2" in parts, l2="l2" in parts,
-                   regs=vals.get("r", 0))
+                   regs=vals.get("r", 0), smem_sum="sr" in parts)
 
     def __str__(self) -> str:
         return (f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
                 + ("_ps" if self.sprefetch else "") + ("_p2" if self.deep else "") + ("_l2" if self.l2 else "")
-                + (f"_r{self.regs}" if self.regs else ""))
+                + (f"_r{self.regs}" if self.regs else "") + ("_sr" if self.smem_sum else ""))
 
 
 @functools.lru_cache(maxsize=256)
@@ -286,7 +287,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, **_inv_args(inv, m, k),
+        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum, **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 
