@@ -43,6 +43,12 @@ against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engin
 (tenth session, h200_s10h): batch 16 4,764.7 -> 5,215.7 tok/s (bf16 3,344.6 in the same call), batch 1 472.1 -> 475.1.
 At 9-16 rows qkv / o on one tile and 8 warps, o / down with the next group's x prefetched too (config "_px", eleventh
 session, h200_s11d): batch 16 5,217.2 -> 5,568.8 tok/s (bf16 3,315.9 in the same call).
+Epilogue (nineteenth session, h200_s19f-h): Nsight Compute on o_proj at 16 rows (t1_w8) showed the cross-warp sums,
+one gl.sum per accumulator, at 4.3-4.5-way shared-memory bank conflicts (~280 K shared wavefronts a launch); now every
+warp stores its accumulators to one buffer (lanes on consecutive words), one barrier, each thread sums KW of them and
+stores ("_ns": the old way). 16 rows, isolated: qkv 12.9 -> 12.3 us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6
+-> 20.1; one-row SiLU 25.7 -> 24.4. 8B W4A16_AWQ batch 16 5,994.9 -> 6,203.7 / 6,233.2 tok/s (+3.7%), batch 1 (the
+one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the engine.
 Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
 the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
 (t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
@@ -124,14 +130,15 @@ class MmaConfig:
     deep: bool = False  # PF2: the words two groups ahead ("_p2"; 8 more registers)
     l2: bool = False  # L2PF: under PDL, all of the program's words prefetched into L2 before the wait ("_l2")
     regs: int = 0  # ptxas' register cap (Triton's maxnreg, "_r128"); 0: ptxas' own choice
-    smem_sum: bool = False  # SR: the warps' totals summed through one shared buffer, one barrier ("_sr")
+    smem_sum: bool = True  # SR: the warps' totals summed through one shared buffer, one barrier ("_ns": gl.sum each)
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x; of
-        scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers)."""
+        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128][_ns]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x;
+        of scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers; the
+        warps' totals summed by one gl.sum per accumulator instead of one shared buffer)."""
         parts = [p for p in text.split("_") if p]
-        flags = ("np", "px", "ps", "p2", "l2", "sr")
+        flags = ("np", "px", "ps", "p2", "l2", "ns")
         bad = [p for p in parts if p not in flags and not (p[0] in "twr" and p[1:].isdigit())]
         if bad or not parts:
             raise ValueError(f"mma GEMV config {text!r}: parts are t<tiles>, w<warps>, r<registers>, "
@@ -139,12 +146,12 @@ class MmaConfig:
         vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twr"}
         return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
                    xprefetch="px" in parts, sprefetch="ps" in parts, deep="p2" in parts, l2="l2" in parts,
-                   regs=vals.get("r", 0), smem_sum="sr" in parts)
+                   regs=vals.get("r", 0), smem_sum="ns" not in parts)
 
     def __str__(self) -> str:
         return (f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
                 + ("_ps" if self.sprefetch else "") + ("_p2" if self.deep else "") + ("_l2" if self.l2 else "")
-                + (f"_r{self.regs}" if self.regs else "") + ("_sr" if self.smem_sum else ""))
+                + (f"_r{self.regs}" if self.regs else "") + ("" if self.smem_sum else "_ns"))
 
 
 @functools.lru_cache(maxsize=256)
