@@ -294,7 +294,8 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum, **_inv_args(inv, m, k),
+        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum,
+        **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
 

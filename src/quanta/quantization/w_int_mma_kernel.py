@@ -355,7 +355,8 @@ if HAS_GLUON:
         v = gl.sum(buf.reshape([NACC, KW, TN, 32]).load(LB), axis=1) * inv
         if ACT:  # tile 0 of the pair is gate, tile 1 up; rows pid * 16 + .. of the output
             L2: gl.constexpr = gl.SliceLayout(1, LV)  # [NACC, 32]
-            sel = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV))), 0), 2)
+            L_TN: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LV))
+            sel = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=L_TN), 0), 2)
             gate = gl.sum(gl.where(sel == 0, v, 0.0), axis=1)
             up = gl.sum(gl.where(sel == 1, v, 0.0), axis=1)
             a = gl.expand_dims(gl.arange(0, NACC, layout=gl.SliceLayout(1, L2)), 1)
@@ -368,7 +369,8 @@ if HAS_GLUON:
             act = gate / (1.0 + gl.exp(-gate)) * up
             gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, act.to(y_ptr.dtype.element_ty), mask=m < M)
         else:
-            a = gl.expand_dims(gl.expand_dims(gl.arange(0, NACC, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV))), 1), 2)
+            L_A: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LV))
+            a = gl.expand_dims(gl.expand_dims(gl.arange(0, NACC, layout=L_A), 1), 2)
             tn = gl.expand_dims(gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV))), 0), 2)
             ln = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV))), 0), 1)
             tile = gl.program_id(0) * TN + tn
