@@ -14,17 +14,18 @@ from quanta.quantization.w_int_mma import MmaConfig, mma_pack, mma_unpack, w_int
 def test_pack_round_trip_and_formula(n, k, group):
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     words = mma_pack(packed, group)
-    assert words.shape == (n // 16, k // group, 32, group // 16) and words.dtype == torch.int32
+    assert words.shape == (n // 16, k // group, group // 64, 32, 4) and words.dtype == torch.int32
     assert torch.equal(mma_unpack(words), packed)
     q = unpack_int4(packed)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        t, g, lane, j = (int(torch.randint(0, d, (1,), generator=gen)) for d in words.shape)
-        r, c, word = lane // 4, lane % 4, int(words[t, g, lane, j]) & 0xFFFFFFFF
+        t, g, half, lane, s = (int(torch.randint(0, d, (1,), generator=gen)) for d in words.shape)
+        r, c, word = lane // 4, lane % 4, int(words[t, g, half, lane, s]) & 0xFFFFFFFF
         for h in range(2):
             for kh in range(2):
                 for e in range(2):
-                    want = q[16 * t + r + 8 * h, g * group + 64 * (j // 4) + 16 * c + 4 * (j % 4) + 2 * kh + e]
+                    k_at = g * group + 64 * half + 32 * (s // 2) + 8 * c + 4 * (s % 2) + 2 * kh + e
+                    want = q[16 * t + r + 8 * h, k_at]
                     assert (word >> (4 * (h + 2 * kh + 4 * e))) & 0xF == want
 
 

@@ -9,16 +9,18 @@ four bf16x2 (fp16x2) registers OFFSET + q (exact), four half2 subtracts take OFF
 the fp32 partial once per (row, group) after its K16 steps. Static SASS of the K loop (sm_90, offline): ~2.0-2.2
 instructions a weight at 1 - 8 rows, ~2.2 at 16, and no shared memory in the loop.
 
-Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, 32, WPG] for groups of GROUP
-values, a multiple of 64 (WPG = GROUP / 16 words a lane and group; the kernel takes GROUP 64 and 128); lane
-l = 4 r + c of tile t, group g, word j holds
-    nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + 64 (j // 4) + 16 c + 4 (j % 4) + 2 kh + e]
+Layout ("mma words", `mma_pack` from quanta's canonical bytes): int32 [N / 16, G, GROUP / 64, 32, 4] for groups of
+GROUP values, a multiple of 64 (the kernel takes GROUP 64 and 128); lane l = 4 r + c of tile t, group g, 64-k half H,
+word s (the K16 step) holds
+    nibble h + 2 kh + 4 e = q[16 t + r + 8 h, g GROUP + 64 H + 32 (s // 2) + 8 c + 4 (s % 2) + 2 kh + e]
 (h: row half, kh, e: which of the lane's K slots 2c, 2c + 1, 2c + 8, 2c + 9 of the K16 step). The dot product does
 not care which k sits in which slot of a step (as long as it is the same for every lane of a quad position c), so in
-each 64 k of a group lane c owns 16 consecutive k: its x values are 16-byte vector loads, the 4 lanes of a batch row
-read 128 contiguous bytes (one cache line) per 4 steps, and its words too are contiguous (a warp reads a group's
-1 KB of a tile contiguously). (The first layout gave lane c GROUP / 4 consecutive k: a row's 4 lanes read 64 bytes
-apart, twice the L1 wavefronts; at 16 rows Nsight Compute had the L1 at 89% and DRAM at 43%.) C fragment: lane l
+each 64 k lane c owns k 8c .. 8c + 7 and 32 + 8c .. 32 + 8c + 7: its x values are two 16-byte vector loads, each
+covering, with the other 3 lanes of its batch row, 64 contiguous bytes (2 whole sectors); and a warp's 4 words of a
+half are one 16-byte load a lane over 512 contiguous bytes. (Earlier layouts: lane c owned GROUP / 4 consecutive k,
+a row's 4 lanes 64 bytes apart, twice the L1 wavefronts (at 16 rows Nsight Compute had the L1 at 89% and DRAM at
+43%); then 16 consecutive k a 64 and its 8 words of a group contiguous, so each 16-byte load, x's and the words',
+used half of every sector it touched: 14.7 of 32 bytes a sector, nineteenth session.) C fragment: lane l
 holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile); batch rows >= M read row M - 1's
 x and are not stored (no masks in the loop).
 
@@ -70,16 +72,16 @@ if HAS_GLUON:
     from quanta.quantization.w_int_mma_kernel import _w4_mma_kernel
 
 def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
-    """quanta's int4 bytes [N, K / 2] (low nibble = even k) -> the mma words [N / 16, G, 32, GROUP / 16] int32."""
+    """quanta's int4 bytes [N, K / 2] (low nibble = even k) -> the mma words [N / 16, G, GROUP / 64, 32, 4] int32."""
     n, k = packed.shape[0], packed.shape[1] * 2
     if n % 16 or k % group or group % 64:
         raise ValueError(f"mma words need N % 16 == 0 and K % group == 0, group % 64 == 0 (N={n}, K={k}, "
                          f"group={group})")
     q = unpack_int4(packed).to(torch.int32)  # [N, K]
-    g, wpg = k // group, group // 16
-    q = q.view(n // 16, 2, 8, g, wpg // 4, 4, 4, 2, 2)  # [t, h, r, g, H, c, s, kh, e]: word j = 4 H + s
-    q = q.permute(0, 3, 2, 5, 4, 6, 8, 7, 1)  # [t, g, r, c, H, s, e, kh, h]: nibble = h + 2 kh + 4 e
-    q = q.reshape(n // 16, g, 32, wpg, 8)
+    g, halves = k // group, group // 64
+    q = q.view(n // 16, 2, 8, g, halves, 2, 4, 2, 2, 2)  # [t, h, r, g, H, s1, c, s0, kh, e]: word s = 2 s1 + s0
+    q = q.permute(0, 3, 4, 2, 6, 5, 7, 9, 8, 1)  # [t, g, H, r, c, s1, s0, e, kh, h]: nibble = h + 2 kh + 4 e
+    q = q.reshape(n // 16, g, halves, 32, 4, 8)
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
     words = (q << shifts).sum(-1, dtype=torch.int64)  # < 2^32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
@@ -87,11 +89,11 @@ def mma_pack(packed: torch.Tensor, group: int) -> torch.Tensor:
 
 def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     """The inverse of mma_pack: mma words -> quanta's int4 bytes [N, K / 2] uint8."""
-    t, g, _, wpg = words.shape
+    t, g, halves = words.shape[:3]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
-    q = (words.to(torch.int32)[..., None] >> shifts) & 0xF  # [t, g, 32, j, 8]
-    q = q.view(t, g, 8, 4, wpg // 4, 4, 2, 2, 2)  # [t, g, r, c, H, s, e, kh, h]
-    q = q.permute(0, 8, 2, 1, 4, 3, 5, 7, 6).reshape(t * 16, g * wpg * 16)  # [t, h, r, g, H, c, s, kh, e]
+    q = (words.to(torch.int32)[..., None] >> shifts) & 0xF  # [t, g, H, 32, s, 8]
+    q = q.view(t, g, halves, 8, 4, 2, 2, 2, 2, 2)  # [t, g, H, r, c, s1, s0, e, kh, h]
+    q = q.permute(0, 9, 3, 1, 2, 5, 4, 6, 8, 7).reshape(t * 16, g * halves * 64)  # [t, h, r, g, H, s1, c, s0, kh, e]
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
@@ -267,8 +269,8 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
     config's tiles become the pair). inv = (partials, eps): x is one row of a split norm's xw (kernels/split_norm.py),
     the sums are scaled by its inverse RMS."""
-    t, g, _, wpg = words.shape
-    n, k = t * 16, g * group
+    t, g, halves = words.shape[:3]
+    n, k, wpg = t * 16, g * group, 4 * halves
     if act and t % 2:
         raise ValueError(f"the SiLU epilogue needs gate and up of whole 16-row tiles each (N={n})")
     x2 = x.reshape(-1, k)

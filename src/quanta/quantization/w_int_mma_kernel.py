@@ -101,8 +101,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _wload(w_l, g, G, GROUP: gl.constexpr, PURE: gl.constexpr = True):
-        """Group g's (clamped to G - 1) words of each lane: 8 tensors (GROUP 64: the last 4 repeat the first).
-        PURE False: issued where written (the preload before the PDL wait)."""
+        """Group g's (clamped to G - 1) words of each lane: 8 tensors, one 16-byte load a 64-k half (the warp's
+        512 contiguous bytes; GROUP 64: the last 4 repeat the first). PURE False: issued where written (the preload
+        before the PDL wait)."""
         WPG: gl.constexpr = GROUP // 16
         w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
         w0, w1, w2, w3 = _ld4(w_g, LD4W if PURE else LD4P, PURE)
@@ -111,7 +112,7 @@ if HAS_GLUON:
         w6 = w2
         w7 = w3
         if WPG == 8:
-            w4, w5, w6, w7 = _ld4(w_g + 4, LD4W if PURE else LD4P, PURE)
+            w4, w5, w6, w7 = _ld4(w_g + 128, LD4W if PURE else LD4P, PURE)
         return w0, w1, w2, w3, w4, w5, w6, w7
 
     @gluon.jit
@@ -128,9 +129,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ld8(ptr, PURE: gl.constexpr):
-        """Eight x words from 16-byte aligned ptr (two vector loads), as an 8-tuple of ptr's shape."""
+        """A lane's eight x words of a 64-k half: 4 at ptr, 4 at ptr + 16 (16-byte aligned; the row's 4 lanes cover
+        64 contiguous bytes a load), as an 8-tuple of ptr's shape."""
         p0, p1, p2, p3 = _ld4(ptr, LD4X, PURE)
-        p4, p5, p6, p7 = _ld4(ptr + 4, LD4X, PURE)
+        p4, p5, p6, p7 = _ld4(ptr + 16, LD4X, PURE)
         return p0, p1, p2, p3, p4, p5, p6, p7
 
     @gluon.jit
@@ -234,12 +236,12 @@ if HAS_GLUON:
         row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
         row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
-        # columns of the product), words 8 (l % 4) .. + 8 of each 32 (64 k) of a group
+        # columns of the product), words 4 (l % 4) .. + 4 and 16 + 4 (l % 4) .. + 4 of each 32 (64 k) of a group
         xr = gl.minimum(ln // 4, M - 1)
-        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * 8  # [1, 1, 32]
+        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * 4  # [1, 1, 32]
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
-        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 8
-        w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * WPG  # [1, TN, 32]
+        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 4
+        w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * 4  # [1, TN, 32]: a half's 4 words at + 128 H
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
