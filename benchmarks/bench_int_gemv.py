@@ -127,6 +127,7 @@ def main() -> None:
                 line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
                 tg = w_int_tinygemm.pack(packed, scale, zero) if bits == 4 else None
                 words = w_int_mma.mma_pack(packed, group) if bits == 4 and ("mma:" in a.variants or "silu:" in a.variants) else None
+                sz = w_int_mma.mma_pack_sz(scale, zero) if words is not None else None  # as attach does
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
                     resolved = None
@@ -135,12 +136,12 @@ def main() -> None:
                     elif kind == "mma":
                         mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
                         resolved = str(mcfg)
-                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg)
+                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg, sz=sz)
                     elif kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
                         if name != "gate_up":
                             continue
                         fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None,
-                                     w_int_mma.MmaConfig.parse(cfg_s), True)
+                                     w_int_mma.MmaConfig.parse(cfg_s), True, sz=sz)
                     elif kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
                         fn = partial(w_int_linear, x, packed, scale, zero, bits, group, k)
                     else:

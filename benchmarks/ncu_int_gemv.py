@@ -44,13 +44,14 @@ def main() -> None:
                 cfgs += [w_int_mma.MmaConfig.parse(v) for v in a.variants.split(",") if v]
                 for cfg in cfgs:
                     runs.append((f"mma16 N={packed.shape[0]} {cfg}",
-                                 partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg)))
+                                 partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg,
+                                         sz=w_int_mma.mma_pack_sz(scale, zero))))
         elif case == "silu1":
             packed, scale, zero = gate_up
             words, x = w_int_mma.mma_pack(packed, group), torch.randn(1, 4096, device=dev).bfloat16()
             cfg = w_int_mma.silu_config(1)
             runs.append((f"silu1 {cfg}", partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, cfg,
-                                                  True)))
+                                                  True, sz=w_int_mma.mma_pack_sz(scale, zero))))
         elif case == "asm1":
             for name, (packed, scale, zero) in (("qkv", qkv), ("o", o), ("down", down)):
                 k = packed.shape[1] * 2

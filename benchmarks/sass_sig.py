@@ -28,9 +28,9 @@ import tempfile
 COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0, 128, 1, 0), (1, 2, 2, 1, 0, 128, 1, 1),
           (2, 2, 2, 0, 0, 128, 0, 0), (1, 1, 4, 1, 1, 64, 0, 0), (2, 2, 4, 0, 1, 64, 1, 1), (2, 1, 16, 0, 1, 128, 1, 0),
           (2, 1, 16, 1, 0, 128, 1, 0)]
-_PTRS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr"]
-_INTS = ["M", "N", "G", "stride_xm", "stride_sn", "stride_zn", "stride_ym"]
-_CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "HAS_ZERO", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX", "SR"]
+_PTRS = ["x_ptr", "w_ptr", "sz_ptr", "b_ptr", "y_ptr"]
+_INTS = ["M", "N", "G", "stride_xm", "stride_ym"]
+_CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "S_BF16", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX", "SR"]
 # asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL[, BLOCK_N, BLOCK_K]; default 4 with planes else 8, 1024)
 ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0), (0, 0, 0, 1, 8, 2048),
               (0, 0, 0, 1, 8, 4096), (0, 0, 0, 1, 4, 4096), (0, 1, 0, 1, 8, 2048)]
@@ -84,9 +84,9 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
         nt = 1 if act or one else 2
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
-                      HAS_ZERO=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
+                      S_BF16=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
                       PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, SR=cfg.smem_sum)
-        types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
+        types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
@@ -254,14 +254,14 @@ def main() -> None:
     from quanta.quantization.w_int_mma_kernel import _w4_mma_kernel
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    types = dict(zip(_PTRS, ["*i32", "*i32", "*bf16", "*u8", "*bf16", "*bf16"]))
+    types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
     sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in _CONSTS}}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
     print(f"triton {triton.__version__}")
     for nt, tn, kw, pf, px, group, pdl, act in COMBOS:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
-        consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=group, NT=nt, TN=tn, KW=kw, HAS_ZERO=True,
+        consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=group, NT=nt, TN=tn, KW=kw, S_BF16=True,
                       HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px), SR=True)
         kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=kw))

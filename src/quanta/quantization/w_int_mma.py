@@ -20,7 +20,9 @@ covering, with the other 3 lanes of its batch row, 64 contiguous bytes (2 whole 
 half are one 16-byte load a lane over 512 contiguous bytes. (Earlier layouts: lane c owned GROUP / 4 consecutive k,
 a row's 4 lanes 64 bytes apart, twice the L1 wavefronts (at 16 rows Nsight Compute had the L1 at 89% and DRAM at
 43%); then 16 consecutive k a 64 and its 8 words of a group contiguous, so each 16-byte load, x's and the words',
-used half of every sector it touched: 14.7 of 32 bytes a sector, nineteenth session.) C fragment: lane l
+used half of every sector it touched: 14.7 of 32 bytes a sector, nineteenth session.) Scales and zero points
+come packed (`mma_pack_sz`, attach: + 4 bytes a (row, group)): a lane's rows r and r + 8 of a group are one 8-byte
+load, a tile's 16 rows 64 contiguous bytes (before: 4 loads a group, each over 8 rows' lines). C fragment: lane l
 holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile); batch rows >= M read row M - 1's
 x and are not stored (no masks in the loop).
 
@@ -95,6 +97,18 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     q = q.view(t, g, halves, 8, 4, 2, 2, 2, 2, 2)  # [t, g, H, r, c, s1, s0, e, kh, h]
     q = q.permute(0, 9, 3, 1, 2, 5, 4, 6, 8, 7).reshape(t * 16, g * halves * 64)  # [t, h, r, g, H, s1, c, s0, kh, e]
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Scales [N, G] (bf16 / fp16) and zero points [N, G] (or None: 8) -> int32 [N / 16, G, 8, 2]: (scale bits << 16)
+    | z of row 16 t + r + 8 h at [t, g, r, h], so a lane's rows r and r + 8 are one 8-byte load and a tile's group
+    64 contiguous bytes (instead of 4 loads over 8 rows' lines each)."""
+    n, g = scale.shape
+    if scale.dtype not in _TYPES or n % 16:
+        raise ValueError(f"packed scales need bf16 / fp16 scales of whole 16-row tiles (got {scale.dtype}, N={n})")
+    bits = scale.contiguous().view(torch.int16).to(torch.int32) << 16
+    z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
+    return (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g).permute(0, 3, 2, 1).contiguous()
 
 
 def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
@@ -217,6 +231,7 @@ def attach(layer, group: int) -> None:
     if packed.shape[1] * 2 != k or not supported(group, n, k, layer.weight_scale.dtype, packed.device):
         return
     layer.weight_mma = mma_pack(packed, group)
+    layer.weight_mma_sz = mma_pack_sz(layer.weight_scale, getattr(layer, "weight_zero_point", None))
 
 
 def usable(layer, x: torch.Tensor) -> bool:
@@ -250,7 +265,7 @@ def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | N
     m = x.numel() // layer.in_features
     cfg = silu_config(m) if act else config_for(m, layer.out_features, layer.in_features)
     return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
-                            layer.bias, cfg, act, inv)
+                            layer.bias, cfg, act, inv, layer.weight_mma_sz)
 
 
 def _inv_args(inv: tuple | None, m: int, k: int) -> dict:
@@ -264,11 +279,11 @@ def _inv_args(inv: tuple | None, m: int, k: int) -> dict:
 
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                      bias: torch.Tensor | None = None, config: MmaConfig | None = None,
-                     act: bool = False, inv: tuple | None = None) -> torch.Tensor:
+                     act: bool = False, inv: tuple | None = None, sz: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack).
     act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
     config's tiles become the pair). inv = (partials, eps): x is one row of a split norm's xw (kernels/split_norm.py),
-    the sums are scaled by its inverse RMS."""
+    the sums are scaled by its inverse RMS. sz: mma_pack_sz(scale, zero), packed here when not given."""
     t, g, halves = words.shape[:3]
     n, k, wpg = t * 16, g * group, 4 * halves
     if act and t % 2:
@@ -291,11 +306,11 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     xw = x2.view(torch.int32)  # [m, k / 2]
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
     grid = (t // 2 if act else (t + tiles - 1) // tiles,)
+    sz = mma_pack_sz(scale, zero) if sz is None else sz
     _w4_mma_kernel[grid](
-        xw, words, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
-        m, n, g, xw.stride(0), scale.stride(0), zero.stride(0) if zero is not None else 0, y.stride(0),
+        xw, words, sz, bias if bias is not None else y, y, m, n, g, xw.stride(0), y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
-        HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
+        S_BF16=scale.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
         PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum,
         **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))

@@ -69,6 +69,7 @@ if HAS_GLUON:
     LD4W = gl.constexpr(_LD4W)
     LD4X = gl.constexpr(_LD4X)
     LD4P = gl.constexpr(_LD4P)
+    LD2 = gl.constexpr("ld.global.nc.v2.b32 {$0, $1}, [$2];")  # a lane's packed scale / zero pair
 
     @gluon.jit
     def _ld4(ptr, ASM: gl.constexpr, PURE: gl.constexpr = True):
@@ -156,18 +157,22 @@ if HAS_GLUON:
         return a, b, c, d
 
     @gluon.jit
-    def _sload(g, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16: gl.constexpr,
-               HAS_ZERO: gl.constexpr):
-        """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows row_lo / row_hi."""
+    def _sload(g, G, sz_l, MAGIC16: gl.constexpr, S_BF16: gl.constexpr):
+        """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows r / r + 8 of a tile: one
+        8-byte load a lane of the packed (scale bits << 16 | z) pair (mma_pack_sz; a tile's 16 rows are 64 bytes)."""
         gc = gl.minimum(g, G - 1)
-        s_lo = gl.where(g < G, gl.load(s_ptr + row_lo * stride_sn + gc).to(gl.float32), 0.0)
-        s_hi = gl.where(g < G, gl.load(s_ptr + row_hi * stride_sn + gc).to(gl.float32), 0.0)
-        if HAS_ZERO:
-            zl = (gl.load(z_ptr + row_lo * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
-            zh = (gl.load(z_ptr + row_hi * stride_zn + gc).to(gl.int32) | MAGIC16) * 65537
+        lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * 16).to(gl.int64)],
+                                           dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+        if S_BF16:
+            s_lo = (lo & -65536).to(gl.float32, bitcast=True)
+            s_hi = (hi & -65536).to(gl.float32, bitcast=True)
         else:
-            zl = gl.full_like(zeros, (8 | MAGIC16) * 65537, dtype=gl.int32)
-            zh = zl
+            s_lo = (lo >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+            s_hi = (hi >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        s_lo = gl.where(g < G, s_lo, 0.0)
+        s_hi = gl.where(g < G, s_hi, 0.0)
+        zl = ((lo & 0xFFFF) | MAGIC16) * 65537
+        zh = ((hi & 0xFFFF) | MAGIC16) * 65537
         return s_lo, s_hi, zl, zh
 
     @gluon.jit
@@ -215,9 +220,9 @@ if HAS_GLUON:
         return t0, t1, t2, t3, t4, t5, t6, t7
 
     @gluon.jit
-    def _w4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_sn, stride_zn, stride_ym,
+    def _w4_mma_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, G, stride_xm, stride_ym,
                        ASM: gl.constexpr, CONS: gl.constexpr, MAGIC16: gl.constexpr, GROUP: gl.constexpr,
-                       NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, HAS_ZERO: gl.constexpr,
+                       NT: gl.constexpr, TN: gl.constexpr, KW: gl.constexpr, S_BF16: gl.constexpr,
                        HAS_BIAS: gl.constexpr, PF: gl.constexpr = True, USE_PDL: gl.constexpr = False,
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
@@ -233,8 +238,6 @@ if HAS_GLUON:
             tile_c = gl.program_id(0) + tn * (n_tiles // 2)
         else:
             tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
-        row_lo = (tile_c * 16 + ln // 4).to(gl.int64)  # [1, TN, 32]
-        row_hi = row_lo + 8
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
         # columns of the product), words 4 (l % 4) .. + 4 and 16 + 4 (l % 4) .. + 4 of each 32 (64 k) of a group
         xr = gl.minimum(ln // 4, M - 1)
@@ -242,6 +245,7 @@ if HAS_GLUON:
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
         x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 4
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * 4  # [1, TN, 32]: a half's 4 words at + 128 H
+        sz_l = sz_ptr + tile_c.to(gl.int64) * G * 16 + (ln // 4) * 2  # [1, TN, 32]: rows r, r + 8 of group 0
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
@@ -256,7 +260,7 @@ if HAS_GLUON:
         if PF2:  # and the group after it (words two groups ahead in the loop)
             u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, KW + kw, G, GROUP, not USE_PDL)
         if PS:  # the first group's scales and zeros too (weights: before the PDL wait)
-            szn = _sload(kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
+            szn = _sload(kw, G, sz_l, MAGIC16, S_BF16)
         if L2PF:  # and all of the program's words asked of L2 (kernels/pdl.py's prefetch), before the wait
             for t in gl.static_range(TN):
                 if ACT:
@@ -284,10 +288,9 @@ if HAS_GLUON:
                 xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
             if PS:
                 sz = szn
-                szn = _sload(g0 + KW + kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16,
-                             HAS_ZERO)
+                szn = _sload(g0 + KW + kw, G, sz_l, MAGIC16, S_BF16)
             else:
-                sz = _sload(g0 + kw, G, s_ptr, z_ptr, row_lo, row_hi, stride_sn, stride_zn, zeros, MAGIC16, HAS_ZERO)
+                sz = _sload(g0 + kw, G, sz_l, MAGIC16, S_BF16)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(v0, v1, v2, v3, v4, v5, v6, v7, xs, sz, zeros, t0, t1, t2, t3, t4,
                                                     t5, t6, t7, ASM, CONS, GROUP, NT)
             if not PF and not PF2:
