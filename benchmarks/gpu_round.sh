@@ -177,6 +177,17 @@ for part in "$@"; do
       IGEMV_MS=1 IGEMV_VARIANTS=silu:t2_w2_r128,silu:t2_w2_r128_ns bash "$0" igemvr | grep "^8b gate_up"
       S="6144x4096=t1_w4_px_ps_ns;4096x4096=t1_w8_px_ps_ns;28672x4096=t2_w2_np_ps_ns;4096x14336=t1_w8_px_ps_ns"
       ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S 8b:awqx16" bash "$0" envab ;;
+    # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
+    # one), each with its own bench script
+    igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
+        QUANTA_BENCH_FLUSH=read timeout ${IGEMV_S:-150} python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} \
+        ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} --json "$OUT/int_gemv_8b_$tree.json" 2>&1 | grep "^8b [a-z]"); done ;;
+    # the twentieth session's mma layout (whole-sector loads of words and x, packed scales): GPU tests, then 8B AWQ
+    # batch 16 / 1 and the isolated GEMVs in the trees before (old), with the words only (mid) and now (clean)
+    layout) timeout ${LT_S:-200} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_split_norm_gpu.py --timeout 150 2>&1 | tail -3
+      T=$PWD/..; ENV_RUNS="8b:awqx16:PYTHONPATH=$T/old/src:$PWD 8b:awqx16" bash "$0" envab
+      IGEMV_MS=1,16 IGEMV_VARIANTS=${LT_VARIANTS:-mma:auto,silu:t2_w2_r128} TREES="old mid clean" bash "$0" igemvtrees
+      ENV_RUNS="8b:awqx16:PYTHONPATH=$T/mid/src:$PWD 8b:awq:PYTHONPATH=$T/old/src:$PWD 8b:awq ${LT_MORE:-}" bash "$0" envab ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
