@@ -31,19 +31,19 @@ def test_pack_round_trip_and_formula(n, k, group):
 
 @pytest.mark.parametrize("dtype,zp", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
 def test_pack_sz_formula(dtype, zp):
-    """The packed scale / zero pairs: [t, g, r, h] = (scale bits << 16) | z of row 16 t + r + 8 h (z = 8 without zero
+    """The packed scale / zero pairs: [t, r, g, h] = (scale bits << 16) | z of row 16 t + r + 8 h (z = 8 without zero
     points), the scale's bits exact (negative scales too)."""
     from quanta.quantization.w_int_mma import mma_pack_sz
 
     scale = (torch.randn(48, 5) * 0.01).to(dtype)
     zero = torch.randint(0, 16, (48, 5), dtype=torch.uint8) if zp else None
     sz = mma_pack_sz(scale, zero)
-    assert sz.shape == (3, 5, 8, 2) and sz.dtype == torch.int32
+    assert sz.shape == (3, 8, 5, 2) and sz.dtype == torch.int32
     for t in range(3):
         for g in range(5):
             for r in range(8):
                 for h in range(2):
-                    v, row = int(sz[t, g, r, h]), 16 * t + r + 8 * h
+                    v, row = int(sz[t, r, g, h]), 16 * t + r + 8 * h
                     bits = torch.tensor([(v >> 16) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype)
                     assert bits.item() == scale[row, g].item()
                     assert v & 0xFFFF == (int(zero[row, g]) if zp else 8)

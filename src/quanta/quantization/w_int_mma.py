@@ -22,7 +22,7 @@ a row's 4 lanes 64 bytes apart, twice the L1 wavefronts (at 16 rows Nsight Compu
 43%); then 16 consecutive k a 64 and its 8 words of a group contiguous, so each 16-byte load, x's and the words',
 used half of every sector it touched: 14.7 of 32 bytes a sector, nineteenth session.) Scales and zero points
 come packed (`mma_pack_sz`, attach: + 4 bytes a (row, group)): a lane's rows r and r + 8 of a group are one 8-byte
-load, a tile's 16 rows 64 contiguous bytes (before: 4 loads a group, each over 8 rows' lines). C fragment: lane l
+load, a row pair's groups contiguous (before: 4 loads a group, 2 bytes each). C fragment: lane l
 holds rows 16 t + r (+ 8) and batch rows 2 c (+ 1) (+ 8 for the second n-tile); batch rows >= M read row M - 1's
 x and are not stored (no masks in the loop).
 
@@ -100,15 +100,15 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
 
 
 def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """Scales [N, G] (bf16 / fp16) and zero points [N, G] (or None: 8) -> int32 [N / 16, G, 8, 2]: (scale bits << 16)
-    | z of row 16 t + r + 8 h at [t, g, r, h], so a lane's rows r and r + 8 are one 8-byte load and a tile's group
-    64 contiguous bytes (instead of 4 loads over 8 rows' lines each)."""
+    """Scales [N, G] (bf16 / fp16) and zero points [N, G] (or None: 8) -> int32 [N / 16, 8, G, 2]: (scale bits << 16)
+    | z of row 16 t + r + 8 h at [t, r, g, h], so a lane's rows r and r + 8 of a group are one 8-byte load (instead
+    of 4 loads, 2 bytes each) and a row pair's groups are contiguous (cached lines serve the later groups)."""
     n, g = scale.shape
     if scale.dtype not in _TYPES or n % 16:
         raise ValueError(f"packed scales need bf16 / fp16 scales of whole 16-row tiles (got {scale.dtype}, N={n})")
     bits = scale.contiguous().view(torch.int16).to(torch.int32) << 16
     z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
-    return (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g).permute(0, 3, 2, 1).contiguous()
+    return (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g).permute(0, 2, 3, 1).contiguous()
 
 
 def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):

@@ -159,9 +159,10 @@ if HAS_GLUON:
     @gluon.jit
     def _sload(g, G, sz_l, MAGIC16: gl.constexpr, S_BF16: gl.constexpr):
         """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows r / r + 8 of a tile: one
-        8-byte load a lane of the packed (scale bits << 16 | z) pair (mma_pack_sz; a tile's 16 rows are 64 bytes)."""
+        8-byte load a lane of the packed (scale bits << 16 | z) pair (mma_pack_sz: a row pair's groups contiguous, so
+        its later groups are L1 hits)."""
         gc = gl.minimum(g, G - 1)
-        lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * 16).to(gl.int64)],
+        lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * 2).to(gl.int64)],
                                            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
         if S_BF16:
             s_lo = (lo & -65536).to(gl.float32, bitcast=True)
@@ -245,7 +246,7 @@ if HAS_GLUON:
         xr1 = gl.minimum(ln // 4 + 8, M - 1)
         x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 4
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * 4  # [1, TN, 32]: a half's 4 words at + 128 H
-        sz_l = sz_ptr + tile_c.to(gl.int64) * G * 16 + (ln // 4) * 2  # [1, TN, 32]: rows r, r + 8 of group 0
+        sz_l = sz_ptr + (tile_c.to(gl.int64) * 8 + ln // 4) * G * 2  # [1, TN, 32]: rows r, r + 8 of group 0
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
