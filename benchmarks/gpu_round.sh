@@ -188,6 +188,11 @@ for part in "$@"; do
       T=$PWD/..; ENV_RUNS="8b:awqx16:PYTHONPATH=$T/old/src:$PWD 8b:awqx16" bash "$0" envab
       IGEMV_MS=1,16 IGEMV_VARIANTS=${LT_VARIANTS:-mma:auto,silu:t2_w2_r128} TREES="old mid clean" bash "$0" igemvtrees
       ENV_RUNS="8b:awqx16:PYTHONPATH=$T/mid/src:$PWD 8b:awq:PYTHONPATH=$T/old/src:$PWD 8b:awq ${LT_MORE:-}" bash "$0" envab ;;
+    # the same, second round: the GPU tests of the default configs, 8B AWQ batch 16 / 1 old vs this tree, isolated
+    layout2) timeout ${LT_S:-200} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_split_norm_gpu.py --timeout 150 \
+        -k "${LT_K:-t1_w8_px_ps or t2_w2_np_ps or t1_w4_px_ps or silu or bias or engine or consumer}" 2>&1 | tail -3
+      T=$PWD/..; ENV_RUNS="8b:awqx16:PYTHONPATH=$T/old/src:$PWD 8b:awqx16 8b:awq:PYTHONPATH=$T/old/src:$PWD 8b:awq" bash "$0" envab
+      IGEMV_MS=1,16 IGEMV_VARIANTS=${LT_VARIANTS:-mma:auto,silu:t2_w2_r128} TREES="old clean" bash "$0" igemvtrees ;;
     lat1) timeout 120 python -m quanta.cli bench latency "$C/llama-3.2-1b.json" --json "$OUT/lat1.json" 2>&1 | tail -1 ;;
     *) echo "unknown part $part" ;;
   esac 2>&1 | tee -a "$OUT/gpu.log"
