@@ -193,6 +193,11 @@ for part in "$@"; do
     silu1b) J=$OUT/int_gemv_8b_read.json; IGEMV_MS=1 IGEMV_ARGS=--zero-point IGEMV_VARIANTS=${S1_VARIANTS:-silu:t2_w2_r128,silu:t2_w2_ps_r128,silu:t2_w2_ps,silu:t2_w2,silu:t2_w2_r112,silu:t2_w4_r128,silu:t2_w4_ps} bash "$0" igemvr | grep "^8b gate_up"
       B=$(python benchmarks/bench_int_gemv.py --best-of $J --best-kinds silu: --best-m 1); echo "fastest: $B"; T=$PWD/..
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=$B 8b:awq:PYTHONPATH=$T/old/src:$PWD 8b:bf16 ${S1_MORE:-8b:awqx16 8b:bf16x16}" bash "$0" envab ;;
+    # 16-row mma configs on this tree's layout (isolated, zero points), then 8B AWQ batch 16 with each shape's fastest
+    # by env vs the defaults (twice), and batch 1 on the defaults
+    mma16b) J=$OUT/int_gemv_8b_read.json; IGEMV_MS=16 IGEMV_ARGS=--zero-point IGEMV_VARIANTS=${M16_VARIANTS:-mma:auto,mma:t2_w2_ps,mma:t2_w4_np_ps,mma:t1_w4_px_ps,mma:t1_w8_px_ps,mma:t2_w4_ps,mma:t2_w2_px_ps,mma:t1_w4_ps} bash "$0" igemvr | grep "^8b [a-z]"
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 16); echo "fastest: $S"
+      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S 8b:awq" bash "$0" envab ;;
     # the same, second round: the GPU tests of the default configs, 8B AWQ batch 16 / 1 old vs this tree, isolated
     layout2) timeout ${LT_S:-200} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_split_norm_gpu.py --timeout 150 \
         -k "${LT_K:-t1_w8_px_ps or t2_w2_np_ps or t1_w4_px_ps or silu or bias or engine or consumer}" 2>&1 | tail -3

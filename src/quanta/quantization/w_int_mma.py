@@ -253,10 +253,12 @@ def silu_config(m: int) -> MmaConfig:
     """The SiLU epilogue's config (tiles: the gate / up pair): QUANTA_INT_MMA_SILU_CONFIG, else 2 warps; one row
     capped at 128 registers (ptxas then issues the next group's loads before this group's math: offline SASS, 96
     registers "7L 4H 1L 2H 4L ..." -> "16L 16H"). H200, 8B gate_up, isolated 26.4 -> 23.7 us; W4A16_AWQ batch 1
-    494.0 / 493.9 / 495.1 -> 496.4 / 496.1 tok/s (eighteenth session, h200_s18a / c; 2-8 rows not measured)."""
+    494.0 / 493.9 / 495.1 -> 496.4 / 496.1 tok/s (eighteenth session, h200_s18a / c; 2-8 rows not measured). One
+    row with the packed scales a group ahead too ("_ps", twentieth session, h200_s20c; slower on the old layout):
+    isolated 26.3 -> 23.8 us, batch 1 496.0 -> 506.3 tok/s (old layout and config 500.2, bf16 234.3)."""
     if SILU_CONFIG:
         return MmaConfig.parse(SILU_CONFIG)
-    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, regs=128 if m == 1 else 0)
+    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1, regs=128 if m == 1 else 0)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None) -> torch.Tensor:
