@@ -53,6 +53,9 @@ warp stores its accumulators to one buffer (lanes on consecutive words), one bar
 stores ("_ns": the old way). 16 rows, isolated: qkv 12.9 -> 12.3 us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6
 -> 20.1; one-row SiLU 25.7 -> 24.4. 8B W4A16_AWQ batch 16 5,994.9 -> 6,203.7 / 6,233.2 tok/s (+3.7%), batch 1 (the
 one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the engine.
+Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ
+batch 16 6,286.9 / 6,271.0 -> 6,448.8 / 6,419.4 tok/s (same calls), 6,454.1 against bf16 3,368.7; batch 1 (with the
+one-row SiLU's "_ps") 500.2 -> 506.3. Isolated the 16-row gate_up read slower (27 -> 33 us): not yet explained.
 Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
 the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
 (t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
