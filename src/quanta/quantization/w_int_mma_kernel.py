@@ -102,9 +102,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _wload(w_l, g, G, GROUP: gl.constexpr, PURE: gl.constexpr = True):
-        """Group g's (clamped to G - 1) words of each lane: 8 tensors, one 16-byte load a 64-k half (the warp's
-        512 contiguous bytes; GROUP 64: the last 4 repeat the first). PURE False: issued where written (the preload
-        before the PDL wait)."""
+        """Group g's (clamped to G - 1) words of each lane, one 16-byte load a 64-k half (GROUP 64: the last 4 repeat
+        the first). PURE False: issued where written (the preload before the PDL wait)."""
         WPG: gl.constexpr = GROUP // 16
         w_g = w_l + gl.minimum(g, G - 1) * (32 * WPG)
         w0, w1, w2, w3 = _ld4(w_g, LD4W if PURE else LD4P, PURE)
@@ -130,8 +129,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _ld8(ptr, PURE: gl.constexpr):
-        """A lane's eight x words of a 64-k half: 4 at ptr, 4 at ptr + 16 (16-byte aligned; the row's 4 lanes cover
-        64 contiguous bytes a load), as an 8-tuple of ptr's shape."""
+        """A lane's 8 x words of a 64-k half, 4 at ptr and 4 at ptr + 16 (a row's 4 lanes: 64 bytes a load)."""
         p0, p1, p2, p3 = _ld4(ptr, LD4X, PURE)
         p4, p5, p6, p7 = _ld4(ptr + 16, LD4X, PURE)
         return p0, p1, p2, p3, p4, p5, p6, p7
@@ -158,9 +156,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _sload(g, G, sz_l, MAGIC16: gl.constexpr, S_BF16: gl.constexpr):
-        """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows r / r + 8 of a tile: one
-        8-byte load a lane of the packed (scale bits << 16 | z) pair (mma_pack_sz: a row pair's groups contiguous, so
-        its later groups are L1 hits)."""
+        """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows r / r + 8: one 8-byte load
+        of the packed (scale bits << 16 | z) pair (mma_pack_sz)."""
         gc = gl.minimum(g, G - 1)
         lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * 2).to(gl.int64)],
                                            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
