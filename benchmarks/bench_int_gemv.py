@@ -6,7 +6,10 @@ Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
 tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row |
 mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_np]" or "auto" (config_for) |
 auto: w_int_linear's own pick, config ignored | silu: the mma GEMV with the SiLU(gate) * up epilogue, gate_up only). Times are medians of CUDA-graph replays after a 256 MiB L2
-flush (kernels/gemv.time_cuda: cold weights, as in decode); cuBLAS bf16 on the same shape is the baseline. Every
+flush (kernels/gemv.time_cuda: cold weights, as in decode); with --chain L, of one graph running L distinct weight
+copies back to back, per launch (each launch's PDL preload then overlaps the launch before it, as in a decode step;
+the flush-only numbers mispredicted the engine for the 16-row gate_up in the twentieth session: RESULTS.md); cuBLAS
+bf16 on the same shape (one copy) is the baseline. Every
 variant is checked against w_int_linear_ref first. Prints a table and the per-step sum of the linear layers
 (x layers, lm_head in bf16 through cuBLAS).
 """
@@ -77,6 +80,49 @@ def best_per_shape(path: str, kinds: str = "asm:", m: int = 1) -> str:
     return ";".join(f"{key}={cfg}" for key, (_, cfg) in best.items())
 
 
+def _weights(n, k, bits, group, zero_point, dev, seed, tg=False, mma=False) -> dict:
+    """One random int weight of [n, k] with its scales (zero points), tinygemm and mma packings where asked."""
+    from quanta.quantization import w_int_mma, w_int_tinygemm
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k * bits // 8), device=dev, generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // group, device=dev, generator=g) * 0.01 + 0.001).bfloat16()
+    zero = torch.randint(0, 2**bits, (n, k // group), device=dev, generator=g, dtype=torch.uint8) if zero_point else None
+    w = dict(packed=packed, scale=scale, zero=zero, tg=None, words=None, sz=None)
+    if tg and bits == 4:
+        w["tg"] = w_int_tinygemm.pack(packed, scale, zero)
+    if mma and bits == 4:
+        w.update(words=w_int_mma.mma_pack(packed, group), sz=w_int_mma.mma_pack_sz(scale, zero))  # as attach does
+    return w
+
+
+def _variant_fn(kind, cfg_s, w, x, m, n, k, bits, group, name):
+    """(fn, resolved config) of one `kind:config` variant on the weights w, or None where it does not apply."""
+    from quanta.kernels.gemv import GemvConfig
+    from quanta.quantization import w_int_gemv_asm, w_int_mma, w_int_tinygemm
+    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear
+
+    packed, scale, zero = w["packed"], w["scale"], w["zero"]
+    if kind == "tinygemm":
+        return partial(w_int_tinygemm.linear, x, *w["tg"], group, n), None
+    if kind == "mma":
+        mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
+        return partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, mcfg, sz=w["sz"]), str(mcfg)
+    if kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
+        if name != "gate_up":
+            return None
+        cfg = w_int_mma.MmaConfig.parse(cfg_s)
+        return partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, cfg, True, sz=w["sz"]), None
+    if kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
+        return partial(w_int_linear, x, packed, scale, zero, bits, group, k), None
+    cfg = GemvConfig.parse(cfg_s)
+    w_int_gemv_asm.ASM_ENABLED = kind == "asm"
+    if kind == "asm" and m > 1:
+        return None
+    planes = w_int_gemv_asm.x_planes(x, min(group, cfg.block_k)) if cfg.x_planes else None
+    return partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg, planes=planes), None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="8b")
@@ -86,6 +132,8 @@ def main() -> None:
     ap.add_argument("--zero-point", action="store_true")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--chain", type=int, default=1, help="time this many distinct weight copies back to back in one "
+                    "graph (each launch's PDL preload overlaps the one before, as in a decode step), per launch")
     ap.add_argument("--json", default=None)
     ap.add_argument("--best-of", default=None, help="print the fastest asm config in this --json file and exit")
     ap.add_argument("--best-kinds", default="asm:", help="--best-of among variants naming one of these")
@@ -96,9 +144,9 @@ def main() -> None:
         pick = best_per_shape if a.per_shape else best_variant
         print(pick(a.best_of, a.best_kinds, a.best_m))
         return
-    from quanta.kernels.gemv import GemvConfig, time_cuda
-    from quanta.quantization import w_int_gemv_asm, w_int_mma, w_int_tinygemm
-    from quanta.quantization.w_int_kernel import w_int_gemv, w_int_linear, w_int_linear_ref
+    from quanta.kernels.gemv import time_cuda
+    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization.w_int_kernel import w_int_linear_ref
 
     dev, bits, group = "cuda", a.bits, a.group
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev)
@@ -109,54 +157,32 @@ def main() -> None:
         for m in (int(v) for v in a.ms.split(",")):
             total = {"cublas": 0.0}
             for name, n, k in shapes:
-                g = torch.Generator(device=dev).manual_seed(n + k)
-                packed = torch.randint(0, 256, (n, k * bits // 8), device=dev, generator=g, dtype=torch.uint8)
-                scale = (torch.rand(n, k // group, device=dev, generator=g) * 0.01 + 0.001).bfloat16()
-                zero = (
-                    torch.randint(0, 2**bits, (n, k // group), device=dev, generator=g, dtype=torch.uint8)
-                    if a.zero_point
-                    else None
-                )
-                x = torch.randn(m, k, device=dev, generator=g).bfloat16()
-                w_bf16 = torch.randn(n, k, device=dev, generator=g).bfloat16()
+                need = dict(tg="tinygemm:" in a.variants, mma="mma:" in a.variants or "silu:" in a.variants)
+                copies = [_weights(n, k, bits, group, a.zero_point, dev, n + k + i, **need) for i in range(a.chain)]
+                w0 = copies[0]
+                packed, scale, zero = w0["packed"], w0["scale"], w0["zero"]
+                x = torch.randn(m, k, device=dev).bfloat16()
+                w_bf16 = torch.randn(n, k, device=dev).bfloat16()
                 t_ref = time_cuda(partial(F.linear, x, w_bf16), a.reps, flush=flush)
                 del w_bf16
                 total["cublas"] += layers * t_ref
                 ref = w_int_linear_ref(x.float(), packed, scale.float(), zero, bits, group, k)
                 nbytes = packed.numel() + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
                 line = f"{model} {name:8s} N={n:6d} K={k:6d} M={m} | cuBLAS bf16 {t_ref:7.1f} us |"
-                tg = w_int_tinygemm.pack(packed, scale, zero) if bits == 4 else None
-                words = w_int_mma.mma_pack(packed, group) if bits == 4 and ("mma:" in a.variants or "silu:" in a.variants) else None
-                sz = w_int_mma.mma_pack_sz(scale, zero) if words is not None else None  # as attach does
                 for v in a.variants.split(","):
                     kind, cfg_s = v.split(":")
-                    resolved = None
-                    if kind == "tinygemm":
-                        fn = partial(w_int_tinygemm.linear, x, *tg, group, n)
-                    elif kind == "mma":
-                        mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
-                        resolved = str(mcfg)
-                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None, mcfg, sz=sz)
-                    elif kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
-                        if name != "gate_up":
-                            continue
-                        fn = partial(w_int_mma.w_int_mma_linear, x, words, scale, zero, group, None,
-                                     w_int_mma.MmaConfig.parse(cfg_s), True, sz=sz)
-                    elif kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
-                        fn = partial(w_int_linear, x, packed, scale, zero, bits, group, k)
-                    else:
-                        cfg = GemvConfig.parse(cfg_s)
-                        w_int_gemv_asm.ASM_ENABLED = kind == "asm"
-                        if kind == "asm" and m > 1:
-                            continue
-                        planes = w_int_gemv_asm.x_planes(x, min(group, cfg.block_k)) if cfg.x_planes else None
-                        fn = partial(w_int_gemv, x, packed, scale, zero, bits, group, k, None, cfg, planes=planes)
+                    made = [_variant_fn(kind, cfg_s, w, x, m, n, k, bits, group, name) for w in copies]
+                    if made[0] is None:
+                        continue
+                    fn, resolved = made[0]
+                    fns = [f for f, _ in made]
+                    timed = fn if len(fns) == 1 else (lambda fns=fns: [f() for f in fns])
                     want = ref
                     if kind == "silu":
                         want = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
                     try:
                         err = float((fn().float() - want).abs().max() / want.abs().max())
-                        t = time_cuda(fn, a.reps, flush=flush) if err < 2e-2 else float("nan")
+                        t = time_cuda(timed, a.reps, flush=flush) / len(fns) if err < 2e-2 else float("nan")
                     except Exception as e:  # a config that does not compile here is reported, not fatal
                         err, t = f"{type(e).__name__}: {str(e)[:60]}", float("nan")
                     total[v] = total.get(v, 0.0) + layers * t

@@ -177,6 +177,9 @@ for part in "$@"; do
       IGEMV_MS=1 IGEMV_VARIANTS=silu:t2_w2_r128,silu:t2_w2_r128_ns bash "$0" igemvr | grep "^8b gate_up"
       S="6144x4096=t1_w4_px_ps_ns;4096x4096=t1_w8_px_ps_ns;28672x4096=t2_w2_np_ps_ns;4096x14336=t1_w8_px_ps_ns"
       ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S 8b:awqx16" bash "$0" envab ;;
+    # the int GEMVs timed as a chain of CHAIN distinct weight copies in one graph (each launch's PDL preload overlapping
+    # the one before, as in decode; zero points): IGEMV_MS / IGEMV_VARIANTS as igemvr
+    igemvc) IGEMV_ARGS="--chain ${CHAIN:-8} --zero-point ${IGEMV_ARGS:-}" bash "$0" igemvr ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
