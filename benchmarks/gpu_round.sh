@@ -54,7 +54,7 @@ for part in "$@"; do
     tgtest) timeout 200 python -m pytest -q tests/test_w_int_tinygemm.py tests/test_quantization_kernels.py -k "not interpreted" --timeout 150 2>&1 | tail -8 ;;
     dbench8) timeout 150 python benchmarks/bench_decode_fused.py --model 8b --json "$OUT/decode_fused_8b.json" 2>&1 | tail -8 ;;
     # int GEMVs timed after a reading L2 flush (clean lines, as in decode) instead of a writing one
-    igemvr) QUANTA_BENCH_FLUSH=read timeout ${IGEMV_S:-150} python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} ${IGEMV_ARGS:-} --json "$OUT/int_gemv_8b_read.json" 2>&1 | tail -30 ;;
+    igemvr) QUANTA_BENCH_FLUSH=read timeout ${IGEMV_S:-150} python benchmarks/bench_int_gemv.py --models 8b --ms ${IGEMV_MS:-1} ${IGEMV_VARIANTS:+--variants $IGEMV_VARIANTS} ${IGEMV_ARGS:-} --json "$OUT/${IGEMV_JSON:-int_gemv_8b_read}.json" 2>&1 | tail -30 ;;
     # 8B batch 1, bf16 vs W4A16_AWQ: the asm GEMV's default config, then the fastest config per shape (igemvr's JSON)
     lat8shape) J=$OUT/int_gemv_8b_read.json; S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape); echo "per shape: $S"
       for v in ${LS_ORDER:-bf16 awq awqshape}; do q=""; e="QUANTA_INT_GEMV_ASM=1"; [ $v != bf16 ] && q="--quant-algo W4A16_AWQ"
@@ -180,6 +180,12 @@ for part in "$@"; do
     # the int GEMVs timed as a chain of CHAIN distinct weight copies in one graph (each launch's PDL preload overlapping
     # the one before, as in decode; zero points): IGEMV_MS / IGEMV_VARIANTS as igemvr
     igemvc) IGEMV_ARGS="--chain ${CHAIN:-8} --zero-point ${IGEMV_ARGS:-}" bash "$0" igemvr ;;
+    # the twenty-first session's plan: the chain bench (does it rank configs as the engine does?) at 16 and 1 rows,
+    # then the engine by env: the SiLU epilogue at 9-16 rows, one row's SiLU two groups ahead, one row's qkv / o /
+    # down on the mma GEMV (no x planes)
+    chainplan) IGEMV_JSON=chain16 IGEMV_MS=16 IGEMV_VARIANTS=${CP16:-mma:auto,mma:t2_w2_px_ps,mma:t2_w2_ps,silu:t2_w2,silu:t2_w2_ps,silu:t2_w2_np_ps,mma:t1_w8_px_ps_p2,mma:t1_w4_px_ps_p2} bash "$0" igemvc | grep "^8b [a-z]"
+      IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
+      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128 8b:awq:QUANTA_INT_MMA_ROWS=1-16,QUANTA_INT_GEMV_PLANES=0 ${CP_MORE:-}" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
