@@ -136,5 +136,5 @@ def test_attach_is_a_no_op_on_the_cpu():
     assert not hasattr(layer, "weight_mma") and not w_int_mma.usable(layer, torch.zeros(2, 256))
     assert not w_int_mma.usable_silu(layer, torch.zeros(1, 256))
     assert w_int_mma.silu_config(1) == MmaConfig(tiles=2, warps=2, sprefetch=True, regs=128)
-    assert not w_int_mma.silu_config(16).prefetch
+    assert w_int_mma.silu_config(16) == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert w_int_mma.silu_config(4) == MmaConfig(tiles=2, warps=2)

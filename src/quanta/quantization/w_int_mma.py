@@ -261,7 +261,8 @@ def silu_config(m: int) -> MmaConfig:
     isolated 26.3 -> 23.8 us, batch 1 496.0 -> 506.3 tok/s (old layout and config 500.2, bf16 234.3)."""
     if SILU_CONFIG:
         return MmaConfig.parse(SILU_CONFIG)
-    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1, regs=128 if m == 1 else 0)
+    # 9-16 rows (off by default, QUANTA_INT_MMA_SILU_ROWS): scales a group ahead as the plain 16-row gate_up's t2_w2_np_ps
+    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, regs=128 if m == 1 else 0)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None) -> torch.Tensor:
