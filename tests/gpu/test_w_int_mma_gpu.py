@@ -43,7 +43,8 @@ def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
 
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("cfg", ["t2_w2", "t2_w4_np", "t2_w8", "t2_w2_np_px", "t2_w2_ps", "t2_w2_l2", "t2_w2_ps_r128",
-                                 "t2_w2_r128_ns", "t2_w4_np_ns", "t2_w2_ps_p2_r128", "t2_w4_ps_r128"])
+                                 "t2_w2_r128_ns", "t2_w4_np_ns", "t2_w2_ps_p2_r128", "t2_w4_ps_r128",
+                                 "t2_w2_np_ps"])
 @pytest.mark.parametrize("n,k,zp,bias", [(2048, 1024, True, False), (512, 768, False, True)])
 def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
     import torch.nn.functional as F
