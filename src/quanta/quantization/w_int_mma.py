@@ -225,8 +225,9 @@ def supported(group: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
 
 
 def attach(layer, group: int) -> None:
-    """Give a W4 layer its mma words (layer.weight_mma, next to the canonical bytes that LLM.save writes, the one-row
-    asm GEMV and the many-row dequantize path read: + 0.5 byte a weight of GPU memory) where the kernel takes it."""
+    """Give a W4 layer its mma words and packed scales (layer.weight_mma / weight_mma_sz, next to the canonical bytes
+    and scales that LLM.save writes, the one-row asm GEMV and the many-row dequantize path read: + 0.5 byte a weight
+    and 4 bytes a (row, group) of GPU memory) where the kernel takes it."""
     packed = layer.weight_packed
     if (ROWS[1] < ROWS[0] and SILU_ROWS[1] < SILU_ROWS[0]) or getattr(layer, "weight_g_idx", None) is not None:
         return
