@@ -4,7 +4,8 @@
 
 Each variant is `kernel:config` (kernel = bytes: w_int_kernel's GEMV |
 tinygemm: PyTorch's _weight_int4pack_mm, w_int_tinygemm.py, config ignored | asm: w_int_gemv_asm.py, one row |
-mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_np]" or "auto" (config_for) |
+mma: w_int_mma.py's tensor-core GEMV on mma words, config "t2_w4[_np]" or "auto" (config_for) | mmaxf / siluxf:
+the same with x in fragment order (w_int_mma.x_frag, made outside the timing) |
 auto: w_int_linear's own pick, config ignored | silu: the mma GEMV with the SiLU(gate) * up epilogue, gate_up only). Times are medians of CUDA-graph replays after a 256 MiB L2
 flush (kernels/gemv.time_cuda: cold weights, as in decode); with --chain L, of one graph running L distinct weight
 copies back to back, per launch (each launch's PDL preload then overlaps the launch before it, as in a decode step;
@@ -87,7 +88,9 @@ def _weights(n, k, bits, group, zero_point, dev, seed, tg=False, mma=False) -> d
     g = torch.Generator(device=dev).manual_seed(seed)
     packed = torch.randint(0, 256, (n, k * bits // 8), device=dev, generator=g, dtype=torch.uint8)
     scale = (torch.rand(n, k // group, device=dev, generator=g) * 0.01 + 0.001).bfloat16()
-    zero = torch.randint(0, 2**bits, (n, k // group), device=dev, generator=g, dtype=torch.uint8) if zero_point else None
+    zero = None
+    if zero_point:
+        zero = torch.randint(0, 2**bits, (n, k // group), device=dev, generator=g, dtype=torch.uint8)
     w = dict(packed=packed, scale=scale, zero=zero, tg=None, words=None, sz=None)
     if tg and bits == 4:
         w["tg"] = w_int_tinygemm.pack(packed, scale, zero)
@@ -105,14 +108,17 @@ def _variant_fn(kind, cfg_s, w, x, m, n, k, bits, group, name):
     packed, scale, zero = w["packed"], w["scale"], w["zero"]
     if kind == "tinygemm":
         return partial(w_int_tinygemm.linear, x, *w["tg"], group, n), None
-    if kind == "mma":
+    xf = w_int_mma.x_frag(x, group) if kind.endswith("xf") else None  # x in fragment order, made outside the timing
+    if kind in ("mma", "mmaxf"):
         mcfg = w_int_mma.config_for(m, n, k) if cfg_s == "auto" else w_int_mma.MmaConfig.parse(cfg_s)
-        return partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, mcfg, sz=w["sz"]), str(mcfg)
-    if kind == "silu":  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
+        fn = partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, mcfg, sz=w["sz"], xf=xf)
+        return fn, str(mcfg)
+    if kind in ("silu", "siluxf"):  # gate_up only: SiLU(gate) * up in the mma GEMV's epilogue
         if name != "gate_up":
             return None
         cfg = w_int_mma.MmaConfig.parse(cfg_s)
-        return partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, cfg, True, sz=w["sz"]), None
+        fn = partial(w_int_mma.w_int_mma_linear, x, w["words"], scale, zero, group, None, cfg, True, sz=w["sz"], xf=xf)
+        return fn, None
     if kind == "auto":  # w_int_linear's own pick (gemv_config / the asm GEMV at one row)
         return partial(w_int_linear, x, packed, scale, zero, bits, group, k), None
     cfg = GemvConfig.parse(cfg_s)
@@ -157,7 +163,8 @@ def main() -> None:
         for m in (int(v) for v in a.ms.split(",")):
             total = {"cublas": 0.0}
             for name, n, k in shapes:
-                need = dict(tg="tinygemm:" in a.variants, mma="mma:" in a.variants or "silu:" in a.variants)
+                kinds = {v.split(":")[0] for v in a.variants.split(",")}
+                need = dict(tg="tinygemm" in kinds, mma=bool(kinds & {"mma", "silu", "mmaxf", "siluxf"}))
                 copies = [_weights(n, k, bits, group, a.zero_point, dev, n + k + i, **need) for i in range(a.chain)]
                 w0 = copies[0]
                 packed, scale, zero = w0["packed"], w0["scale"], w0["zero"]
@@ -178,7 +185,7 @@ def main() -> None:
                     fns = [f for f, _ in made]
                     timed = fn if len(fns) == 1 else (lambda fns=fns: [f() for f in fns])
                     want = ref
-                    if kind == "silu":
+                    if kind.startswith("silu"):
                         want = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
                     try:
                         err = float((fn().float() - want).abs().max() / want.abs().max())

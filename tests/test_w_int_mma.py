@@ -51,6 +51,23 @@ def test_pack_sz_formula(dtype, zp):
         mma_pack_sz(torch.ones(16, 2), None)
 
 
+@pytest.mark.parametrize("m,k,group", [(16, 256, 128), (3, 256, 64), (9, 384, 128)])
+def test_x_frag_formula(m, k, group):
+    """x in the kernel's fragment order: [g, H, nt, j, lane 4 r + c, w] = x's word [8 nt + r, g group / 2 + 32 H +
+    16 j + 4 c + w], rows >= M zero."""
+    from quanta.quantization.w_int_mma import x_frag
+
+    x = torch.randn(m, k).bfloat16()
+    xf = x_frag(x, group)
+    assert xf.shape == (k // group, group // 64, 2, 2, 32, 4) and xf.dtype == torch.int32
+    words = x.view(torch.int32)
+    for g, h, nt, j, lane, w in torch.cartesian_prod(*(torch.arange(d) for d in xf.shape)).tolist()[::7]:
+        row, col = 8 * nt + lane // 4, g * group // 2 + 32 * h + 16 * j + 4 * (lane % 4) + w
+        assert int(xf[g, h, nt, j, lane, w]) == (int(words[row, col]) if row < m else 0)
+    with pytest.raises(ValueError, match="x_frag takes <= 16 rows"):
+        x_frag(torch.zeros(17, 128, dtype=torch.bfloat16), 64)
+
+
 def test_pack_rejects_ragged_shapes():
     with pytest.raises(ValueError, match="N % 16"):
         mma_pack(torch.zeros(24, 64, dtype=torch.uint8), 128)

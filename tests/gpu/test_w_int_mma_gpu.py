@@ -76,6 +76,26 @@ def test_mma_gemv_bias_3d_and_fp16(dtype):
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("m", [3, 9, 16])
+@pytest.mark.parametrize("cfg", ["t1_w8_px_ps", "t1_w4_px_ps", "t2_w2_np_ps_r128", "t2_w8_px_ps", "t4_w8_ps"])
+@pytest.mark.parametrize("n,k,group,zp,act", [(512, 1024, 128, True, False), (256, 768, 64, False, False),
+                                              (512, 1024, 128, True, True)])
+def test_mma_gemv_x_frag_equals_ref(m, cfg, n, k, group, zp, act):
+    """x in fragment order (w_int_mma.x_frag, config-independent XF loads) gives what plain x gives."""
+    import torch.nn.functional as F
+
+    from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref, x_frag
+
+    words, s, z = _case(n, k, group, zp, n + k + m)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    got = w_int_mma_linear(x, words, s, z, group, None, MmaConfig.parse(cfg), act, xf=x_frag(x, group))
+    ref = w_int_mma_linear_ref(x.float(), words, s.float(), z, group)
+    if act:
+        ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
+    assert got.shape == (m, n // 2 if act else n)
+    assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 def test_engine_mma_same_distributions(tmp_path, monkeypatch):
     """A W4A16 engine (CUDA graphs, PDL as configured) with the 2-16 row linears and the gate_up SiLU epilogue on the
     mma GEMV gives the same next-token distributions as on the byte / swap-AB / asm GEMVs + silu_and_mul: 4 sequences

@@ -56,6 +56,10 @@ one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the engine.
 Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ
 batch 16 6,286.9 / 6,271.0 -> 6,448.8 / 6,419.4 tok/s (same calls), 6,454.1 against bf16 3,368.7; batch 1 (with the
 one-row SiLU's "_ps") 500.2 -> 506.3. Isolated the 16-row gate_up read slower (27 -> 33 us): not yet explained.
+x in fragment order (`x_frag`, kernel flag XF; built offline in the twentieth session, no producer in the engine
+yet, GPU-untested): a warp's x load reads 512 contiguous bytes (4 lines) instead of 64 bytes of 8 rows; the halved
+sectors above did not speed the kernels without PDL, so the lines a load touches are the next suspect at 16 rows
+(bench variants "mmaxf:" / "siluxf:" make x_frag outside the timing).
 Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
 the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
 (t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
@@ -112,6 +116,21 @@ def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     bits = scale.contiguous().view(torch.int16).to(torch.int32) << 16
     z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
     return (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g).permute(0, 2, 3, 1).contiguous()
+
+
+def x_frag(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M <= 16, K] (16-bit) -> int32 [K / group, group / 64, 2, 2, 32, 4] in the kernel's fragment order (XF):
+    [g, half H, n-tile nt, load j, lane 4 r + c, w] = x's word [8 nt + r, g group / 2 + 32 H + 16 j + 4 c + w] (rows
+    >= M zero), so each 16-byte x load of a warp reads 512 contiguous bytes (4 lines, not 8 rows' halves)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if m > 16 or k % group or group % 64 or x2.dtype not in _TYPES:
+        raise ValueError(f"x_frag takes <= 16 rows of 16-bit x in whole groups of a multiple of 64 (M={m}, K={k}, "
+                         f"group={group}, {x2.dtype})")
+    xp = torch.zeros(16, k, dtype=x2.dtype, device=x2.device)
+    xp[:m] = x2
+    words = xp.view(torch.int32).view(2, 8, k // group, group // 64, 2, 4, 4)  # [nt, r, g, H, j, c, w]
+    return words.permute(2, 3, 0, 4, 1, 5, 6).reshape(k // group, group // 64, 2, 2, 32, 4)
 
 
 def w_int_mma_linear_ref(x, words, scale, zero, group: int, bias=None):
@@ -262,7 +281,7 @@ def silu_config(m: int) -> MmaConfig:
     isolated 26.3 -> 23.8 us, batch 1 496.0 -> 506.3 tok/s (old layout and config 500.2, bf16 234.3)."""
     if SILU_CONFIG:
         return MmaConfig.parse(SILU_CONFIG)
-    # 9-16 rows (off by default, QUANTA_INT_MMA_SILU_ROWS): scales a group ahead as the plain 16-row gate_up's t2_w2_np_ps
+    # 9-16 rows (off by default, QUANTA_INT_MMA_SILU_ROWS): scales a group ahead, as the plain gate_up's t2_w2_np_ps
     return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, regs=128 if m == 1 else 0)
 
 
@@ -286,11 +305,13 @@ def _inv_args(inv: tuple | None, m: int, k: int) -> dict:
 
 def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                      bias: torch.Tensor | None = None, config: MmaConfig | None = None,
-                     act: bool = False, inv: tuple | None = None, sz: torch.Tensor | None = None) -> torch.Tensor:
+                     act: bool = False, inv: tuple | None = None, sz: torch.Tensor | None = None,
+                     xf: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (<= 16 rows) @ dequant(W)^T (+ bias) -> [..., N] in x.dtype, W as mma words (mma_pack).
     act: W is gate | up [2I, K] (I a multiple of 16) and the result SiLU(gate) * up [..., I] (one launch; the
     config's tiles become the pair). inv = (partials, eps): x is one row of a split norm's xw (kernels/split_norm.py),
-    the sums are scaled by its inverse RMS. sz: mma_pack_sz(scale, zero), packed here when not given."""
+    the sums are scaled by its inverse RMS. sz: mma_pack_sz(scale, zero), packed here when not given. xf: x_frag(x,
+    group), read instead of x (x still gives the rows and dtype)."""
     t, g, halves = words.shape[:3]
     n, k, wpg = t * 16, g * group, 4 * halves
     if act and t % 2:
@@ -302,6 +323,9 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     if m > 16 or wpg * 16 != group or group not in GROUPS:
         raise ValueError(f"w_int_mma_linear takes <= 16 rows and groups of {' or '.join(map(str, GROUPS))} matching "
                          f"the words' (M={m}, group {group}, words for {wpg * 16})")
+    if xf is not None and tuple(xf.shape) != (g, group // 64, 2, 2, 32, 4):
+        raise ValueError(f"xf must be x_frag(x, {group}) of shape {(g, group // 64, 2, 2, 32, 4)}, "
+                         f"got {tuple(xf.shape)}")
     n_out = n // 2 if act else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -310,15 +334,15 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
     tiles = 2 if act else cfg.tiles
     nt = 1 if m <= 8 else 2
     asm, cons = mma_ptx(x.dtype, nt)
-    xw = x2.view(torch.int32)  # [m, k / 2]
+    xw = x2.view(torch.int32) if xf is None else xf  # [m, k / 2] words, or x_frag's
     use_pdl = pdl_enabled(x.device)  # kernels/pdl.py: the first group's words load before the wait
     grid = (t // 2 if act else (t + tiles - 1) // tiles,)
     sz = mma_pack_sz(scale, zero) if sz is None else sz
     _w4_mma_kernel[grid](
-        xw, words, sz, bias if bias is not None else y, y, m, n, g, xw.stride(0), y.stride(0),
+        xw, words, sz, bias if bias is not None else y, y, m, n, g, xw.stride(0) if xf is None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         S_BF16=scale.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum,
+        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum, XF=xf is not None,
         **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)

@@ -128,30 +128,35 @@ if HAS_GLUON:
                 pack=1)
 
     @gluon.jit
-    def _ld8(ptr, PURE: gl.constexpr):
-        """A lane's 8 x words of a 64-k half, 4 at ptr and 4 at ptr + 16 (a row's 4 lanes: 64 bytes a load)."""
+    def _ld8(ptr, PURE: gl.constexpr, J1: gl.constexpr):
+        """A lane's 8 x words of a 64-k half, 4 at ptr and 4 at ptr + J1 (plain x: 16, a row's 4 lanes 64 bytes a load;
+        XF: 128, the warp's 512 contiguous bytes)."""
         p0, p1, p2, p3 = _ld4(ptr, LD4X, PURE)
-        p4, p5, p6, p7 = _ld4(ptr + 16, LD4X, PURE)
+        p4, p5, p6, p7 = _ld4(ptr + J1, LD4X, PURE)
         return p0, p1, p2, p3, p4, p5, p6, p7
 
     @gluon.jit
-    def _xload(x_l, x_l1, g, G, GROUP: gl.constexpr, NT: gl.constexpr, PURE: gl.constexpr):
+    def _xload(x_l, x_l1, g, G, GROUP: gl.constexpr, NT: gl.constexpr, PURE: gl.constexpr, XF: gl.constexpr):
         """x of group g (clamped to G - 1) for its K16 steps, as 8-tuples (a, b, c, d): a lane's 8 words of batch
         row l // 4 (a) and l // 4 + 8 (b; NT 1: a again) of the group's first 64 k, then of its second 64 (c, d;
-        GROUP 64: a, b again). PURE False (x under PDL): kept in program order, after the wait."""
-        x_g = x_l + gl.minimum(g, G - 1) * (GROUP // 2)
-        x_g1 = x_l1 + gl.minimum(g, G - 1) * (GROUP // 2)
-        a = _ld8(x_g, PURE)
+        GROUP 64: a, b again). PURE False (x under PDL): kept in program order, after the wait. XF: x in fragment
+        order (w_int_mma.x_frag: 16 GROUP / 2 words a group, its halves 512 apart, a load's second 4 words 128)."""
+        GS: gl.constexpr = GROUP * 8 if XF else GROUP // 2
+        HS: gl.constexpr = 512 if XF else 32
+        J1: gl.constexpr = 128 if XF else 16
+        x_g = x_l + gl.minimum(g, G - 1) * GS
+        x_g1 = x_l1 + gl.minimum(g, G - 1) * GS
+        a = _ld8(x_g, PURE, J1)
         b = a
         if NT == 2:
-            b = _ld8(x_g1, PURE)
+            b = _ld8(x_g1, PURE, J1)
         c = a
         d = b
         if GROUP == 128:
-            c = _ld8(x_g + 32, PURE)
+            c = _ld8(x_g + HS, PURE, J1)
             d = c
             if NT == 2:
-                d = _ld8(x_g1 + 32, PURE)
+                d = _ld8(x_g1 + HS, PURE, J1)
         return a, b, c, d
 
     @gluon.jit
@@ -225,7 +230,7 @@ if HAS_GLUON:
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
                        PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False,
-                       SR: gl.constexpr = False):
+                       SR: gl.constexpr = False, XF: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -238,10 +243,12 @@ if HAS_GLUON:
             tile_c = gl.minimum(gl.program_id(0) * TN + tn, n_tiles - 1)  # [1, TN, 1]
         # x as int32 words: lane l reads batch row l // 4 (+ 8; rows >= M clamped: they only feed unstored
         # columns of the product), words 4 (l % 4) .. + 4 and 16 + 4 (l % 4) .. + 4 of each 32 (64 k) of a group
-        xr = gl.minimum(ln // 4, M - 1)
-        x_l = x_ptr + xr.to(gl.int64) * stride_xm + (ln % 4) * 4  # [1, 1, 32]
-        xr1 = gl.minimum(ln // 4 + 8, M - 1)
-        x_l1 = x_ptr + xr1.to(gl.int64) * stride_xm + (ln % 4) * 4
+        if XF:  # x_frag's order: batch rows 8 nt + l // 4 of lane l at 4 l, the second n-tile 256 words on
+            x_l = x_ptr + ln * 4
+            x_l1 = x_l + 256
+        else:
+            x_l = x_ptr + gl.minimum(ln // 4, M - 1).to(gl.int64) * stride_xm + (ln % 4) * 4  # [1, 1, 32]
+            x_l1 = x_ptr + gl.minimum(ln // 4 + 8, M - 1).to(gl.int64) * stride_xm + (ln % 4) * 4
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * 4  # [1, TN, 32]: a half's 4 words at + 128 H
         sz_l = sz_ptr + (tile_c.to(gl.int64) * 8 + ln // 4) * G * 2  # [1, TN, 32]: rows r, r + 8 of group 0
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
@@ -271,7 +278,7 @@ if HAS_GLUON:
             offs_p = gl.arange(0, NP_PAD, layout=gl.BlockedLayout([1], [32], [KW], [0]))
             parts = gl.load(part_ptr + offs_p, mask=offs_p < n_parts, other=0.0)
         if PX:
-            xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL)
+            xn = _xload(x_l, x_l1, kw, G, GROUP, NT, not USE_PDL, XF)
         for g0 in range(0, G, KW):
             v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
             if PF2:
@@ -281,9 +288,9 @@ if HAS_GLUON:
                 w0, w1, w2, w3, w4, w5, w6, w7 = _wload(w_l, g0 + KW + kw, G, GROUP)
             if PX:
                 xs = xn
-                xn = _xload(x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL)
+                xn = _xload(x_l, x_l1, g0 + KW + kw, G, GROUP, NT, not USE_PDL, XF)
             else:
-                xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL)
+                xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL, XF)
             if PS:
                 sz = szn
                 szn = _sload(g0 + KW + kw, G, sz_l, MAGIC16, S_BF16)
