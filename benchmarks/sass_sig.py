@@ -30,6 +30,7 @@ COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0
           (2, 1, 16, 1, 0, 128, 1, 0)]
 _PTRS = ["x_ptr", "w_ptr", "sz_ptr", "b_ptr", "y_ptr"]
 _INTS = ["M", "N", "G", "stride_xm", "stride_ym"]
+_NODIV = ("M",)  # ints without a divisibility-16 hint
 _CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "S_BF16", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX", "SR"]
 # asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL[, BLOCK_N, BLOCK_K]; default 4 with planes else 8, 1024)
 ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0), (0, 0, 0, 1, 8, 2048),
@@ -71,8 +72,8 @@ def loop_order(sass: list[tuple[int, str]], math: str = r"HMMA|HFMA2|HMUL2") -> 
 
 def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     """--mma-loop: each mma GEMV config's (w_int_mma.MmaConfig, "_r" caps included) registers and K-loop order at 16
-    rows (NT 2; "_one": at 1-8 rows, NT 1; "_act": the SiLU epilogue at 1-8 rows; "_xf" first: x in fragment order,
-    w_int_mma.x_frag), e.g. t1_w4_px_ps_r144, t1_w8_px_ps_xf."""
+    rows (NT 2; "_one": at 1-8 rows, NT 1; "_act": the SiLU epilogue at 1-8 rows; before them "_xf": x in fragment
+    order, w_int_mma.x_frag, then "_gm": group-major packed scales), e.g. t1_w4_px_ps_r144, t1_w8_px_ps_xf_gm."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -82,17 +83,19 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     for text in configs.split(","):
         act, one = text.endswith("_act"), text.endswith("_one")
         base = text.removesuffix("_act").removesuffix("_one")
+        gm = base.endswith("_gm")
+        base = base.removesuffix("_gm")
         xf = base.endswith("_xf")
         cfg = w_int_mma.MmaConfig.parse(base.removesuffix("_xf"))
         nt = 1 if act or one else 2
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       S_BF16=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
-                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, SR=cfg.smem_sum, XF=xf)
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, SR=cfg.smem_sum, XF=xf, SZ_GM=gm)
         types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n not in _NODIV}
         opts = dict(num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}))
         kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs), target=target,
                                 options=opts)
@@ -260,7 +263,7 @@ def main() -> None:
     types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
     sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in _CONSTS}}
     names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n != "M"}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _PTRS + _INTS if n not in _NODIV}
     print(f"triton {triton.__version__}")
     for nt, tn, kw, pf, px, group, pdl, act in COMBOS:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)

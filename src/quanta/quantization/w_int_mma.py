@@ -106,16 +106,20 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
-def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None, group_major: bool | None = None) -> torch.Tensor:
     """Scales [N, G] (bf16 / fp16) and zero points [N, G] (or None: 8) -> int32 [N / 16, 8, G, 2]: (scale bits << 16)
     | z of row 16 t + r + 8 h at [t, r, g, h], so a lane's rows r and r + 8 of a group are one 8-byte load (instead
-    of 4 loads, 2 bytes each) and a row pair's groups are contiguous (cached lines serve the later groups)."""
+    of 4 loads, 2 bytes each). Stored so a row pair's groups are contiguous (cached lines serve the later groups), or
+    with group_major (QUANTA_INT_MMA_SZ_GROUP_MAJOR) a tile's group (a view of [t, g, r, h]: 64 bytes a load)."""
     n, g = scale.shape
     if scale.dtype not in _TYPES or n % 16:
         raise ValueError(f"packed scales need bf16 / fp16 scales of whole 16-row tiles (got {scale.dtype}, N={n})")
     bits = scale.contiguous().view(torch.int16).to(torch.int32) << 16
     z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
-    return (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g).permute(0, 2, 3, 1).contiguous()
+    packed = (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g)  # [t, h, r, g]
+    if SZ_GROUP_MAJOR if group_major is None else group_major:
+        return packed.permute(0, 3, 2, 1).contiguous().permute(0, 2, 1, 3)
+    return packed.permute(0, 2, 3, 1).contiguous()
 
 
 def x_frag(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -156,6 +160,7 @@ SHAPES = envs.get("QUANTA_INT_MMA_SHAPES")  # "NxK=t1_w8;NxK=..." (any row count
 # batch 16 4,791.5 -> 4,635.3 (slower there: 1-8 by default)
 SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
 SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
+SZ_GROUP_MAJOR = envs.get("QUANTA_INT_MMA_SZ_GROUP_MAJOR")  # mma_pack_sz's storage order (attach)
 
 
 @dataclass(frozen=True)
@@ -343,6 +348,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         S_BF16=scale.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
         PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum, XF=xf is not None,
+        SZ_GM=sz.stride(1) == 2,
         **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)
