@@ -183,8 +183,8 @@ for part in "$@"; do
     # the twenty-first session's plan: the chain bench (does it rank configs as the engine does?) at 16 and 1 rows,
     # then the engine by env: batch 16 with the SiLU epilogue at 9-16 rows (twice) and with group-major scales
     chaintest) timeout ${CT_S:-200} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "ps_r96 or ps_p2_r128 or w4_ps_r128 or np_ps or x_frag or group_major" --timeout 150 2>&1 | tail -2 ;;
-    chainplan) IGEMV_JSON=chain16 IGEMV_MS=16 IGEMV_VARIANTS=${CP16:-mma:auto,mma:t2_w2_px_ps,mma:t2_w2_ps,silu:t2_w2,silu:t2_w2_ps,silu:t2_w2_np_ps,mma:t1_w8_px_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w8_px_ps,mma:t2_w8_ps,mma:t4_w8_ps,mma:t2_w16_px_ps,mmaxf:auto,mmaxf:t2_w8_px_ps,mmaxf:t4_w8_ps,siluxf:t2_w2_np_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
-      IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
+    chainplan) IGEMV_S=${CP_S:-240} IGEMV_JSON=chain16 IGEMV_MS=16 IGEMV_VARIANTS=${CP16:-mma:auto,mma:t2_w2_px_ps,mma:t2_w2_ps,silu:t2_w2,silu:t2_w2_ps,silu:t2_w2_np_ps,mma:t1_w8_px_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w8_px_ps,mma:t2_w8_ps,mma:t4_w8_ps,mma:t2_w16_px_ps,mmaxf:auto,mmaxf:t2_w8_px_ps,mmaxf:t4_w8_ps,siluxf:t2_w2_np_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
+      IGEMV_S=${CP_S:-240} IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
       ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 ${CP_MORE:-}" bash "$0" envab ;;
     # its second call: batch 1 by env (the SiLU two groups ahead; qkv / o / down on the mma GEMV; group-major scales),
     # and the bf16 baselines
