@@ -187,8 +187,8 @@ for part in "$@"; do
       IGEMV_S=${CP_S:-240} IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
       ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 ${CP_MORE:-}" bash "$0" envab ;;
     # its second call: batch 1 by env (the SiLU two groups ahead; qkv / o / down on the mma GEMV; group-major scales),
-    # and the bf16 baselines
-    chainplan2) ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128 8b:awq:QUANTA_INT_MMA_ROWS=1-16,QUANTA_INT_GEMV_PLANES=0 8b:awq:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 8b:bf16 8b:bf16x16 ${CP2_MORE:-}" bash "$0" envab ;;
+    # the bf16 baselines, batch 16 with x in fragment order from the norms and silu_and_mul
+    chainplan2) ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128 8b:awq:QUANTA_INT_MMA_ROWS=1-16,QUANTA_INT_GEMV_PLANES=0 8b:awq:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 8b:bf16 8b:bf16x16 8b:awqx16:QUANTA_INT_MMA_XF_ROWS=9-16 ${CP2_MORE:-}" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \

@@ -50,6 +50,8 @@ OTHER_CHECKS = [
     "rotary_k",
     "rotary_partial_q",
     "silu_and_mul",
+    "fused_add_rms_norm_frag",
+    "silu_and_mul_frag",
     "backend_mixed",
     "backend_decode",
 ]
@@ -206,6 +208,7 @@ def _small_op_checks(results: dict) -> None:
 
     x = torch.randn(7, 2 * 40, generator=g)
     results["silu_and_mul"] = rel_err(silu_and_mul(x), silu_and_mul_ref(x))
+    _frag_checks(results, g)
 
 
 def _gemv_checks(results: dict) -> None:
@@ -271,6 +274,34 @@ def _run_all() -> dict:
             results[f"{group.__name__} crashed"] = traceback.format_exc(limit=4)
             results.setdefault("_error", f"{type(e).__name__}: {e}")
     return results
+
+
+def _unfrag(frag, dtype):
+    """w_int_mma.x_frag's inverse: [G, H, 2, 2, 32, 4] int32 -> the 16 rows [16, K] of dtype."""
+    g, h = frag.shape[:2]
+    words = frag.reshape(g, h, 2, 2, 8, 4, 4).permute(2, 4, 0, 1, 3, 5, 6)  # [nt, r, g, H, j, c, w]
+    return words.reshape(16, -1).contiguous().view(dtype)
+
+
+def _frag_checks(results: dict, g) -> None:
+    """The RMSNorm and silu_and_mul writing their rows in the mma GEMV's fragment order too (rows < M)."""
+    import torch
+
+    from quanta.kernels.activation import silu_and_mul
+    from quanta.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_frag
+    from quanta.quantization.w_int_mma import x_frag
+
+    xh, rh = torch.randn(11, 256, generator=g).half(), torch.randn(11, 256, generator=g).half()
+    wh = torch.randn(256, generator=g).half()
+    out, res, frag = fused_add_rms_norm_frag(xh, rh, wh, 1e-5, 128)
+    want = fused_add_rms_norm(xh, rh, wh, 1e-5)[0]
+    same = torch.equal(_unfrag(frag, torch.half)[:11], out) and torch.equal(out, want)
+    same = same and torch.equal(_unfrag(x_frag(out, 128), torch.half)[:11], out)  # the helper's own inverse
+    results["fused_add_rms_norm_frag"] = 0.0 if same else 1.0
+    gu = torch.randn(5, 2 * 192, generator=g).half()
+    act, frag = silu_and_mul(gu, 64)
+    same = torch.equal(_unfrag(frag, torch.half)[:5], act) and torch.equal(act, silu_and_mul(gu))
+    results["silu_and_mul_frag"] = 0.0 if same else 1.0
 
 
 # ---------------------------------------------------------------- parent side (pytest)

@@ -157,3 +157,17 @@ def test_attach_is_a_no_op_on_the_cpu():
     assert w_int_mma.silu_config(1) == MmaConfig(tiles=2, warps=2, sprefetch=True, regs=128)
     assert w_int_mma.silu_config(16) == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert w_int_mma.silu_config(4) == MmaConfig(tiles=2, warps=2)
+
+
+def test_usable_xf_rows(monkeypatch):
+    """x in fragment order only at QUANTA_INT_MMA_XF_ROWS rows (off by default), where the mma GEMV runs at all."""
+    from types import SimpleNamespace
+
+    from quanta.quantization import w_int_mma
+
+    layer = SimpleNamespace(weight_mma=torch.zeros(1), in_features=64)
+    x16 = torch.zeros(16, 64, dtype=torch.bfloat16)
+    assert w_int_mma.XF_ROWS == (0, -1) and not w_int_mma.usable_xf(layer, x16)
+    monkeypatch.setattr(w_int_mma, "XF_ROWS", (9, 16))
+    assert w_int_mma.usable_xf(layer, x16) and not w_int_mma.usable_xf(layer, x16[:4])
+    assert not w_int_mma.usable_xf(SimpleNamespace(weight_mma=None, in_features=64), x16)

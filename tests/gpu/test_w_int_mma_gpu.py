@@ -117,12 +117,10 @@ def test_mma_gemv_group_major_scales_equal_ref(m, cfg, act):
     assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
-def test_engine_mma_same_distributions(tmp_path, monkeypatch):
-    """A W4A16 engine (CUDA graphs, PDL as configured) with the 2-16 row linears and the gate_up SiLU epilogue on the
-    mma GEMV gives the same next-token distributions as on the byte / swap-AB / asm GEMVs + silu_and_mul: 4 sequences
-    together (prefill and decode of up to 16 rows) and one alone (the one-row SiLU epilogue). Compared as top-8
-    logprobs of each step while the greedy tokens agree (the kernels round differently, and the near-ties of dummy
-    weights may flip a token)."""
+def _engine_runs(tmp_path, monkeypatch, settings: list[dict]) -> list:
+    """The next-token outputs of a small W4A16 engine (CUDA graphs, PDL as configured) under each of `settings`
+    (w_int_mma attributes to patch): 4 sequences together (prefill and decode of up to 16 rows) and one alone;
+    with the number of layers that got mma words."""
     import json
 
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
@@ -136,19 +134,41 @@ def test_engine_mma_same_distributions(tmp_path, monkeypatch):
     prompts = [[1, 17, 42, 99, 7], [1, 5, 6], [1, 300, 301, 302, 303, 304], [1, 2, 3, 4]]
     params = SamplingParams(max_tokens=4, ignore_eos=True, logprobs=8)
     runs = []
-    for on in (True, False):
-        monkeypatch.setattr(w_int_mma, "ROWS", (2, 16) if on else (0, -1))
-        monkeypatch.setattr(w_int_mma, "SILU_ROWS", (1, 16) if on else (0, -1))
+    for setting in settings:
+        for name, value in setting.items():
+            monkeypatch.setattr(w_int_mma, name, value)
         with LLM(str(path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                  quant_config=QuantConfig(quant_algo="W4A16")) as llm:
             outs = llm.generate(prompts, params) + [llm.generate(prompts[0], params)]
-            runs.append([o.outputs[0] for o in outs])
             attached = sum(hasattr(mod, "weight_mma") for mod in llm.engine.runner.model.modules())
-            assert attached == (8 if on else 0)  # qkv, o, gate_up, down x 2 layers
+            runs.append(([o.outputs[0] for o in outs], attached))
+    return runs
+
+
+def _same_distributions(got, want) -> None:
+    """Top-8 logprobs of each step agree while the greedy tokens do (the kernels round differently, and the
+    near-ties of dummy weights may flip a token)."""
     from dist_compare import compare_steps
 
     worst, steps = 0.0, 0
-    for got, want in zip(*runs):
-        n, w = compare_steps(got, want)
-        steps, worst = steps + n, max(worst, w)
+    for g, w in zip(got, want):
+        n, err = compare_steps(g, w)
+        steps, worst = steps + n, max(worst, err)
     assert steps >= 5 and worst < 0.05, (steps, worst)
+
+
+def test_engine_mma_same_distributions(tmp_path, monkeypatch):
+    """The 2-16 row linears and the gate_up SiLU epilogue on the mma GEMV give the same next-token distributions as
+    the byte / swap-AB / asm GEMVs + silu_and_mul (the one-row SiLU epilogue from the sequence alone)."""
+    (on, n_on), (off, n_off) = _engine_runs(tmp_path, monkeypatch, [dict(ROWS=(2, 16), SILU_ROWS=(1, 16)),
+                                                                    dict(ROWS=(0, -1), SILU_ROWS=(0, -1))])
+    assert (n_on, n_off) == (8, 0)  # qkv, o, gate_up, down x 2 layers
+    _same_distributions(on, off)
+
+
+def test_engine_x_frag_same_distributions(tmp_path, monkeypatch):
+    """qkv / gate_up reading the RMSNorm's output and down_proj silu_and_mul's in fragment order
+    (QUANTA_INT_MMA_XF_ROWS) give the same next-token distributions as plain x on the same mma GEMVs."""
+    base = dict(ROWS=(2, 16), SILU_ROWS=(0, -1))
+    (on, _), (off, _) = _engine_runs(tmp_path, monkeypatch, [dict(base, XF_ROWS=(1, 16)), dict(base, XF_ROWS=(0, -1))])
+    _same_distributions(on, off)

@@ -13,6 +13,17 @@ from quanta.kernels._compat import next_pow2, require_triton, tl, triton
 from quanta.kernels.pdl import pdl_begin, pdl_enabled, pdl_launch_kwargs
 
 
+@triton.jit
+def frag_offsets(row, cols, GROUP: tl.constexpr):
+    """16-bit offsets of x[row, cols] (row < 16) in the int4 mma GEMV's fragment order (w_int_mma.x_frag)."""
+    wd = cols // 2
+    rem = wd % (GROUP // 2)
+    lane = 4 * (row % 8) + (rem % 16) // 4
+    half = (wd // (GROUP // 2)) * (GROUP // 64) + rem // 32
+    word = (((half * 2 + row // 8) * 2 + (rem % 32) // 16) * 32 + lane) * 4 + rem % 4
+    return word * 2 + cols % 2
+
+
 # fmt: off
 @triton.jit
 def _rms_norm_kernel(
@@ -23,6 +34,7 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr = False,
     planes_ptr=None, PLANES_SUB: tl.constexpr = 0,
+    frag_ptr=None, FRAG_GROUP: tl.constexpr = 0,
 ):
     pdl_begin(USE_PDL)  # kernels/pdl.py: under PDL, wait for the kernel before this one
     row = tl.program_id(0).to(tl.int64)
@@ -43,10 +55,13 @@ def _rms_norm_kernel(
         i = offs % PLANES_SUB
         pos = offs - i + ((i % 4) * (PLANES_SUB // 8) + i // 8) * 2 + (i % 8) // 4
         tl.store(planes_ptr + row * n_cols + pos, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if FRAG_GROUP > 0:  # y again in the int4 mma GEMV's fragment order (rows < 16)
+        tl.store(frag_ptr + frag_offsets(row, offs, FRAG_GROUP), y.to(out_ptr.dtype.element_ty), mask=mask)
 # fmt: on
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, planes_sub: int = 0):
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, planes_sub: int = 0,
+            frag_group: int = 0):
     require_triton()
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
@@ -55,6 +70,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
     res_out = torch.empty_like(x2) if residual is not None else out
     planes = torch.empty_like(x2) if planes_sub else None
+    frag = torch.empty(16 * hidden, dtype=x2.dtype, device=x2.device) if frag_group else None  # rows >= M: unset
     num_rows = x2.shape[0]
     if num_rows > 0:
         block_n = next_pow2(hidden)
@@ -67,12 +83,15 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             HAS_RESIDUAL=residual is not None,
             BLOCK_N=block_n,
             USE_PDL=use_pdl,
-            planes_ptr=planes, PLANES_SUB=planes_sub,
+            planes_ptr=planes, PLANES_SUB=planes_sub, frag_ptr=frag, FRAG_GROUP=frag_group,
             num_warps=min(max(block_n // 512, 1), 16), **pdl_launch_kwargs(use_pdl),
         )
         # fmt: on
     if planes_sub:
         return out.view(x.shape), res_out.view(x.shape), planes
+    if frag_group:
+        shape = (hidden // frag_group, frag_group // 64, 2, 2, 32, 4)
+        return out.view(x.shape), res_out.view(x.shape), frag.view(torch.int32).view(shape)
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -99,6 +118,14 @@ def fused_add_rms_norm_planes(x: torch.Tensor, residual: torch.Tensor, weight: t
     int32 view is w_int_gemv_asm.x_planes of each row for chunks of `sub` values): one launch for both."""
     assert x.shape[-1] % sub == 0 and sub % 8 == 0
     return _launch(x, residual, weight, eps, sub)
+
+
+def fused_add_rms_norm_frag(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm, plus the normed rows (<= 16) in the int4 mma GEMV's fragment order (w_int_mma.x_frag for
+    groups of `group`; rows past x's are left unset: they only feed unstored columns): one launch for both."""
+    assert x.numel() // x.shape[-1] <= 16 and x.shape[-1] % group == 0 and group % 64 == 0
+    return _launch(x, residual, weight, eps, frag_group=group)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

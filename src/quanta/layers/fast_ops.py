@@ -150,6 +150,12 @@ def norm_linear(norm, linear, x: torch.Tensor, residual: torch.Tensor | None) ->
 
         h, residual, planes = fused_add_rms_norm_planes(x, residual, norm.weight, norm.eps, sub)
         return linear.quant_method.apply_planes(linear, h, planes), residual
+    group = _frag_group(linear, x)
+    if group:  # the int4 mma GEMV reads the norm's output in fragment order, written by the same norm launch
+        from quanta.kernels.rms_norm import fused_add_rms_norm_frag
+
+        h, residual, xf = fused_add_rms_norm_frag(x, residual, norm.weight, norm.eps, group)
+        return linear.quant_method.apply_frag(linear, h, xf), residual
     h, residual = norm(x, residual)
     return decode_linear(linear, h), residual
 
@@ -219,6 +225,14 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
     return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
 
 
+def _frag_group(linear, x: torch.Tensor) -> int:
+    """The group of x_frag the linear's int4 mma GEMV reads for x (QUANTA_INT_MMA_XF_ROWS), or 0."""
+    method = getattr(linear, "quant_method", None)
+    if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "frag_group")):
+        return 0
+    return method.frag_group(linear, x)
+
+
 def _planes_sub(linear, x: torch.Tensor) -> int:
     method = getattr(linear, "quant_method", None)
     if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):
@@ -246,6 +260,12 @@ def silu_mul_linear(gate_up: torch.Tensor, linear) -> torch.Tensor:
         from quanta.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(gate_up, linear.weight, linear.bias)
+    group = _frag_group(linear, gate_up[..., : gate_up.shape[-1] // 2])
+    if group:  # the int4 mma GEMV reads the product in fragment order, written by the same launch
+        from quanta.kernels.activation import silu_and_mul as silu_and_mul_kernel
+
+        act, xf = silu_and_mul_kernel(gate_up, group)
+        return linear.quant_method.apply_frag(linear, act, xf)
     return linear(silu_and_mul(gate_up))
 
 

@@ -161,6 +161,9 @@ SHAPES = envs.get("QUANTA_INT_MMA_SHAPES")  # "NxK=t1_w8;NxK=..." (any row count
 SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
 SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 SZ_GROUP_MAJOR = envs.get("QUANTA_INT_MMA_SZ_GROUP_MAJOR")  # mma_pack_sz's storage order (attach)
+# linears of XF_ROWS rows after an RMSNorm or silu_and_mul read x in fragment order written by it (x_frag; env
+# QUANTA_INT_MMA_XF_ROWS, "" = off: built in the twentieth session, not yet measured in the engine)
+XF_ROWS = _rows(envs.get("QUANTA_INT_MMA_XF_ROWS"))
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,12 @@ def usable(layer, x: torch.Tensor) -> bool:
     return words is not None and x.dtype in _TYPES and ROWS[0] <= m <= min(ROWS[1], 16)
 
 
+def usable_xf(layer, x: torch.Tensor) -> bool:
+    """usable, at XF_ROWS rows: the op before (RMSNorm, silu_and_mul) writes x in fragment order (x_frag)."""
+    m = x.numel() // layer.in_features
+    return XF_ROWS[0] <= m <= XF_ROWS[1] and usable(layer, x)
+
+
 def usable_silu(layer, x: torch.Tensor) -> bool:
     """SiLU(gate) * up of this gate | up layer on its mma words (SILU_ROWS rows; gate and up of whole tiles)."""
     words = getattr(layer, "weight_mma", None)
@@ -290,13 +299,14 @@ def silu_config(m: int) -> MmaConfig:
     return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, regs=128 if m == 1 else 0)
 
 
-def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None) -> torch.Tensor:
+def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None,
+           xf: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's int4 weight times x (usable(layer, x)) on its mma words; act: SiLU(gate) * up (usable_silu);
-    inv: see w_int_mma_linear."""
+    inv, xf: see w_int_mma_linear."""
     m = x.numel() // layer.in_features
     cfg = silu_config(m) if act else config_for(m, layer.out_features, layer.in_features)
     return w_int_mma_linear(x, layer.weight_mma, layer.weight_scale, getattr(layer, "weight_zero_point", None), group,
-                            layer.bias, cfg, act, inv, layer.weight_mma_sz)
+                            layer.bias, cfg, act, inv, layer.weight_mma_sz, xf)
 
 
 def _inv_args(inv: tuple | None, m: int, k: int) -> dict:

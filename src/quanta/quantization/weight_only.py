@@ -143,6 +143,21 @@ class WeightOnlyInt(QuantMethod):
 
         return w_int_mma.linear(layer, pre_scale(layer, x), self.group_size(layer), act=True, inv=inv)
 
+    def frag_group(self, layer, x: torch.Tensor) -> int:
+        """The group of the fragment-ordered x (w_int_mma.x_frag) this layer's mma GEMV can read for x, written by
+        the RMSNorm / silu_and_mul before it (QUANTA_INT_MMA_XF_ROWS), or 0."""
+        from quanta.quantization import w_int_mma
+
+        ok = (self.bits == 4 and getattr(layer, "pre_quant_scale", None) is None and x.shape[-1] == layer.in_features
+              and _use_gpu_kernel(layer, x) and w_int_mma.usable_xf(layer, x))
+        return self.group_size(layer) if ok else 0
+
+    def apply_frag(self, layer, x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+        """apply() where frag_group: the mma GEMV reads xf (x in fragment order) instead of x."""
+        from quanta.quantization import w_int_mma
+
+        return w_int_mma.linear(layer, x, self.group_size(layer), xf=xf)
+
     def split_norm_producer(self, layer, x: torch.Tensor) -> bool:
         """apply_add_norm can run: one int4 row on the asm GEMV with a config without split-K or TMA."""
         from quanta.quantization import w_int_gemv_asm, w_int_tinygemm
@@ -220,6 +235,9 @@ class W4A8Awq(WeightOnlyInt):
         set_params(layer, drop=(), input_scale=(amax.float().clamp(min=1e-12) / FP8_MAX).reshape(()))
 
     def planes_sub(self, layer, x: torch.Tensor) -> int:  # FP8 activations: x goes through apply()'s rounding
+        return 0
+
+    def frag_group(self, layer, x: torch.Tensor) -> int:  # (the same)
         return 0
 
     def mma_silu(self, layer, x: torch.Tensor) -> bool:  # (the same)
