@@ -225,19 +225,21 @@ def linear_add_norm(linear, x: torch.Tensor, residual: torch.Tensor | None, norm
     return (fallback(x) if fallback is not None else decode_linear(linear, x)), residual
 
 
+def _ask_method(linear, x: torch.Tensor, query: str) -> int:
+    """linear.quant_method.<query>(linear, x) for a plain (un-wrapped) linear on CUDA kernels, else 0."""
+    method = getattr(linear, "quant_method", None)
+    if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, query)):
+        return 0
+    return getattr(method, query)(linear, x)
+
+
 def _frag_group(linear, x: torch.Tensor) -> int:
     """The group of x_frag the linear's int4 mma GEMV reads for x (QUANTA_INT_MMA_XF_ROWS), or 0."""
-    method = getattr(linear, "quant_method", None)
-    if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "frag_group")):
-        return 0
-    return method.frag_group(linear, x)
+    return _ask_method(linear, x, "frag_group")
 
 
 def _planes_sub(linear, x: torch.Tensor) -> int:
-    method = getattr(linear, "quant_method", None)
-    if not (_USE_KERNELS and x.is_cuda and type(linear) in (Linear, MergedLinear) and hasattr(method, "planes_sub")):
-        return 0
-    return method.planes_sub(linear, x)
+    return _ask_method(linear, x, "planes_sub")
 
 
 def decode_linear(linear, x: torch.Tensor) -> torch.Tensor:
