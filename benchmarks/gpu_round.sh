@@ -170,13 +170,6 @@ for part in "$@"; do
         bash "$0" igemvr | grep "^8b qkv"
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P96_OTHER:-bn4_bk2048_sk1_w4_s1_r96_xp}
         8b:awq 8b:awq:QUANTA_INT_GEMV_PLANES_CONFIG=${P}_r96_xp" bash "$0" envab ;;
-    # the mma GEMV's warps summed through one shared buffer (the default since the nineteenth session) against the
-    # old gl.sum per accumulator ("_ns"): GPU tests, isolated (16 rows, one-row SiLU), then 8B AWQ batch 16
-    smemsum) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py --timeout 120 2>&1 | tail -2
-      IGEMV_MS=16 IGEMV_VARIANTS=mma:auto,mma:t1_w4_px_ps_ns,mma:t1_w8_px_ps_ns,mma:t2_w2_np_ps_ns bash "$0" igemvr | grep "^8b [a-z]"
-      IGEMV_MS=1 IGEMV_VARIANTS=silu:t2_w2_r128,silu:t2_w2_r128_ns bash "$0" igemvr | grep "^8b gate_up"
-      S="6144x4096=t1_w4_px_ps_ns;4096x4096=t1_w8_px_ps_ns;28672x4096=t2_w2_np_ps_ns;4096x14336=t1_w8_px_ps_ns"
-      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S 8b:awqx16" bash "$0" envab ;;
     # the int GEMVs timed as a chain of CHAIN distinct weight copies in one graph (each launch's PDL preload overlapping
     # the one before, as in decode; zero points): IGEMV_MS / IGEMV_VARIANTS as igemvr
     igemvc) IGEMV_ARGS="--chain ${CHAIN:-8} --zero-point ${IGEMV_ARGS:-}" bash "$0" igemvr ;;

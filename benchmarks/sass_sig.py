@@ -31,7 +31,7 @@ COMBOS = [(2, 1, 8, 0, 1, 128, 1, 0), (2, 1, 8, 1, 0, 128, 1, 0), (1, 1, 8, 0, 0
 _PTRS = ["x_ptr", "w_ptr", "sz_ptr", "b_ptr", "y_ptr"]
 _INTS = ["M", "N", "G", "stride_xm", "stride_ym"]
 _NODIV = ("M",)  # ints without a divisibility-16 hint
-_CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "S_BF16", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX", "SR"]
+_CONSTS = ["ASM", "CONS", "MAGIC16", "GROUP", "NT", "TN", "KW", "S_BF16", "HAS_BIAS", "PF", "USE_PDL", "ACT", "PX"]
 # asm GEMV: (XPLANES, NEXT, ACT_OUT, USE_PDL[, BLOCK_N, BLOCK_K]; default 4 with planes else 8, 1024)
 ASM_COMBOS = [(0, 0, 0, 1), (1, 0, 0, 1), (0, 1, 0, 1), (1, 0, 1, 1), (0, 0, 0, 0), (0, 0, 0, 1, 8, 2048),
               (0, 0, 0, 1, 8, 4096), (0, 0, 0, 1, 4, 4096), (0, 1, 0, 1, 8, 2048)]
@@ -91,7 +91,7 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       S_BF16=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
-                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, SR=cfg.smem_sum, XF=xf, SZ_GM=gm)
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, XF=xf, SZ_GM=gm)
         types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)
@@ -268,7 +268,7 @@ def main() -> None:
     for nt, tn, kw, pf, px, group, pdl, act in COMBOS:
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=group, NT=nt, TN=tn, KW=kw, S_BF16=True,
-                      HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px), SR=True)
+                      HAS_BIAS=False, PF=bool(pf), USE_PDL=bool(pdl), ACT=bool(act), PX=bool(px))
         kernel = triton.compile(GluonASTSource(_w4_mma_kernel, sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=kw))
         print(f"NT={nt} TN={tn} KW={kw} PF={pf} PX={px} GROUP={group} PDL={pdl} ACT={act}: "

@@ -98,10 +98,7 @@ def test_config_text():
     assert MmaConfig.parse("t2_w2_l2") == MmaConfig(tiles=2, warps=2, l2=True) and str(MmaConfig(l2=True)) == "t1_w4_l2"
     assert MmaConfig.parse("t1_w8_px_ps_r128") == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True, regs=128)
     assert str(MmaConfig.parse("t1_w8_px_ps_r128")) == "t1_w8_px_ps_r128"
-    assert MmaConfig.parse("t1_w8_px_ps_ns") == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True,
-                                                           smem_sum=False)
-    assert MmaConfig.parse("t1_w8").smem_sum and str(MmaConfig.parse("t2_w2_r128_ns")) == "t2_w2_r128_ns"
-    for bad in ("auto", "t1_w8_xx", "tx_w8", "", "t1_w4_sr"):
+    for bad in ("auto", "t1_w8_xx", "tx_w8", "", "t1_w4_sr", "t1_w8_ns"):  # "_ns" (the old epilogue): removed
         with pytest.raises(ValueError, match="t<tiles>, w<warps>, r<registers>, np"):
             MmaConfig.parse(bad)
 

@@ -50,7 +50,7 @@ session, h200_s11d): batch 16 5,217.2 -> 5,568.8 tok/s (bf16 3,315.9 in the same
 Epilogue (nineteenth session, h200_s19f-h): Nsight Compute on o_proj at 16 rows (t1_w8) showed the cross-warp sums,
 one gl.sum per accumulator, at 4.3-4.5-way shared-memory bank conflicts (~280 K shared wavefronts a launch); now every
 warp stores its accumulators to one buffer (lanes on consecutive words), one barrier, each thread sums KW of them and
-stores ("_ns": the old way). 16 rows, isolated: qkv 12.9 -> 12.3 us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6
+stores (the old way, config "_ns", removed in the twentieth session). 16 rows, isolated: qkv 12.9 -> 12.3 us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6
 -> 20.1; one-row SiLU 25.7 -> 24.4. 8B W4A16_AWQ batch 16 5,994.9 -> 6,203.7 / 6,233.2 tok/s (+3.7%), batch 1 (the
 one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the engine.
 Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ
@@ -176,15 +176,13 @@ class MmaConfig:
     deep: bool = False  # PF2: the words two groups ahead ("_p2"; 8 more registers)
     l2: bool = False  # L2PF: under PDL, all of the program's words prefetched into L2 before the wait ("_l2")
     regs: int = 0  # ptxas' register cap (Triton's maxnreg, "_r128"); 0: ptxas' own choice
-    smem_sum: bool = True  # SR: the warps' totals summed through one shared buffer, one barrier ("_ns": gl.sum each)
 
     @classmethod
     def parse(cls, text: str) -> MmaConfig:
-        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128][_ns]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x;
-        of scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers; the
-        warps' totals summed by one gl.sum per accumulator instead of one shared buffer)."""
+        """"t2_w4[_np][_px][_ps][_p2][_l2][_r128]" -> tiles 2, warps 4 (no prefetch of words; prefetch of x;
+        of scales / zeros; words two groups ahead; all words into L2 before the PDL wait; at most 128 registers)."""
         parts = [p for p in text.split("_") if p]
-        flags = ("np", "px", "ps", "p2", "l2", "ns")
+        flags = ("np", "px", "ps", "p2", "l2")
         bad = [p for p in parts if p not in flags and not (p[0] in "twr" and p[1:].isdigit())]
         if bad or not parts:
             raise ValueError(f"mma GEMV config {text!r}: parts are t<tiles>, w<warps>, r<registers>, "
@@ -192,12 +190,12 @@ class MmaConfig:
         vals = {p[0]: int(p[1:]) for p in parts if p[0] in "twr"}
         return cls(tiles=vals.get("t", 1), warps=vals.get("w", 4), prefetch="np" not in parts,
                    xprefetch="px" in parts, sprefetch="ps" in parts, deep="p2" in parts, l2="l2" in parts,
-                   regs=vals.get("r", 0), smem_sum="ns" not in parts)
+                   regs=vals.get("r", 0))
 
     def __str__(self) -> str:
         return (f"t{self.tiles}_w{self.warps}" + ("" if self.prefetch else "_np") + ("_px" if self.xprefetch else "")
                 + ("_ps" if self.sprefetch else "") + ("_p2" if self.deep else "") + ("_l2" if self.l2 else "")
-                + (f"_r{self.regs}" if self.regs else "") + ("" if self.smem_sum else "_ns"))
+                + (f"_r{self.regs}" if self.regs else ""))
 
 
 @functools.lru_cache(maxsize=256)
@@ -357,7 +355,7 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         xw, words, sz, bias if bias is not None else y, y, m, n, g, xw.stride(0) if xf is None else 0, y.stride(0),
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         S_BF16=scale.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
-        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, SR=cfg.smem_sum, XF=xf is not None,
+        PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, XF=xf is not None,
         SZ_GM=sz.stride(1) == 2,
         **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))

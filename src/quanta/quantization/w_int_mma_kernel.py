@@ -230,7 +230,7 @@ if HAS_GLUON:
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
                        PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False,
-                       SR: gl.constexpr = False, XF: gl.constexpr = False, SZ_GM: gl.constexpr = False):
+                       XF: gl.constexpr = False, SZ_GM: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -306,41 +306,8 @@ if HAS_GLUON:
         inv = 1.0
         if INV_RMS:
             inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
-        if SR:  # the sum across warps through one conflict-free shared buffer (_sum_store)
-            _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS, ACT, NT,
-                       TN, KW)
-            return
-        # across the KW warps; lane l holds rows 16 t + l // 4 (+ 8), batch rows 2 (l % 4) (+ 1) (+ 8)
-        LR: gl.constexpr = gl.SliceLayout(0, L3)
-        if ACT:
-            sel = gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)  # [2, 1]: gate, up
-            l1 = gl.arange(0, 32, layout=gl.SliceLayout(0, LR))
-            r1 = (gl.program_id(0) * 16 + l1 // 4).to(gl.int64)  # [32] rows of the output
-            c1 = 2 * (l1 % 4)
-            _store_act(y_ptr, b_ptr, inv * gl.sum(t0, axis=0), sel, r1, c1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, inv * gl.sum(t1, axis=0), sel, r1, c1 + 1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, inv * gl.sum(t2, axis=0), sel, r1 + 8, c1, M, N, stride_ym, HAS_BIAS)
-            _store_act(y_ptr, b_ptr, inv * gl.sum(t3, axis=0), sel, r1 + 8, c1 + 1, M, N, stride_ym, HAS_BIAS)
-            if NT == 2:
-                _store_act(y_ptr, b_ptr, inv * gl.sum(t4, axis=0), sel, r1, c1 + 8, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, inv * gl.sum(t5, axis=0), sel, r1, c1 + 9, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, inv * gl.sum(t6, axis=0), sel, r1 + 8, c1 + 8, M, N, stride_ym, HAS_BIAS)
-                _store_act(y_ptr, b_ptr, inv * gl.sum(t7, axis=0), sel, r1 + 8, c1 + 9, M, N, stride_ym, HAS_BIAS)
-            return
-        tile_r = gl.program_id(0) * TN + gl.expand_dims(gl.arange(0, TN, layout=gl.SliceLayout(1, LR)), 1)
-        ln_r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LR)), 0)
-        ok = tile_r < n_tiles
-        r0 = (tile_r * 16 + ln_r // 4).to(gl.int64)  # [TN, 32]
-        m0 = 2 * (ln_r % 4)
-        _store(y_ptr, b_ptr, inv * gl.sum(t0, axis=0), r0, m0, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, inv * gl.sum(t1, axis=0), r0, m0 + 1, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, inv * gl.sum(t2, axis=0), r0 + 8, m0, ok, M, stride_ym, HAS_BIAS)
-        _store(y_ptr, b_ptr, inv * gl.sum(t3, axis=0), r0 + 8, m0 + 1, ok, M, stride_ym, HAS_BIAS)
-        if NT == 2:
-            _store(y_ptr, b_ptr, inv * gl.sum(t4, axis=0), r0, m0 + 8, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, inv * gl.sum(t5, axis=0), r0, m0 + 9, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, inv * gl.sum(t6, axis=0), r0 + 8, m0 + 8, ok, M, stride_ym, HAS_BIAS)
-            _store(y_ptr, b_ptr, inv * gl.sum(t7, axis=0), r0 + 8, m0 + 9, ok, M, stride_ym, HAS_BIAS)
+        # the sum across the KW warps through one conflict-free shared buffer, then the stores
+        _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS, ACT, NT, TN, KW)
 
     @gluon.jit
     def _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS: gl.constexpr,
@@ -349,7 +316,7 @@ if HAS_GLUON:
         4 NT accumulators ([KW, TN, 32] each; lanes on consecutive words: no bank conflicts), one barrier, then
         each thread sums KW of them for a (accumulator, tile, lane) and stores it (or SiLU(gate) * up). Instead of
         one gl.sum a accumulator (Nsight Compute, 16 rows, o_proj t1_w8: 4.3-4.5-way bank conflicts, ~280 K shared
-        wavefronts a launch)."""
+        wavefronts a launch; nineteenth session; that path removed in the twentieth)."""
         NACC: gl.constexpr = 4 * NT
         SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
         buf = gl.allocate_shared_memory(gl.float32, [NACC * KW, TN, 32], SH)
@@ -393,20 +360,3 @@ if HAS_GLUON:
             if HAS_BIAS:
                 v = v + gl.load(b_ptr + row, mask=ok, other=0.0).to(gl.float32)
             gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, v.to(y_ptr.dtype.element_ty), mask=ok & (m < M))
-
-    @gluon.jit
-    def _store_act(y_ptr, b_ptr, v, sel, row, m, M, N, stride_ym, HAS_BIAS: gl.constexpr):
-        """v [2, 32]: (gate, up) of rows `row` (< N / 2) -> y[m, row] = SiLU(gate) * up (fp32 math)."""
-        gate = gl.sum(gl.where(sel == 0, v, 0.0), axis=0)
-        up = gl.sum(gl.where(sel == 1, v, 0.0), axis=0)
-        if HAS_BIAS:
-            gate = gate + gl.load(b_ptr + row).to(gl.float32)
-            up = up + gl.load(b_ptr + row + N // 2).to(gl.float32)
-        act = gate / (1.0 + gl.exp(-gate)) * up
-        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, act.to(y_ptr.dtype.element_ty), mask=m < M)
-
-    @gluon.jit
-    def _store(y_ptr, b_ptr, v, row, m, ok, M, stride_ym, HAS_BIAS: gl.constexpr):
-        if HAS_BIAS:
-            v = v + gl.load(b_ptr + row, mask=ok, other=0.0).to(gl.float32)
-        gl.store(y_ptr + m.to(gl.int64) * stride_ym + row, v.to(y_ptr.dtype.element_ty), mask=ok & (m < M))
