@@ -148,8 +148,8 @@ class WeightOnlyInt(QuantMethod):
         the RMSNorm / silu_and_mul before it (QUANTA_INT_MMA_XF_ROWS), or 0."""
         from quanta.quantization import w_int_mma
 
-        ok = (self.bits == 4 and getattr(layer, "pre_quant_scale", None) is None and x.shape[-1] == layer.in_features
-              and _use_gpu_kernel(layer, x) and w_int_mma.usable_xf(layer, x))
+        ok = (self.bits == 4 and x.shape[-1] == layer.in_features and w_int_mma.usable_xf(layer, x)  # off: cheap
+              and getattr(layer, "pre_quant_scale", None) is None and _use_gpu_kernel(layer, x))
         return self.group_size(layer) if ok else 0
 
     def apply_frag(self, layer, x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
