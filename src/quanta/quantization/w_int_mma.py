@@ -48,18 +48,20 @@ against 5,275 / 7,654 / 3,607 / 3,648 for the kernels they replace; in the engin
 At 9-16 rows qkv / o on one tile and 8 warps, o / down with the next group's x prefetched too (config "_px", eleventh
 session, h200_s11d): batch 16 5,217.2 -> 5,568.8 tok/s (bf16 3,315.9 in the same call).
 Epilogue (nineteenth session, h200_s19f-h): Nsight Compute on o_proj at 16 rows (t1_w8) showed the cross-warp sums,
-one gl.sum per accumulator, at 4.3-4.5-way shared-memory bank conflicts (~280 K shared wavefronts a launch); now every
-warp stores its accumulators to one buffer (lanes on consecutive words), one barrier, each thread sums KW of them and
-stores (the old way, config "_ns", removed in the twentieth session). 16 rows, isolated: qkv 12.9 -> 12.3 us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6
--> 20.1; one-row SiLU 25.7 -> 24.4. 8B W4A16_AWQ batch 16 5,994.9 -> 6,203.7 / 6,233.2 tok/s (+3.7%), batch 1 (the
-one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the engine.
-Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ
-batch 16 6,286.9 / 6,271.0 -> 6,448.8 / 6,419.4 tok/s (same calls), 6,454.1 against bf16 3,368.7; batch 1 (with the
+one gl.sum per accumulator, at 4.3-4.5-way shared-memory bank conflicts (~280 K shared wavefronts a launch); now
+every warp stores its accumulators to one buffer (lanes on consecutive words), one barrier, each thread sums KW of
+them and stores (the old way, config "_ns", removed in the twentieth session). 16 rows, isolated: qkv 12.9 -> 12.3
+us, o 11.9 -> 10.5, gate_up 27.9 -> 26.2, down 21.6 -> 20.1; one-row SiLU 25.7 -> 24.4. 8B W4A16_AWQ batch 16
+5,994.9 -> 6,203.7 / 6,233.2 tok/s (+3.7%), batch 1 (the one-row SiLU) 497.3 -> 499.8; 2-8 rows not timed in the
+engine.
+Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ batch
+16 6,286.9 / 6,271.0 -> 6,448.8 / 6,419.4 tok/s (same calls), 6,454.1 against bf16 3,368.7; batch 1 (with the
 one-row SiLU's "_ps") 500.2 -> 506.3. Isolated the 16-row gate_up read slower (27 -> 33 us): not yet explained.
-x in fragment order (`x_frag`, kernel flag XF; built offline in the twentieth session, no producer in the engine
-yet, GPU-untested): a warp's x load reads 512 contiguous bytes (4 lines) instead of 64 bytes of 8 rows; the halved
-sectors above did not speed the kernels without PDL, so the lines a load touches are the next suspect at 16 rows
-(bench variants "mmaxf:" / "siluxf:" make x_frag outside the timing).
+x in fragment order (`x_frag`, kernel flag XF; built offline in the twentieth session, GPU-untested; in the engine
+behind QUANTA_INT_MMA_XF_ROWS, written by the RMSNorm / silu_and_mul before qkv / gate_up / down_proj): a warp's x
+load reads 512 contiguous bytes (4 lines) instead of 64 bytes of 8 rows; the halved sectors above did not speed the
+kernels without PDL, so the lines a load touches are the next suspect at 16 rows (bench variants "mmaxf:" /
+"siluxf:" make x_frag outside the timing).
 Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
 the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
 (t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
@@ -225,7 +227,8 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     from quanta.kernels.gemv_config import num_sms
 
     fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-    if not fits:  # qkv (384 tiles): 4 warps, x prefetched: 13.2 vs 14.8 us, batch 16 5,971.4 / 5,948.6 vs 5,904.9 (s17g-h)
+    if not fits:  # qkv (384 tiles): 4 warps, x prefetched: 13.2 vs 14.8 us, batch 16 5,971.4 / 5,948.6 vs 5,904.9
+        # (s17g-h)
         return MmaConfig(tiles=1, warps=4, prefetch=True, xprefetch=True, sprefetch=True)
     return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True)
 

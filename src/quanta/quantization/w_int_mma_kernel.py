@@ -307,7 +307,8 @@ if HAS_GLUON:
         if INV_RMS:
             inv = gl.rsqrt(gl.sum(parts, axis=0) / k_norm + eps)
         # the sum across the KW warps through one conflict-free shared buffer, then the stores
-        _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS, ACT, NT, TN, KW)
+        _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS, ACT, NT, TN,
+                   KW)
 
     @gluon.jit
     def _sum_store(t0, t1, t2, t3, t4, t5, t6, t7, y_ptr, b_ptr, inv, M, N, stride_ym, n_tiles, HAS_BIAS: gl.constexpr,
