@@ -109,11 +109,16 @@ def test_rows_and_configs():
     assert w_int_mma._rows("2-16") == (2, 16) and w_int_mma._rows("4") == (4, 4) and w_int_mma._rows("") == (0, -1)
     assert w_int_mma.config_for(16, 28672, 4096) == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert w_int_mma.config_for(4, 4096, 14336) == MmaConfig(tiles=1, warps=8)
-    # down / o at 16 rows: one tile a program, x, words and scales prefetched; qkv (384 tiles > 2 x 132 SMs) on 4 warps
-    assert w_int_mma.config_for(16, 4096, 14336) == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True)
-    assert w_int_mma.config_for(16, 4096, 4096) == MmaConfig(tiles=1, warps=8, xprefetch=True, sprefetch=True)
-    assert w_int_mma.config_for(16, 6144, 4096) == MmaConfig(tiles=1, warps=4, xprefetch=True, sprefetch=True)
+    # 16 rows, x, words and scales prefetched: o one tile a program; down (K >= 8192, 128 programs of two tiles for 132
+    # SMs) and qkv (384 tiles > 2 x 132 SMs) two tiles a program sharing x
+    assert str(w_int_mma.config_for(16, 4096, 14336)) == "t2_w16_px_ps"
+    assert str(w_int_mma.config_for(16, 4096, 4096)) == "t1_w8_px_ps"
+    assert str(w_int_mma.config_for(16, 6144, 4096)) == "t2_w8_px_ps"
+    assert str(w_int_mma.config_for(16, 2048, 8192)) == "t1_w8_px_ps"  # 1B's down: 64 programs of two tiles too few
     assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
+    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):  # one row: scales a group ahead, 96 registers
+        assert str(w_int_mma.config_for(1, n, k)) == "t1_w8_ps_r96"
+    assert str(w_int_mma.silu_config(1)) == "t2_w2_ps_p2_r128" and str(w_int_mma.silu_config(16)) == "t2_w2_np_ps"
 
 
 def test_shape_configs():
@@ -151,7 +156,7 @@ def test_attach_is_a_no_op_on_the_cpu():
     w_int_mma.attach(layer, 128)
     assert not hasattr(layer, "weight_mma") and not w_int_mma.usable(layer, torch.zeros(2, 256))
     assert not w_int_mma.usable_silu(layer, torch.zeros(1, 256))
-    assert w_int_mma.silu_config(1) == MmaConfig(tiles=2, warps=2, sprefetch=True, regs=128)
+    assert w_int_mma.silu_config(1) == MmaConfig(tiles=2, warps=2, sprefetch=True, deep=True, regs=128)
     assert w_int_mma.silu_config(16) == MmaConfig(tiles=2, warps=2, prefetch=False, sprefetch=True)
     assert w_int_mma.silu_config(4) == MmaConfig(tiles=2, warps=2)
 

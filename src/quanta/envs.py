@@ -103,10 +103,10 @@ _add("QUANTA_INT_SILU_EPILOGUE", "1", "flag", "gate_up's int4 GEMV stores SiLU(g
 _add("QUANTA_INT4_GEMV_MANY_CONFIG", "", "str", "config of the int4 GEMVs of 5-16 rows")
 _add("QUANTA_INT4_GEMV_MANY_SHAPES", "", "str", "per-shape configs of those: 'NxK=config;...'")
 _add("QUANTA_INT_DEQUANT_MIN_ROWS", "64", "int", "from this many rows int linears dequantize once + cuBLAS")
-_add("QUANTA_INT_MMA_ROWS", "2-16", "str", "int4 linears of this many rows on the tensor-core mma GEMV ('' = off)")
+_add("QUANTA_INT_MMA_ROWS", "1-16", "str", "int4 linears of this many rows on the tensor-core mma GEMV ('' = off)")
 _add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4[_np]'; '' = by shape)")
 _add("QUANTA_INT_MMA_SHAPES", "", "str", "its per-shape configs 'NxK=t1_w8;...' (over QUANTA_INT_MMA_CONFIG)")
-_add("QUANTA_INT_MMA_SILU_ROWS", "1-8", "str", "gate_up linears of this many rows on the mma GEMV with SiLU * up")
+_add("QUANTA_INT_MMA_SILU_ROWS", "1-16", "str", "gate_up linears of this many rows on the mma GEMV with SiLU * up")
 _add("QUANTA_INT_MMA_SZ_GROUP_MAJOR", "0", "flag", "the mma GEMV's packed scales stored group-major ([t, g, r, h])")
 _add("QUANTA_INT_MMA_XF_ROWS", "", "str", "int4 mma linears of this many rows read x in fragment order from the norm "
      "/ silu_and_mul before them ('' = off)")

@@ -66,8 +66,9 @@ def test_silu_epilogue_equals_gemv_then_silu(n, k, zp, bias):
 
 def test_engine_planes_equal_tokens(tmp_path, monkeypatch):
     from quanta.llmapi import LLM, QuantConfig, SamplingParams
-    from quanta.quantization import w_int_gemv_asm
+    from quanta.quantization import w_int_gemv_asm, w_int_mma
 
+    monkeypatch.setattr(w_int_mma, "ROWS", (2, 16))  # one row on the asm GEMV (the mma one takes it by default)
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2048,
                num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, vocab_size=512,
                max_position_embeddings=512, rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)

@@ -116,6 +116,7 @@ def test_engine_split_norm_same_distributions(tmp_path, monkeypatch, mma):
 
     path = tiny_llama(tmp_path)
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=8)
+    monkeypatch.setattr(w_int_mma, "ROWS", (2, 16))  # one row's qkv on the asm GEMV: a consumer of x planes
     if not mma:
         monkeypatch.setattr(w_int_mma, "SILU_ROWS", (0, -1))
     calls = count_inits(monkeypatch, fast_ops.Prenormed)

@@ -152,19 +152,20 @@ def _rows(text: str) -> tuple[int, int]:
 
 
 # Linears of ROWS[0] .. ROWS[1] rows run here where the layer has its mma words (attach; env QUANTA_INT_MMA_ROWS,
-# "" = off; one row stays on the asm GEMV, which has the PDL preload, x planes and the SiLU epilogue)
+# "" = off; one row here too since the twenty-first session: the asm GEMV on x planes keeps layers without words)
 ROWS = _rows(envs.get("QUANTA_INT_MMA_ROWS"))
 CONFIG = envs.get("QUANTA_INT_MMA_CONFIG")
 SHAPES = envs.get("QUANTA_INT_MMA_SHAPES")  # "NxK=t1_w8;NxK=..." (any row count the mma GEMV takes)
 # gate_up linears of SILU_ROWS rows run here with the SiLU(gate) * up epilogue (fast_ops.norm_mlp: no silu_and_mul
 # launch; at one row instead of the asm GEMV with x planes and its SiLU epilogue; env QUANTA_INT_MMA_SILU_ROWS, "" =
 # off). H200, 8B W4A16_AWQ, tok/s, same call (h200_s9f_*): batch 1 462.0 -> 473.3, batch 4 1,554.4 -> 1,617.7,
-# batch 16 4,791.5 -> 4,635.3 (slower there: 1-8 by default)
+# batch 16 4,791.5 -> 4,635.3 (slower there then; since the twenty-first session 1-16: silu_config's "_ps")
 SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
 SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
 SZ_GROUP_MAJOR = envs.get("QUANTA_INT_MMA_SZ_GROUP_MAJOR")  # mma_pack_sz's storage order (attach)
 # linears of XF_ROWS rows after an RMSNorm or silu_and_mul read x in fragment order written by it (x_frag; env
-# QUANTA_INT_MMA_XF_ROWS, "" = off: built in the twentieth session, not yet measured in the engine)
+# QUANTA_INT_MMA_XF_ROWS, "" = off: batch 16, 9-16, H200, h200_s21b: 6,652.6 -> 6,624.2 tok/s; with qkv on
+# t2_w8_px_ps 6,681.5 -> 6,689.8)
 XF_ROWS = _rows(envs.get("QUANTA_INT_MMA_XF_ROWS"))
 
 
@@ -222,14 +223,23 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # At 9-16 rows each group's scales and zeros load a group ahead too ("_ps", seventeenth session, h200_s17d):
     # 16 rows gate_up t2_w2_np 35.1 -> 26.9 us (others within 0.2 us); engine batch 16 5,758.1 / 5,778.6 ->
     # 5,899.5 / 5,916.5 tok/s (gate_up alone 5,805.1, h200_s17e; one row's SiLU t2_w2_ps: 488.1 vs 495.0, not taken)
+    # One row (twenty-first session, h200_s21b; the chain bench, 8 weight copies a graph under PDL as in decode,
+    # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with the SiLU config below:
+    # 8B W4A16_AWQ batch 1 514.4 -> 526.2 tok/s (bf16 230.6; all asm before: 502.3)
+    if m == 1:
+        return MmaConfig(tiles=1, warps=8, prefetch=True, sprefetch=True, regs=96)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     from quanta.kernels.gemv_config import num_sms
 
-    fits = n // 16 <= 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-    if not fits:  # qkv (384 tiles): 4 warps, x prefetched: 13.2 vs 14.8 us, batch 16 5,971.4 / 5,948.6 vs 5,904.9
-        # (s17g-h)
-        return MmaConfig(tiles=1, warps=4, prefetch=True, xprefetch=True, sprefetch=True)
+    sms = num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
+    # 9-16 rows, chain bench (h200_s21a): qkv t2_w8_px_ps 8.4 (t1_w4_px_ps 10.4), down t2_w16_px_ps 14.6 (t1_w8_px_ps
+    # 16.0; two tiles a program share x: where the grid still nearly fills the SMs); engine batch 16 6,652.6 ->
+    # 6,736.2 tok/s (qkv's alone 6,681.5; bf16 3,323.3, h200_s21b)
+    if n // 16 > 2 * sms:  # qkv (384 tiles; s17g-h: t1_w4_px_ps over t1_w8_px_ps, 5,971.4 / 5,948.6 vs 5,904.9)
+        return MmaConfig(tiles=2, warps=8, prefetch=True, xprefetch=True, sprefetch=True)
+    if k >= 8192 and n // 32 >= sms * 3 // 4:
+        return MmaConfig(tiles=2, warps=16, prefetch=True, xprefetch=True, sprefetch=True)
     return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True)
 
 
@@ -296,8 +306,11 @@ def silu_config(m: int) -> MmaConfig:
     isolated 26.3 -> 23.8 us, batch 1 496.0 -> 506.3 tok/s (old layout and config 500.2, bf16 234.3)."""
     if SILU_CONFIG:
         return MmaConfig.parse(SILU_CONFIG)
-    # 9-16 rows (off by default, QUANTA_INT_MMA_SILU_ROWS): scales a group ahead, as the plain gate_up's t2_w2_np_ps
-    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, regs=128 if m == 1 else 0)
+    # one row: words two groups ahead (chain bench 18.3 vs 20.2 us; batch 1 502.3 -> 514.4 tok/s, h200_s21b);
+    # 9-16 rows: scales a group ahead, as the plain gate_up's t2_w2_np_ps (chain bench 22.4 us, the plain gate_up
+    # 22.8 + silu_and_mul; batch 16 6,441.6 / 6,445.4 -> 6,644.7 / 6,633.3 tok/s, h200_s21a)
+    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, deep=m == 1,
+                     regs=128 if m == 1 else 0)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None,

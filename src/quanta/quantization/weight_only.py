@@ -93,9 +93,9 @@ class WeightOnlyInt(QuantMethod):
         if not (w_int_gemv_asm.PLANES and self.bits == 4 and x.numel() == layer.in_features
                 and getattr(layer, "pre_quant_scale", None) is None and _use_gpu_kernel(layer, x)):
             return 0
-        from quanta.quantization import w_int_tinygemm
+        from quanta.quantization import w_int_mma, w_int_tinygemm
 
-        if w_int_tinygemm.usable(layer, x):
+        if w_int_tinygemm.usable(layer, x) or w_int_mma.usable(layer, x):  # those take the row instead
             return 0
         return w_int_gemv_asm.planes_sub(layer, x)
 
