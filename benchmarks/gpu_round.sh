@@ -173,15 +173,15 @@ for part in "$@"; do
     # the int GEMVs timed as a chain of CHAIN distinct weight copies in one graph (each launch's PDL preload overlapping
     # the one before, as in decode; zero points): IGEMV_MS / IGEMV_VARIANTS as igemvr
     igemvc) IGEMV_ARGS="--chain ${CHAIN:-8} --zero-point ${IGEMV_ARGS:-}" bash "$0" igemvr ;;
-    # the twenty-first session's plan: the chain bench (does it rank configs as the engine does?) at 16 and 1 rows,
-    # then the engine by env: batch 16 with the SiLU epilogue at 9-16 rows (twice) and with group-major scales
+    # the twenty-first session: the chain bench (8 weight copies a graph under PDL, as decode runs them) at 16 and 1
+    # rows (calls s21a-c), then the new defaults' GPU tests and the engine against the old defaults by env, same call
     chaintest) timeout ${CT_S:-200} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "ps_r96 or ps_p2_r128 or w4_ps_r128 or np_ps or x_frag or group_major" --timeout 150 2>&1 | tail -2 ;;
     chainplan) IGEMV_S=${CP_S:-240} IGEMV_JSON=chain16 IGEMV_MS=16 IGEMV_VARIANTS=${CP16:-mma:auto,mma:t2_w2_px_ps,mma:t2_w2_ps,silu:t2_w2,silu:t2_w2_ps,silu:t2_w2_np_ps,mma:t1_w8_px_ps_p2,mma:t1_w4_px_ps_p2,mma:t2_w8_px_ps,mma:t2_w8_ps,mma:t4_w8_ps,mma:t2_w16_px_ps,mmaxf:auto,mmaxf:t2_w8_px_ps,mmaxf:t4_w8_ps,siluxf:t2_w2_np_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
-      IGEMV_S=${CP_S:-240} IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128} bash "$0" igemvc | grep "^8b [a-z]"
-      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SILU_ROWS=1-16 8b:awqx16:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 ${CP_MORE:-}" bash "$0" envab ;;
-    # its second call: batch 1 by env (the SiLU two groups ahead; qkv / o / down on the mma GEMV; group-major scales),
-    # the bf16 baselines, batch 16 with x in fragment order from the norms and silu_and_mul
-    chainplan2) ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128 8b:awq:QUANTA_INT_MMA_ROWS=1-16,QUANTA_INT_GEMV_PLANES=0 8b:awq:QUANTA_INT_MMA_SZ_GROUP_MAJOR=1 8b:bf16 8b:bf16x16 8b:awqx16:QUANTA_INT_MMA_XF_ROWS=9-16 ${CP2_MORE:-}" bash "$0" envab ;;
+      IGEMV_S=${CP_S:-240} IGEMV_JSON=chain1 IGEMV_MS=1 IGEMV_VARIANTS=${CP1:-auto:x,mma:auto,mma:t1_w8_ps_r96,mma:t1_w4_ps_r96,mma:t1_w8_r96,silu:t2_w2_ps_r128,silu:t2_w2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w4_ps_r128,mma:t1_w8_ps_p2_r96,mma:t1_w16_ps_r96,mma:t1_w8_ps_l2_r96,mmaxf:t1_w8_ps_r96} bash "$0" igemvc | grep "^8b [a-z]" ;;
+    defaults21) timeout ${D21_S:-150} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_int_planes_gpu.py tests/gpu/test_split_norm_gpu.py -k "t2_w8_px_ps or t1_w8_ps_r96 or t2_w16_px_ps or ps_p2_r128 or t2_w2_np_ps or engine" --timeout 120 2>&1 | tail -2
+      OLD16=QUANTA_INT_MMA_SILU_ROWS=1-8,QUANTA_INT_MMA_SHAPES="6144x4096=t1_w4_px_ps;4096x14336=t1_w8_px_ps"
+      OLD1=QUANTA_INT_MMA_ROWS=2-16,QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_r128  # before: one row on the asm GEMV
+      ENV_RUNS="8b:awqx16 8b:awqx16:$OLD16 8b:bf16x16 8b:awq 8b:awq:$OLD1 8b:bf16 ${D21_MORE:-}" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
