@@ -182,6 +182,12 @@ for part in "$@"; do
       OLD16=QUANTA_INT_MMA_SILU_ROWS=1-8,QUANTA_INT_MMA_SHAPES="6144x4096=t1_w4_px_ps;4096x14336=t1_w8_px_ps"
       OLD1=QUANTA_INT_MMA_ROWS=2-16,QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_r128  # before: one row on the asm GEMV
       ENV_RUNS="8b:awqx16 8b:awqx16:$OLD16 8b:bf16x16 8b:awq 8b:awq:$OLD1 8b:bf16 ${D21_MORE:-}" bash "$0" envab ;;
+    # the next lead (not yet run): one row's down_proj reads 2.1 TB/s against gate_up + SiLU's 3.0; the SiLU kernel's
+    # shape (two tiles a warp, words two groups ahead, 128 registers: offline SASS "10L 16H", all loads first; t2_w8_r96
+    # interleaves them) on the plain GEMV, chain bench at one row, then the engine on each shape's fastest
+    one22) J=$OUT/chain1d.json; IGEMV_S=${O22_S:-150} IGEMV_JSON=chain1d IGEMV_MS=1 IGEMV_VARIANTS=${O22_VARIANTS:-mma:t1_w8_ps_r96,mma:t2_w16_ps_p2_r128,mma:t2_w8_ps_p2_r128,mma:t2_w16_ps_r128,mma:t2_w8_ps_r128,mma:t2_w4_ps_p2_r128,mma:t1_w16_ps_p2_r128,mma:t1_w8_ps_p2_r80} bash "$0" igemvc | grep "^8b [a-z]"
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 1); echo "per shape: $S"
+      ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:bf16" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
