@@ -73,7 +73,7 @@ def loop_order(sass: list[tuple[int, str]], math: str = r"HMMA|HFMA2|HMUL2") -> 
 def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     """--mma-loop: each mma GEMV config's (w_int_mma.MmaConfig, "_r" caps included) registers and K-loop order at 16
     rows (NT 2; "_one": at 1-8 rows, NT 1; "_act": the SiLU epilogue at 1-8 rows; before them "_xf": x in fragment
-    order, w_int_mma.x_frag, then "_gm": group-major packed scales), e.g. t1_w4_px_ps_r144, t1_w8_px_ps_xf_gm."""
+    order, w_int_mma.x_frag), e.g. t1_w4_px_ps_r144, t1_w8_px_ps_xf."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -83,15 +83,13 @@ def _mma_loops(configs: str, triton, target, cuobjdump: str) -> None:
     for text in configs.split(","):
         act, one = text.endswith("_act"), text.endswith("_one")
         base = text.removesuffix("_act").removesuffix("_one")
-        gm = base.endswith("_gm")
-        base = base.removesuffix("_gm")
         xf = base.endswith("_xf")
         cfg = w_int_mma.MmaConfig.parse(base.removesuffix("_xf"))
         nt = 1 if act or one else 2
         asm, cons = w_int_mma.mma_ptx(torch.bfloat16, nt)
         consts = dict(ASM=asm, CONS=cons, MAGIC16=0x4300, GROUP=128, NT=nt, TN=2 if act else cfg.tiles, KW=cfg.warps,
                       S_BF16=True, HAS_BIAS=False, PF=cfg.prefetch, USE_PDL=True, ACT=act, PX=cfg.xprefetch,
-                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, XF=xf, SZ_GM=gm)
+                      PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2, XF=xf)
         types = dict(zip(_PTRS, ["*i32", "*i32", "*i32", "*bf16", "*bf16"]))
         sig = {**types, **{n: "i32" for n in _INTS}, **{n: "constexpr" for n in consts}}
         names = list(sig)

@@ -29,18 +29,17 @@ def test_pack_round_trip_and_formula(n, k, group):
                     assert (word >> (4 * (h + 2 * kh + 4 * e))) & 0xF == want
 
 
-@pytest.mark.parametrize("dtype,zp,gm", [(torch.bfloat16, True, False), (torch.float16, True, False),
-                                         (torch.bfloat16, False, False), (torch.bfloat16, True, True)])
-def test_pack_sz_formula(dtype, zp, gm):
+@pytest.mark.parametrize("dtype,zp", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+def test_pack_sz_formula(dtype, zp):
     """The packed scale / zero pairs: [t, r, g, h] = (scale bits << 16) | z of row 16 t + r + 8 h (z = 8 without zero
     points), the scale's bits exact (negative scales too)."""
     from quanta.quantization.w_int_mma import mma_pack_sz
 
     scale = (torch.randn(48, 5) * 0.01).to(dtype)
     zero = torch.randint(0, 16, (48, 5), dtype=torch.uint8) if zp else None
-    sz = mma_pack_sz(scale, zero, group_major=gm)
+    sz = mma_pack_sz(scale, zero)
     assert sz.shape == (3, 8, 5, 2) and sz.dtype == torch.int32 and sz.stride(3) == 1
-    assert (sz.stride(1), sz.stride(2)) == ((2, 16) if gm else (10, 2))  # [t, g, r, h] storage, or [t, r, g, h]
+    assert (sz.stride(1), sz.stride(2)) == (10, 2)  # stored [t, r, g, h]
     for t in range(3):
         for g in range(5):
             for r in range(8):

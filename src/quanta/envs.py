@@ -107,7 +107,6 @@ _add("QUANTA_INT_MMA_ROWS", "1-16", "str", "int4 linears of this many rows on th
 _add("QUANTA_INT_MMA_CONFIG", "", "str", "its config ('t2_w4[_np]'; '' = by shape)")
 _add("QUANTA_INT_MMA_SHAPES", "", "str", "its per-shape configs 'NxK=t1_w8;...' (over QUANTA_INT_MMA_CONFIG)")
 _add("QUANTA_INT_MMA_SILU_ROWS", "1-16", "str", "gate_up linears of this many rows on the mma GEMV with SiLU * up")
-_add("QUANTA_INT_MMA_SZ_GROUP_MAJOR", "0", "flag", "the mma GEMV's packed scales stored group-major ([t, g, r, h])")
 _add("QUANTA_INT_MMA_XF_ROWS", "", "str", "int4 mma linears of this many rows read x in fragment order from the norm "
      "/ silu_and_mul before them ('' = off)")
 _add("QUANTA_INT_MMA_SILU_CONFIG", "", "str", "its config ('t2_w2[_np]'; '' = 2 warps)")

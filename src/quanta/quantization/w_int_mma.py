@@ -108,19 +108,18 @@ def mma_unpack(words: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
-def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None, group_major: bool | None = None) -> torch.Tensor:
+def mma_pack_sz(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """Scales [N, G] (bf16 / fp16) and zero points [N, G] (or None: 8) -> int32 [N / 16, 8, G, 2]: (scale bits << 16)
     | z of row 16 t + r + 8 h at [t, r, g, h], so a lane's rows r and r + 8 of a group are one 8-byte load (instead
-    of 4 loads, 2 bytes each). Stored so a row pair's groups are contiguous (cached lines serve the later groups), or
-    with group_major (QUANTA_INT_MMA_SZ_GROUP_MAJOR) a tile's group (a view of [t, g, r, h]: 64 bytes a load)."""
+    of 4 loads, 2 bytes each). Stored so a row pair's groups are contiguous (cached lines serve the later groups; a
+    tile's group contiguous instead, [t, g, r, h], measured no faster: H200 8B W4A16_AWQ batch 16 6,448.8 vs 6,441.6 /
+    6,445.4 tok/s, h200_s21a, removed)."""
     n, g = scale.shape
     if scale.dtype not in _TYPES or n % 16:
         raise ValueError(f"packed scales need bf16 / fp16 scales of whole 16-row tiles (got {scale.dtype}, N={n})")
     bits = scale.contiguous().view(torch.int16).to(torch.int32) << 16
     z = zero.to(torch.int32) if zero is not None else torch.full_like(bits, 8)
     packed = (bits | (z & 0xFFFF)).view(n // 16, 2, 8, g)  # [t, h, r, g]
-    if SZ_GROUP_MAJOR if group_major is None else group_major:
-        return packed.permute(0, 3, 2, 1).contiguous().permute(0, 2, 1, 3)
     return packed.permute(0, 2, 3, 1).contiguous()
 
 
@@ -162,7 +161,6 @@ SHAPES = envs.get("QUANTA_INT_MMA_SHAPES")  # "NxK=t1_w8;NxK=..." (any row count
 # batch 16 4,791.5 -> 4,635.3 (slower there then; since the twenty-first session 1-16: silu_config's "_ps")
 SILU_ROWS = _rows(envs.get("QUANTA_INT_MMA_SILU_ROWS"))
 SILU_CONFIG = envs.get("QUANTA_INT_MMA_SILU_CONFIG")
-SZ_GROUP_MAJOR = envs.get("QUANTA_INT_MMA_SZ_GROUP_MAJOR")  # mma_pack_sz's storage order (attach)
 # linears of XF_ROWS rows after an RMSNorm or silu_and_mul read x in fragment order written by it (x_frag; env
 # QUANTA_INT_MMA_XF_ROWS, "" = off: batch 16, 9-16, H200, h200_s21b: 6,652.6 -> 6,624.2 tok/s; with qkv on
 # t2_w8_px_ps 6,681.5 -> 6,689.8)
@@ -224,7 +222,7 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # 16 rows gate_up t2_w2_np 35.1 -> 26.9 us (others within 0.2 us); engine batch 16 5,758.1 / 5,778.6 ->
     # 5,899.5 / 5,916.5 tok/s (gate_up alone 5,805.1, h200_s17e; one row's SiLU t2_w2_ps: 488.1 vs 495.0, not taken)
     # One row (twenty-first session, h200_s21b; the chain bench, 8 weight copies a graph under PDL as in decode,
-    # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with the SiLU config below:
+    # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with silu_config(1)'s p2:
     # 8B W4A16_AWQ batch 1 514.4 -> 526.2 tok/s (bf16 230.6; all asm before: 502.3)
     if m == 1:
         return MmaConfig(tiles=1, warps=8, prefetch=True, sprefetch=True, regs=96)
@@ -372,7 +370,6 @@ def w_int_mma_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         ASM=asm, CONS=cons, MAGIC16=_TYPES[x.dtype][2], GROUP=group, NT=nt, TN=tiles, KW=cfg.warps,
         S_BF16=scale.dtype == torch.bfloat16, HAS_BIAS=bias is not None, PF=cfg.prefetch, USE_PDL=use_pdl, ACT=act,
         PX=cfg.xprefetch, PS=cfg.sprefetch, PF2=cfg.deep, L2PF=cfg.l2 and use_pdl, XF=xf is not None,
-        SZ_GM=sz.stride(1) == 2,
         **_inv_args(inv, m, k),
         num_warps=cfg.warps, **({"maxnreg": cfg.regs} if cfg.regs else {}), **pdl_launch_kwargs(use_pdl))
     return y.reshape(*x.shape[:-1], n_out)

@@ -160,11 +160,11 @@ if HAS_GLUON:
         return a, b, c, d
 
     @gluon.jit
-    def _sload(g, G, sz_l, MAGIC16: gl.constexpr, S_BF16: gl.constexpr, SZ_GM: gl.constexpr):
+    def _sload(g, G, sz_l, MAGIC16: gl.constexpr, S_BF16: gl.constexpr):
         """Group g's scales (fp32; 0 past G) and zero halves (half2 of OFFSET + z) of rows r / r + 8: one 8-byte load
         of the packed (scale bits << 16 | z) pair (mma_pack_sz)."""
         gc = gl.minimum(g, G - 1)
-        lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * (16 if SZ_GM else 2)).to(gl.int64)],
+        lo, hi = gl.inline_asm_elementwise(LD2, "=r,=r,l", [(sz_l + gc * 2).to(gl.int64)],
                                            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
         if S_BF16:
             s_lo = (lo & -65536).to(gl.float32, bitcast=True)
@@ -230,7 +230,7 @@ if HAS_GLUON:
                        ACT: gl.constexpr = False, PX: gl.constexpr = False, part_ptr=None, n_parts=1, k_norm=1,
                        eps=0.0, INV_RMS: gl.constexpr = False, NP_PAD: gl.constexpr = 1,
                        PS: gl.constexpr = False, PF2: gl.constexpr = False, L2PF: gl.constexpr = False,
-                       XF: gl.constexpr = False, SZ_GM: gl.constexpr = False):
+                       XF: gl.constexpr = False):
         WPG: gl.constexpr = GROUP // 16  # words a lane and group (a multiple of 4)
         L3: gl.constexpr = gl.BlockedLayout([1, TN, 1], [1, 1, 32], [KW, 1, 1], [2, 1, 0])
         kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3))), 1), 2)
@@ -250,10 +250,7 @@ if HAS_GLUON:
             x_l = x_ptr + gl.minimum(ln // 4, M - 1).to(gl.int64) * stride_xm + (ln % 4) * 4  # [1, 1, 32]
             x_l1 = x_ptr + gl.minimum(ln // 4 + 8, M - 1).to(gl.int64) * stride_xm + (ln % 4) * 4
         w_l = w_ptr + tile_c.to(gl.int64) * G * (32 * WPG) + ln * 4  # [1, TN, 32]: a half's 4 words at + 128 H
-        if SZ_GM:  # packed scales stored [t, g, r, h] (mma_pack_sz group_major)
-            sz_l = sz_ptr + tile_c.to(gl.int64) * G * 16 + (ln // 4) * 2
-        else:  # [t, r, g, h]: rows r, r + 8 of group 0
-            sz_l = sz_ptr + (tile_c.to(gl.int64) * 8 + ln // 4) * G * 2  # [1, TN, 32]
+        sz_l = sz_ptr + (tile_c.to(gl.int64) * 8 + ln // 4) * G * 2  # [1, TN, 32]: packed [t, r, g, h], rows r, r + 8
         zeros = gl.zeros([KW, TN, 32], gl.float32, L3)
         t0 = zeros
         t1 = zeros
@@ -268,7 +265,7 @@ if HAS_GLUON:
         if PF2:  # and the group after it (words two groups ahead in the loop)
             u0, u1, u2, u3, u4, u5, u6, u7 = _wload(w_l, KW + kw, G, GROUP, not USE_PDL)
         if PS:  # the first group's scales and zeros too (weights: before the PDL wait)
-            szn = _sload(kw, G, sz_l, MAGIC16, S_BF16, SZ_GM)
+            szn = _sload(kw, G, sz_l, MAGIC16, S_BF16)
         if L2PF:  # and all of the program's words asked of L2 (kernels/pdl.py's prefetch), before the wait
             for t in gl.static_range(TN):
                 if ACT:
@@ -296,9 +293,9 @@ if HAS_GLUON:
                 xs = _xload(x_l, x_l1, g0 + kw, G, GROUP, NT, not USE_PDL, XF)
             if PS:
                 sz = szn
-                szn = _sload(g0 + KW + kw, G, sz_l, MAGIC16, S_BF16, SZ_GM)
+                szn = _sload(g0 + KW + kw, G, sz_l, MAGIC16, S_BF16)
             else:
-                sz = _sload(g0 + kw, G, sz_l, MAGIC16, S_BF16, SZ_GM)
+                sz = _sload(g0 + kw, G, sz_l, MAGIC16, S_BF16)
             t0, t1, t2, t3, t4, t5, t6, t7 = _group(v0, v1, v2, v3, v4, v5, v6, v7, xs, sz, zeros, t0, t1, t2, t3, t4,
                                                     t5, t6, t7, ASM, CONS, GROUP, NT)
             if not PF and not PF2:
