@@ -185,7 +185,8 @@ for part in "$@"; do
     # the next lead (not yet run): one row's down_proj reads 2.1 TB/s against gate_up + SiLU's 3.0; the SiLU kernel's
     # shape (two tiles a warp, words two groups ahead, 128 registers: offline SASS "10L 16H", all loads first; t2_w8_r96
     # interleaves them) on the plain GEMV, chain bench at one row, then the engine on each shape's fastest
-    one22) J=$OUT/chain1d.json; IGEMV_S=${O22_S:-150} IGEMV_JSON=chain1d IGEMV_MS=1 IGEMV_VARIANTS=${O22_VARIANTS:-mma:t1_w8_ps_r96,mma:t2_w16_ps_p2_r128,mma:t2_w8_ps_p2_r128,mma:t2_w16_ps_r128,mma:t2_w8_ps_r128,mma:t2_w4_ps_p2_r128,mma:t1_w16_ps_p2_r128,mma:t1_w8_ps_p2_r80} bash "$0" igemvc | grep "^8b [a-z]"
+    one22) timeout 120 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "ps_p2_r128" --timeout 100 2>&1 | tail -2
+      J=$OUT/chain1d.json; IGEMV_S=${O22_S:-150} IGEMV_JSON=chain1d IGEMV_MS=1 IGEMV_VARIANTS=${O22_VARIANTS:-mma:t1_w8_ps_r96,mma:t2_w16_ps_p2_r128,mma:t2_w8_ps_p2_r128,mma:t2_w16_ps_r128,mma:t2_w8_ps_r128,mma:t2_w4_ps_p2_r128,mma:t1_w16_ps_p2_r128,mma:t1_w8_ps_p2_r80} bash "$0" igemvc | grep "^8b [a-z]"
       S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 1); echo "per shape: $S"
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:bf16" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
