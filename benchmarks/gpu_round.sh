@@ -182,13 +182,17 @@ for part in "$@"; do
       OLD16=QUANTA_INT_MMA_SILU_ROWS=1-8,QUANTA_INT_MMA_SHAPES="6144x4096=t1_w4_px_ps;4096x14336=t1_w8_px_ps"
       OLD1=QUANTA_INT_MMA_ROWS=2-16,QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_r128  # before: one row on the asm GEMV
       ENV_RUNS="8b:awqx16 8b:awqx16:$OLD16 8b:bf16x16 8b:awq 8b:awq:$OLD1 8b:bf16 ${D21_MORE:-}" bash "$0" envab ;;
-    # the next lead (not yet run): one row's down_proj reads 2.1 TB/s against gate_up + SiLU's 3.0; the SiLU kernel's
-    # shape (two tiles a warp, words two groups ahead, 128 registers: offline SASS "10L 16H", all loads first; t2_w8_r96
-    # interleaves them) on the plain GEMV, chain bench at one row, then the engine on each shape's fastest
-    one22) timeout 120 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "ps_p2_r128" --timeout 100 2>&1 | tail -2
-      J=$OUT/chain1d.json; IGEMV_S=${O22_S:-150} IGEMV_JSON=chain1d IGEMV_MS=1 IGEMV_VARIANTS=${O22_VARIANTS:-mma:t1_w8_ps_r96,mma:t2_w16_ps_p2_r128,mma:t2_w8_ps_p2_r128,mma:t2_w16_ps_r128,mma:t2_w8_ps_r128,mma:t2_w4_ps_p2_r128,mma:t1_w16_ps_p2_r128,mma:t1_w8_ps_p2_r80} bash "$0" igemvc | grep "^8b [a-z]"
-      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 1); echo "per shape: $S"
-      ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:bf16" bash "$0" envab ;;
+    # the next lead (not yet run): one row's K loops take ~1 us an iteration whatever their bytes (down: 14 groups a
+    # warp in 14.3 us, gate_up + SiLU: 16 groups of two tiles in 18.3): each waits on the x it loads in that iteration
+    # (one row: not prefetched) and on words only one group ahead, so "_p2" alone (words) did not help; x and words
+    # both ahead ("_px" + "_p2", offline SASS t1_w8_px_ps_p2_r96: 96 registers, all 7 loads before the 8 HMMA), and the
+    # SiLU kernel's shape (two tiles a warp) on the plain GEMV; chain bench at one row, then the engine on the fastest
+    one22) timeout 150 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py -k "ps_p2_r128 or px_ps_p2" --timeout 120 2>&1 | tail -2
+      J=$OUT/chain1d.json; IGEMV_S=${O22_S:-150} IGEMV_JSON=chain1d IGEMV_MS=1 IGEMV_VARIANTS=${O22_VARIANTS:-mma:t1_w8_ps_r96,mma:t1_w8_px_ps_r96,mma:t1_w8_px_ps_p2_r96,mma:t1_w8_px_ps_p2_r80,mma:t1_w4_px_ps_p2_r96,mma:t1_w16_px_ps_p2_r64,mma:t1_w16_px_ps_r64,mma:t2_w16_px_ps_p2_r128,mma:t2_w8_px_ps_p2_r128,silu:t2_w2_ps_p2_r128,silu:t2_w2_px_ps_p2_r128,silu:t2_w2_px_ps_r128,silu:t2_w4_px_ps_p2_r128} bash "$0" igemvc | grep "^8b [a-z]"
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 1)
+      SC=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds silu: --best-m 1 | cut -d= -f2); echo "per shape: $S; SiLU: $SC"
+      B=QUANTA_INT_MMA_SHAPES=$S,QUANTA_INT_MMA_SILU_CONFIG=$SC
+      ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:awq:$B 8b:awq 8b:awq:$B 8b:bf16" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
