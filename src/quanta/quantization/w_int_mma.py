@@ -57,11 +57,11 @@ engine.
 Layout (twentieth session, h200_s20a-d): whole-sector loads of words and x and the packed scales, 8B W4A16_AWQ batch
 16 6,286.9 / 6,271.0 -> 6,448.8 / 6,419.4 tok/s (same calls), 6,454.1 against bf16 3,368.7; batch 1 (with the
 one-row SiLU's "_ps") 500.2 -> 506.3. Isolated the 16-row gate_up read slower (27 -> 33 us): not yet explained.
-x in fragment order (`x_frag`, kernel flag XF; built offline in the twentieth session, GPU-untested; in the engine
-behind QUANTA_INT_MMA_XF_ROWS, written by the RMSNorm / silu_and_mul before qkv / gate_up / down_proj): a warp's x
-load reads 512 contiguous bytes (4 lines) instead of 64 bytes of 8 rows; the halved sectors above did not speed the
-kernels without PDL, so the lines a load touches are the next suspect at 16 rows (bench variants "mmaxf:" /
-"siluxf:" make x_frag outside the timing).
+x in fragment order (`x_frag`, kernel flag XF; off: QUANTA_INT_MMA_XF_ROWS, written by the RMSNorm / silu_and_mul
+before qkv / gate_up / down_proj): a warp's x load reads 512 contiguous bytes (4 lines) instead of 64 bytes of 8 rows.
+GPU-tested and measured in the twenty-first session (h200_s21a-c): the chain bench's 16-row qkv 8.4 -> 7.8 us, but
+the engine no faster (batch 16 6,652.6 -> 6,624.2 tok/s; batch 1 525.8 -> 521.8). Bench variants "mmaxf:" /
+"siluxf:" make x_frag outside the timing. Since then one row runs here too (config_for, silu_config).
 Measured and not taken (fourteenth session, h200_s14b): split-K (S programs of a tile group along K, the last summing
 the fp32 partials; built in 9a41127, reverted) at 16 rows, us: qkv 17.6 / o 15.3 / gate_up 52.7 / down 26.1 at best
 (t2_w4_k2, t2_w4_px_k2 / k4) against t1_w8's 13.5 / 12.1 / 48.0 / 24.7 (gate_up: t2_w2_np 28.0).
