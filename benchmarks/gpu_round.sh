@@ -193,6 +193,15 @@ for part in "$@"; do
       SC=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds silu: --best-m 1 | cut -d= -f2); echo "per shape: $S; SiLU: $SC"
       B=QUANTA_INT_MMA_SHAPES=$S,QUANTA_INT_MMA_SILU_CONFIG=$SC
       ENV_RUNS="8b:awq 8b:awq:QUANTA_INT_MMA_SHAPES=$S 8b:awq:$B 8b:awq 8b:awq:$B 8b:bf16" bash "$0" envab ;;
+    # twenty-second session: one row with every warp resident at once (registers x warps), the chain sweep, then the
+    # engine at batch 1 on each shape's fastest vs the defaults, with bf16
+    one23) timeout 200 python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_int_planes_gpu.py tests/gpu/test_split_norm_gpu.py \
+        -k "px_ps_r96 or w16_px_ps_r64 or px_ps_r72 or w16_ps_r64 or w32 or r56 or t2_w8_ps_r96 or px_ps_r80 or ps_p2_r96 or ps_p2_r64 or engine" --timeout 150 2>&1 | tail -2
+      J=$OUT/chain1e.json; IGEMV_S=${O23_S:-150} IGEMV_JSON=chain1e IGEMV_MS=1 IGEMV_VARIANTS=${O23_VARIANTS:-mma:t1_w8_ps_r96,mma:t1_w8_px_ps_r96,mma:t1_w16_px_ps_r64,mma:t1_w8_px_ps_r72,mma:t1_w8_px_ps_r80,mma:t1_w16_ps_r64,mma:t1_w32_px_ps_r64,mma:t1_w16_px_ps_r56,mma:t2_w8_ps_r96,mma:t1_w16_ps_p2_r64,silu:t2_w2_ps_p2_r128,silu:t2_w4_px_ps_r80,silu:t2_w2_ps_p2_r96,silu:t2_w4_px_ps_r72} bash "$0" igemvc | grep "^8b [a-z]"
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 1)
+      SC=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds silu: --best-m 1 | cut -d= -f2); echo "per shape: $S; SiLU: $SC"
+      B=QUANTA_INT_MMA_SHAPES=$S,QUANTA_INT_MMA_SILU_CONFIG=$SC
+      ENV_RUNS="8b:awq 8b:awq:$B 8b:awq 8b:awq:$B 8b:bf16" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \

@@ -115,8 +115,10 @@ def test_rows_and_configs():
     assert str(w_int_mma.config_for(16, 6144, 4096)) == "t2_w8_px_ps"
     assert str(w_int_mma.config_for(16, 2048, 8192)) == "t1_w8_px_ps"  # 1B's down: 64 programs of two tiles too few
     assert w_int_mma.config_for(4, 4096, 4096) == MmaConfig(tiles=1, warps=8, prefetch=False)
-    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):  # one row: scales a group ahead, 96 registers
-        assert str(w_int_mma.config_for(1, n, k)) == "t1_w8_ps_r96"
+    # one row: every warp resident at once; qkv (384 tiles) without x ahead, o with, down 16 warps at 64 registers
+    for (n, k), want in {(6144, 4096): "t1_w8_ps_r96", (4096, 4096): "t1_w8_px_ps_r96",
+                         (4096, 14336): "t1_w16_px_ps_r64", (3072, 2048): "t1_w8_px_ps_r96"}.items():
+        assert str(w_int_mma.config_for(1, n, k)) == want
     assert str(w_int_mma.silu_config(1)) == "t2_w2_ps_p2_r128" and str(w_int_mma.silu_config(16)) == "t2_w2_np_ps"
 
 

@@ -29,7 +29,9 @@ def _case(n, k, group, zp, seed, dtype=torch.bfloat16):
                                  "t1_w8_px_ps_p2", "t2_w16_px_ps", "t2_w2_ps_p2", "t1_w4_px_ps_l2", "t2_w2_np_ps_l2",
                                  "t1_w4_px_ps_r128", "t1_w8_px_ps_r128", "t1_w4_px_ps_r96", "t1_w8_ps_r96",
                                  "t1_w4_ps_r96", "t2_w8_px_ps", "t2_w8_ps_p2_r128", "t1_w8_px_ps_p2_r96",
-                                 "t1_w8_px_ps_p2_r80", "t1_w16_px_ps_p2_r64", "t2_w16_px_ps_p2_r128"])
+                                 "t1_w8_px_ps_p2_r80", "t1_w16_px_ps_p2_r64", "t2_w16_px_ps_p2_r128",
+                                 "t1_w8_px_ps_r96", "t1_w16_px_ps_r64", "t1_w8_px_ps_r72", "t1_w16_ps_r64",
+                                 "t1_w32_px_ps_r64", "t1_w16_px_ps_r56", "t2_w8_ps_r96", "t1_w16_ps_p2_r64"])
 @pytest.mark.parametrize("n,k,group,zp", [(96, 1024, 128, True), (6144, 4096, 128, False), (512, 768, 64, True)])
 def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
     from quanta.quantization.w_int_mma import MmaConfig, w_int_mma_linear, w_int_mma_linear_ref
@@ -45,7 +47,7 @@ def test_mma_gemv_equals_ref(m, cfg, n, k, group, zp):
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("cfg", ["t2_w2", "t2_w4_np", "t2_w8", "t2_w2_np_px", "t2_w2_ps", "t2_w2_l2", "t2_w2_ps_r128",
                                  "t2_w2_ps_p2_r128", "t2_w4_ps_r128", "t2_w2_np_ps",
-                                 "t2_w2_px_ps_p2_r128"])
+                                 "t2_w2_px_ps_p2_r128", "t2_w4_px_ps_r80", "t2_w2_ps_p2_r96", "t2_w4_px_ps_r72"])
 @pytest.mark.parametrize("n,k,zp,bias", [(2048, 1024, True, False), (512, 768, False, True)])
 def test_mma_silu_epilogue_equals_ref(m, cfg, n, k, zp, bias):
     import torch.nn.functional as F

@@ -224,8 +224,19 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # One row (twenty-first session, h200_s21b; the chain bench, 8 weight copies a graph under PDL as in decode,
     # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with silu_config(1)'s p2:
     # 8B W4A16_AWQ batch 1 514.4 -> 526.2 tok/s (bf16 230.6; all asm before: 502.3)
+    # One row again (twenty-second session, h200_s22a, chain us): every warp of the grid resident at once, then x a
+    # group ahead too. qkv's 3,072 warps fit one wave only without "_px" (72 registers: 28 warps an SM; "_px" 89:
+    # 21): t1_w8_ps_r96 5.9 (t1_w8_px_ps_r96 7.8); o t1_w8_px_ps_r96 4.7 (5.6); down 16 warps a tile at 64
+    # registers, 7 groups a warp: t1_w16_px_ps_r64 10.4 (14.3); 8B W4A16_AWQ batch 1 529.3 -> 575.2 tok/s (bf16 234.5)
     if m == 1:
-        return MmaConfig(tiles=1, warps=8, prefetch=True, sprefetch=True, regs=96)
+        from quanta.kernels.gemv_config import num_sms
+
+        sms = num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
+        if n // 16 > 2 * sms:
+            return MmaConfig(tiles=1, warps=8, prefetch=True, sprefetch=True, regs=96)
+        wide = k >= 8192
+        return MmaConfig(tiles=1, warps=16 if wide else 8, prefetch=True, xprefetch=True, sprefetch=True,
+                         regs=64 if wide else 96)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     from quanta.kernels.gemv_config import num_sms
