@@ -224,19 +224,16 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # One row (twenty-first session, h200_s21b; the chain bench, 8 weight copies a graph under PDL as in decode,
     # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with silu_config(1)'s p2:
     # 8B W4A16_AWQ batch 1 514.4 -> 526.2 tok/s (bf16 230.6; all asm before: 502.3)
-    # One row again (twenty-second session, h200_s22a, chain us): every warp of the grid resident at once, then x a
-    # group ahead too. qkv's 3,072 warps fit one wave only without "_px" (72 registers: 28 warps an SM; "_px" 89:
-    # 21): t1_w8_ps_r96 5.9 (t1_w8_px_ps_r96 7.8); o t1_w8_px_ps_r96 4.7 (5.6); down 16 warps a tile at 64
-    # registers, 7 groups a warp: t1_w16_px_ps_r64 10.4 (14.3); 8B W4A16_AWQ batch 1 529.3 -> 575.2 tok/s (bf16 234.5)
+    # One row (twenty-second session, h200_s22a-b, chain us): every warp of the grid resident at once (registers x
+    # warps an SM; 64 registers: 32 warps, 72: 28, 80: 25, 96: 21). qkv's 3,072 warps t1_w8_px_ps_r80 5.6 (t1_w8_ps_r96
+    # 5.9, t1_w8_px_ps_r96 at 89 registers 7.7); o / down 16 warps a tile at 64, 2 / 7 groups a warp: t1_w16_ps_r64
+    # 4.6 / 9.9 (t1_w8_ps_r96 5.6 / 14.3). 8B W4A16_AWQ batch 1 with silu_config(1)'s: 529.3 -> 586.5 tok/s (bf16 230.4)
     if m == 1:
         from quanta.kernels.gemv_config import num_sms
 
-        sms = num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
-        if n // 16 > 2 * sms:
-            return MmaConfig(tiles=1, warps=8, prefetch=True, sprefetch=True, regs=96)
-        wide = k >= 8192
-        return MmaConfig(tiles=1, warps=16 if wide else 8, prefetch=True, xprefetch=True, sprefetch=True,
-                         regs=64 if wide else 96)
+        if n // 16 > 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None):
+            return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True, regs=80)
+        return MmaConfig(tiles=1, warps=16, prefetch=True, sprefetch=True, regs=64)
     if m <= 8:
         return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     from quanta.kernels.gemv_config import num_sms
@@ -315,11 +312,14 @@ def silu_config(m: int) -> MmaConfig:
     isolated 26.3 -> 23.8 us, batch 1 496.0 -> 506.3 tok/s (old layout and config 500.2, bf16 234.3)."""
     if SILU_CONFIG:
         return MmaConfig.parse(SILU_CONFIG)
-    # one row: words two groups ahead (chain bench 18.3 vs 20.2 us; batch 1 502.3 -> 514.4 tok/s, h200_s21b);
     # 9-16 rows: scales a group ahead, as the plain gate_up's t2_w2_np_ps (chain bench 22.4 us, the plain gate_up
-    # 22.8 + silu_and_mul; batch 16 6,441.6 / 6,445.4 -> 6,644.7 / 6,633.3 tok/s, h200_s21a)
-    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m == 1 or m > 8, deep=m == 1,
-                     regs=128 if m == 1 else 0)
+    # 22.8 + silu_and_mul; batch 16 6,441.6 / 6,445.4 -> 6,644.7 / 6,633.3 tok/s, h200_s21a). One row: words two
+    # groups ahead (t2_w2_ps_p2_r128, chain 18.3 vs 20.2 us; batch 1 502.3 -> 514.4 tok/s, h200_s21b) until the
+    # twenty-second session: 4 warps a gate / up pair at 72 registers, x a group ahead (3,584 warps, 28 an SM at 72:
+    # one wave; 40 bytes of ptxas stack), chain 18.0 vs 18.4 us (h200_s22b)
+    if m == 1:
+        return MmaConfig(tiles=2, warps=4, prefetch=True, xprefetch=True, sprefetch=True, regs=72)
+    return MmaConfig(tiles=2, warps=2, prefetch=m <= 8, sprefetch=m > 8)
 
 
 def linear(layer, x: torch.Tensor, group: int, act: bool = False, inv: tuple | None = None,
