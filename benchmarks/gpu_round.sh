@@ -205,7 +205,7 @@ for part in "$@"; do
     # the twenty-second session's one-row defaults: their GPU tests and the engine tests, then 8B AWQ batch 1 on them
     # and on the twenty-first session's (by env) twice, bf16, batch 16 and its bf16, and the batch-1 time line
     defaults22) timeout ${D22_S:-220} python -m pytest -q tests/gpu/test_w_int_mma_gpu.py tests/gpu/test_int_planes_gpu.py tests/gpu/test_split_norm_gpu.py tests/gpu/test_engine_gpu.py \
-        -k "px_ps_r80 or w16_ps_r64 or px_ps_r72 or engine or awq or int" --timeout 150 2>&1 | tail -2
+        -k "px_ps_r80 or w16_ps_r64 or px_ps_r72 or engine or awq or planes" --timeout 150 2>&1 | tail -2
       O="QUANTA_INT_MMA_SHAPES=6144x4096=t1_w8_ps_r96;4096x4096=t1_w8_ps_r96;4096x14336=t1_w8_ps_r96,QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128"
       ENV_RUNS="8b:awq 8b:awq:$O 8b:awq 8b:awq:$O 8b:bf16 8b:awqx16 8b:bf16x16" bash "$0" envab
       TL_RUNS="8b:awq:1:QUANTA_PDL=0" timeout 100 bash "$0" timeline ;;
