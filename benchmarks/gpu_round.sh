@@ -209,6 +209,11 @@ for part in "$@"; do
       O="QUANTA_INT_MMA_SHAPES=6144x4096=t1_w8_ps_r96;4096x4096=t1_w8_ps_r96;4096x14336=t1_w8_ps_r96,QUANTA_INT_MMA_SILU_CONFIG=t2_w2_ps_p2_r128"
       ENV_RUNS="8b:awq 8b:awq:$O 8b:awq 8b:awq:$O 8b:bf16 8b:awqx16 8b:bf16x16" bash "$0" envab
       TL_RUNS="8b:awq:1:QUANTA_PDL=0" timeout 100 bash "$0" timeline ;;
+    # 16 rows with register caps (the one-row lesson: every warp resident), chain sweep, then batch 16 on the fastest
+    rows16r) J=$OUT/chain16r.json; IGEMV_S=${R16_S:-120} IGEMV_JSON=chain16r IGEMV_MS=16 IGEMV_VARIANTS=${R16_VARIANTS:-mma:auto,mma:t1_w16_px_ps_r64,mma:t1_w16_ps_r64,mma:t1_w8_px_ps_r96,mma:t1_w8_px_ps_r128,mma:t2_w8_ps_r96,mma:t2_w16_px_ps_p2_r128,mma:t1_w4_px_ps_r96,silu:t2_w2_np_ps,silu:t2_w4_px_ps_r72,silu:t2_w4_px_ps_r80,silu:t2_w2_ps_p2_r96} bash "$0" igemvc | grep "^8b [a-z]"
+      S=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds mma: --best-m 16)
+      SC=$(python benchmarks/bench_int_gemv.py --best-of $J --per-shape --best-kinds silu: --best-m 16 | cut -d= -f2); echo "per shape: $S; SiLU: $SC"
+      ENV_RUNS="8b:awqx16 8b:awqx16:QUANTA_INT_MMA_SHAPES=$S,QUANTA_INT_MMA_SILU_CONFIG=$SC 8b:bf16x16" bash "$0" envab ;;
     # the int GEMVs isolated (reading flush) in each tree of TREES (.carry/<tree>: a commit's git archive; clean = this
     # one), each with its own bench script
     igemvtrees) for tree in ${TREES:-old clean}; do echo "tree $tree"; (cd "$PWD/../$tree" && PYTHONPATH=$PWD/src:$PWD \
