@@ -221,24 +221,21 @@ def config_for(m: int, n: int, k: int) -> MmaConfig:
     # At 9-16 rows each group's scales and zeros load a group ahead too ("_ps", seventeenth session, h200_s17d):
     # 16 rows gate_up t2_w2_np 35.1 -> 26.9 us (others within 0.2 us); engine batch 16 5,758.1 / 5,778.6 ->
     # 5,899.5 / 5,916.5 tok/s (gate_up alone 5,805.1, h200_s17e; one row's SiLU t2_w2_ps: 488.1 vs 495.0, not taken)
-    # One row (twenty-first session, h200_s21b; the chain bench, 8 weight copies a graph under PDL as in decode,
-    # us): qkv 6.0 (the asm GEMV on x planes 8.8), o 5.6 (5.5), down 14.3 (16.0); with silu_config(1)'s p2:
-    # 8B W4A16_AWQ batch 1 514.4 -> 526.2 tok/s (bf16 230.6; all asm before: 502.3)
-    # One row (twenty-second session, h200_s22a-b, chain us): every warp of the grid resident at once (registers x
-    # warps an SM; 64 registers: 32 warps, 72: 28, 80: 25, 96: 21). qkv's 3,072 warps t1_w8_px_ps_r80 5.6 (t1_w8_ps_r96
-    # 5.9, t1_w8_px_ps_r96 at 89 registers 7.7); o / down 16 warps a tile at 64, 2 / 7 groups a warp: t1_w16_ps_r64
-    # 4.6 / 9.9 (t1_w8_ps_r96 5.6 / 14.3). 8B W4A16_AWQ batch 1 with silu_config(1)'s: 529.3 -> 586.5 tok/s (bf16 230.4)
-    if m == 1:
-        from quanta.kernels.gemv_config import num_sms
-
-        if n // 16 > 2 * num_sms(torch.device("cuda") if torch.cuda.is_available() else None):
-            return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True, regs=80)
-        return MmaConfig(tiles=1, warps=16, prefetch=True, sprefetch=True, regs=64)
-    if m <= 8:
-        return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
+    # One row (twenty-second session, h200_s22a-c; the chain bench, 8 weight copies a graph under PDL as in decode,
+    # us): every warp of the grid resident at once (registers a thread -> warps an SM, ptxas allocating 256 a warp at
+    # a time: 64 -> 32, 72 -> 28, 80 -> 25, 96 -> 21; 132 SMs), x a group ahead where that still fits. qkv's 3,072 warps
+    # t1_w8_px_ps_r80 5.6 (t1_w8_ps_r96 5.9; t1_w8_px_ps_r96 takes 89 registers, 21 warps an SM: 7.7); o / down 16
+    # warps a tile at 64 registers: t1_w16_ps_r64 4.6 / 9.9 (t1_w8_ps_r96 5.6 / 14.3). With silu_config(1)'s: 8B
+    # W4A16_AWQ batch 1 527.6 / 526.3 -> 585.2 / 587.7 tok/s (bf16 230.5; the asm GEMV everywhere, h200_s21b: 502.3)
     from quanta.kernels.gemv_config import num_sms
 
     sms = num_sms(torch.device("cuda") if torch.cuda.is_available() else None)
+    if m == 1 and n // 16 > 2 * sms:
+        return MmaConfig(tiles=1, warps=8, prefetch=True, xprefetch=True, sprefetch=True, regs=80)
+    if m == 1:
+        return MmaConfig(tiles=1, warps=16, prefetch=True, sprefetch=True, regs=64)
+    if m <= 8:
+        return MmaConfig(tiles=1, warps=8, prefetch=k >= 8192)
     # 9-16 rows, chain bench (h200_s21a): qkv t2_w8_px_ps 8.4 (t1_w4_px_ps 10.4), down t2_w16_px_ps 14.6 (t1_w8_px_ps
     # 16.0; two tiles a program share x: where the grid still nearly fills the SMs); engine batch 16 6,652.6 ->
     # 6,736.2 tok/s (qkv's alone 6,681.5; bf16 3,323.3, h200_s21b)
